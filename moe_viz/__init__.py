@@ -1,0 +1,42 @@
+"""moe-viz: see how a Mixture-of-Experts language model routes tokens.
+
+Load a model, run a prompt under a routing policy, get a trace::
+
+    from moe_viz import load_model, run_prompt, TopK, Capacity, Ensemble
+    model = load_model()                      # the default model shipped in assets/
+    trace = run_prompt(model, "def add(a, b):", Capacity(1.0))
+    trace.layer(0).dropped_count
+"""
+
+from .adapters import RouterSite, RouterSpec
+from .models import DEFAULT_MODEL, MoEModel, load_model, wrap_model
+from .patching import routing
+from .policies import Capacity, Ensemble, Policy, TopK, parse_policy, policy_spec
+from .routing import Routing, route
+from .runner import Generation, Sampling, generate, run_prompt
+from .trace import LayerTrace, OutputTrace, Trace
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "Capacity",
+    "Ensemble",
+    "Generation",
+    "LayerTrace",
+    "MoEModel",
+    "OutputTrace",
+    "Policy",
+    "RouterSite",
+    "RouterSpec",
+    "Routing",
+    "Sampling",
+    "TopK",
+    "Trace",
+    "generate",
+    "load_model",
+    "parse_policy",
+    "policy_spec",
+    "route",
+    "routing",
+    "run_prompt",
+    "wrap_model",
+]

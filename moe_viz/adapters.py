@@ -1,0 +1,214 @@
+"""Architecture adapters: the one place that knows router classes, module paths and router maths.
+
+transformers 5.x MoE blocks call ``logits, weights, index = router(h)`` and then
+``experts(h, index, weights)``. We find every router module, read its layer index from the module
+path, and describe how the architecture turns logits into (index, weights) in a ``RouterSpec``.
+Routers we can reproduce exactly are *substitutable*: any policy can run on them. Routers whose
+maths or output we do not reproduce are *capture-only*: we record what the model did and refuse
+other policies, never silently computing something wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+Family = Literal["softmax", "topk_softmax", "sigmoid", "capture"]
+OutputLayout = Literal["std", "logits_only", "scores_logits", "jetmoe"]
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """How one router scores, selects and weights experts.
+
+    * ``softmax``: scores = softmax(logits); select top-k of scores (+ selection bias); weights =
+      the selected scores, divided by their sum iff ``renorm`` (clamped below at ``norm_min``),
+      times ``scale``. Optional group limit (``group_score="max"``, DeepSeek-V2).
+    * ``topk_softmax``: select top-k of the logits; weights = softmax over the k selected logits
+      (GPT-OSS, Granite). Scores shown = softmax over all logits.
+    * ``sigmoid``: scores = sigmoid(logits); select top-k of scores + correction bias inside the
+      best ``topk_group`` of ``n_group`` groups (group score = sum of its top-2); weights = the
+      unbiased selected scores, renormalised iff ``renorm``, times ``scale`` (DeepSeek-V3 family).
+    * ``capture``: not reproduced; only the native decision is recorded.
+    """
+
+    family: Family
+    num_experts: int
+    top_k: int
+    renorm: bool = False
+    scale: float = 1.0
+    n_group: int | None = None
+    topk_group: int | None = None
+    group_score: Literal["max", "top2sum"] | None = None
+    norm_min: float | None = None
+    bias_path: str | None = None  # attribute path of a selection-only bias on the router
+    layout: OutputLayout = "std"
+
+    @property
+    def substitutable(self) -> bool:
+        return self.family != "capture"
+
+    @property
+    def group_limit(self) -> int | None:
+        """The most experts a token can reach under the group limit (None: no limit)."""
+        if self.n_group is None or self.topk_group is None or self.n_group <= 1:
+            return None
+        return self.topk_group * (self.num_experts // self.n_group)
+
+    def selection_bias(self, router: nn.Module) -> torch.Tensor | None:
+        if self.bias_path is None:
+            return None
+        obj: object = router
+        for name in self.bias_path.split("."):
+            obj = getattr(obj, name)
+        assert isinstance(obj, torch.Tensor)
+        return obj
+
+
+@dataclass(frozen=True)
+class RouterSite:
+    """A router found in a model: its path, decoder-layer index and routing spec."""
+
+    path: str
+    layer: int
+    spec: RouterSpec
+    router_class: str
+
+
+# Router classes whose maths we reproduce, by family. Names are transformers 5.x class names.
+_SOFTMAX_RENORM_ALWAYS = {
+    "MixtralTopKRouter",
+    "MiniMaxTopKRouter",
+    "HunYuanMoEV1Gate",
+    "Qwen3_5MoeTopKRouter",
+}
+_SOFTMAX_NORM_TOPK_PROB = {
+    "Qwen2MoeTopKRouter",
+    "Qwen3MoeTopKRouter",
+    "Qwen3NextTopKRouter",
+    "OlmoeTopKRouter",
+    "FlexOlmoTopKRouter",
+}
+_SOFTMAX_NO_RENORM = {"JambaTopKRouter"}
+_TOPK_SOFTMAX = {
+    "GptOssTopKRouter",
+    "GraniteMoeTopKRouter",
+    "GraniteMoeSharedTopKRouter",
+    "GraniteMoeHybridTopKRouter",
+}
+_SIGMOID_GROUP = {
+    "DeepseekV3TopkRouter",
+    "Glm4MoeTopkRouter",
+    "Dots1TopkRouter",
+}
+# Non-standard routers: recorded only, with the output layout we know how to read.
+_CAPTURE_LAYOUTS: dict[str, OutputLayout] = {
+    "PhimoeTopKRouter": "std",  # sparsemixer: weights are not a function of one k
+    "DbrxRouter": "logits_only",  # top-k happens in the block
+    "Llama4Router": "scores_logits",  # dense score matrix; weight scales the expert input
+    "JetMoeTopKGating": "jetmoe",  # sorted-dispatch tuple
+}
+# Unknown routers with the standard (logits, weights, index) contract are captured only.
+_STD_NAME = re.compile(r"(TopK|Topk)Router$")
+_LAYER = re.compile(r"(?:^|\.)(?:layers|blocks|h)\.(\d+)\.")
+
+SUPPORTED_ROUTERS = tuple(
+    sorted(_SOFTMAX_RENORM_ALWAYS | _SOFTMAX_NORM_TOPK_PROB | _SOFTMAX_NO_RENORM | _TOPK_SOFTMAX | _SIGMOID_GROUP)
+)
+CAPTURE_ONLY_ROUTERS = tuple(sorted(_CAPTURE_LAYOUTS))
+
+
+def _num_experts_and_k(router: nn.Module, model_config: object) -> tuple[int, int]:
+    num_experts = getattr(router, "num_experts", None)
+    top_k = getattr(router, "top_k", None)
+    if num_experts is None and hasattr(router, "out_features"):  # nn.Linear routers (Llama4)
+        num_experts = router.out_features
+    cfg = getattr(model_config, "ffn_config", None) or model_config  # DBRX keeps them in ffn_config
+    if num_experts is None:
+        num_experts = getattr(cfg, "moe_num_experts", None) or getattr(cfg, "num_local_experts", None)
+    if top_k is None:
+        top_k = getattr(cfg, "moe_top_k", None) or getattr(cfg, "num_experts_per_tok", None)
+    if not isinstance(num_experts, int) or not isinstance(top_k, int):
+        raise ValueError(f"cannot read the number of experts / top-k of router {type(router).__name__}")
+    return num_experts, top_k
+
+
+def spec_for(router: nn.Module, model_config: object) -> RouterSpec | None:
+    """The RouterSpec of ``router``, or None if the module is not a router we recognise."""
+    name = type(router).__name__
+    known = (
+        name in _SOFTMAX_RENORM_ALWAYS
+        or name in _SOFTMAX_NORM_TOPK_PROB
+        or name in _SOFTMAX_NO_RENORM
+        or name in _TOPK_SOFTMAX
+        or name in _SIGMOID_GROUP
+        or name == "DeepseekV2TopkRouter"
+        or name == "Ernie4_5_MoeTopKRouter"
+        or name in _CAPTURE_LAYOUTS
+        or _STD_NAME.search(name) is not None
+    )
+    if not known:
+        return None
+    num_experts, top_k = _num_experts_and_k(router, model_config)
+    base = dict(num_experts=num_experts, top_k=top_k)
+    if name in _SOFTMAX_RENORM_ALWAYS:
+        return RouterSpec("softmax", renorm=True, **base)
+    if name in _SOFTMAX_NORM_TOPK_PROB:
+        return RouterSpec("softmax", renorm=bool(router.norm_topk_prob), **base)
+    if name in _SOFTMAX_NO_RENORM:
+        return RouterSpec("softmax", renorm=False, **base)
+    if name in _TOPK_SOFTMAX:
+        return RouterSpec("topk_softmax", renorm=True, **base)
+    if name in _SIGMOID_GROUP:
+        return RouterSpec(
+            "sigmoid",
+            renorm=bool(router.norm_topk_prob),
+            scale=float(router.routed_scaling_factor),
+            n_group=int(router.num_group),
+            topk_group=int(router.topk_group),
+            group_score="top2sum",
+            bias_path="e_score_correction_bias",
+            **base,
+        )
+    if name == "DeepseekV2TopkRouter":
+        grouped = router.topk_method == "group_limited_greedy"
+        if router.topk_method not in ("greedy", "group_limited_greedy"):
+            return RouterSpec("capture", **base)
+        return RouterSpec(
+            "softmax",
+            renorm=False,
+            scale=float(router.routed_scaling_factor),
+            n_group=int(router.num_group) if grouped else None,
+            topk_group=int(router.topk_group) if grouped else None,
+            group_score="max" if grouped else None,
+            **base,
+        )
+    if name == "Ernie4_5_MoeTopKRouter":
+        return RouterSpec(
+            "softmax",
+            renorm=True,
+            norm_min=float(router.norm_min),
+            bias_path="moe_statics.e_score_correction_bias",
+            **base,
+        )
+    return RouterSpec("capture", layout=_CAPTURE_LAYOUTS.get(name, "std"), **base)
+
+
+def find_routers(model: nn.Module) -> list[tuple[nn.Module, RouterSite]]:
+    """Every router in ``model`` with its site, in layer order. Empty for a dense model."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    found: list[tuple[nn.Module, RouterSite]] = []
+    for path, module in model.named_modules():
+        spec = spec_for(module, text_config)
+        if spec is None:
+            continue
+        match = _LAYER.search(path + ".")
+        layer = int(match.group(1)) if match else len(found)
+        found.append((module, RouterSite(path=path, layer=layer, spec=spec, router_class=type(module).__name__)))
+    found.sort(key=lambda item: item[1].layer)
+    return found

@@ -1,0 +1,164 @@
+"""Load a tokenizer + MoE causal LM with transformers' own classes, and instrument its routers.
+
+``load_model`` accepts a hub id or a local folder (default: the model shipped in ``assets/``),
+picks CUDA when present, puts the model in eval mode, keeps ``trust_remote_code`` off unless asked
+and hub kernels off always, and installs the router hooks once. The result, a ``MoEModel``, is
+safe to share between threads: nothing on it changes per call.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import CAPTURE_ONLY_ROUTERS, SUPPORTED_ROUTERS, RouterSite
+from .patching import Instrumentation, instrument
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_MODEL = str(ASSETS_DIR / "moe-viz-mini")
+
+
+@dataclass(frozen=True)
+class MoEModel:
+    """A loaded, instrumented MoE model with its tokenizer. Share it; never mutate it."""
+
+    model: nn.Module
+    tokenizer: Any
+    model_id: str
+    instrumentation: Instrumentation
+
+    @property
+    def sites(self) -> tuple[RouterSite, ...]:
+        return self.instrumentation.sites
+
+    @property
+    def architecture(self) -> str:
+        return str(getattr(self.model.config, "model_type", type(self.model).__name__))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def num_layers(self) -> int:
+        config = self.model.config.get_text_config()
+        return int(getattr(config, "num_hidden_layers", len(self.sites)))
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [site.layer for site in self.sites]
+
+    @property
+    def num_experts(self) -> int:
+        """Routed experts per MoE layer (the largest, should layers differ)."""
+        return max(site.spec.num_experts for site in self.sites)
+
+    @property
+    def top_k(self) -> int:
+        """The model's own k (the largest, should layers differ)."""
+        return max(site.spec.top_k for site in self.sites)
+
+    @property
+    def capture_only(self) -> bool:
+        return any(not site.spec.substitutable for site in self.sites)
+
+    @property
+    def max_positions(self) -> int | None:
+        value = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) else None
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_dtype(device: torch.device, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
+    """bf16 on CUDA (fp16 where bf16 is unsupported); on CPU the checkpoint's dtype, except fp16,
+    which CPUs run slowly and imprecisely, so it becomes fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if checkpoint_dtype in (torch.float32, torch.bfloat16):
+        return checkpoint_dtype
+    return torch.float32
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1 or Path(name).exists()
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+    experts_implementation: str | None = None,
+    **from_pretrained: Any,
+) -> MoEModel:
+    """Load ``name_or_path`` (hub id or local folder) as an instrumented ``MoEModel``.
+
+    Raises ValueError when the folder is missing, the id cannot be loaded, or the model has no
+    MoE layer. ``device_map`` (e.g. ``"auto"``) dispatches a large checkpoint with accelerate.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise ValueError(f"model must be a hub id or a local folder; got {name_or_path!r}")
+    name_or_path = name_or_path.strip()
+    expanded = os.path.expanduser(name_or_path)
+    if _looks_like_path(name_or_path) and not Path(expanded).is_dir():
+        raise ValueError(f"model folder {name_or_path!r} does not exist (expected a folder with config.json)")
+    source = expanded if Path(expanded).is_dir() else name_or_path
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as err:  # transformers raises OSError / ValueError / KeyError variants
+        raise ValueError(
+            f"could not load model {name_or_path!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}. "
+            "Give a local folder with config.json or a hub id of a causal-LM MoE checkpoint"
+        ) from None
+    checkpoint_dtype = getattr(config.get_text_config(), "dtype", None)
+    if isinstance(checkpoint_dtype, str):
+        checkpoint_dtype = getattr(torch, checkpoint_dtype, None)
+    target = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(target, checkpoint_dtype)
+    kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_kernels=False)
+    if experts_implementation is not None:
+        kwargs["experts_implementation"] = experts_implementation
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    kwargs.update(from_pretrained)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except ValueError as err:
+        raise ValueError(f"could not load model {name_or_path!r} as a causal LM: {str(err).splitlines()[0]}") from None
+    except OSError as err:
+        raise ValueError(f"could not load model {name_or_path!r}: {str(err).splitlines()[0]}") from None
+    if device_map is None:
+        model.to(target)
+    model.eval()
+    return wrap_model(model, tokenizer, model_id=name_or_path)
+
+
+def wrap_model(model: nn.Module, tokenizer: Any, model_id: str) -> MoEModel:
+    """Instrument an already-loaded transformers model (e.g. built from a config in a test)."""
+    instrumentation = instrument(model)
+    if not instrumentation.sites:
+        instrumentation.remove()
+        arch = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise ValueError(
+            f"model {model_id!r} (architecture {arch!r}) has no MoE layers: moe-viz needs a Mixture-of-Experts "
+            f"model whose routers it recognises (supported: {', '.join(SUPPORTED_ROUTERS)}; "
+            f"capture-only: {', '.join(CAPTURE_ONLY_ROUTERS)}; or any *TopKRouter with the standard output)"
+        )
+    return MoEModel(model=model, tokenizer=tokenizer, model_id=model_id, instrumentation=instrumentation)

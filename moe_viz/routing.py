@@ -1,0 +1,146 @@
+"""Pure routing maths: router logits + spec + policy -> which experts, with which weights.
+
+No model, no hooks, no I/O: tensors in, tensors out. ``patching`` calls ``route`` from inside a
+router's forward hook; tests call it directly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+
+from .adapters import RouterSpec
+from .policies import Capacity, Ensemble, Policy, TopK
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The applied decision for T tokens of one layer.
+
+    ``index`` (T, k') long, ``weights`` (T, k') float32 with the architecture's scaling applied and
+    0 where an assignment was dropped, ``dropped`` (T, k') bool, ``capacity`` per expert or None.
+    """
+
+    index: torch.Tensor
+    weights: torch.Tensor
+    dropped: torch.Tensor
+    capacity: int | None = None
+
+
+def router_scores(spec: RouterSpec, logits: torch.Tensor) -> torch.Tensor:
+    """Per-expert router scores (T, E) in float32: softmax, or sigmoid for sigmoid routers."""
+    logits = logits.float()  # (T, E)
+    if spec.family == "sigmoid":
+        return logits.sigmoid()
+    return logits.softmax(dim=-1)
+
+
+def _group_mask(spec: RouterSpec, choice: torch.Tensor) -> torch.Tensor:
+    """(T, E) bool: experts inside each token's best ``topk_group`` groups."""
+    assert spec.n_group is not None and spec.topk_group is not None
+    T, E = choice.shape
+    grouped = choice.view(T, spec.n_group, E // spec.n_group)  # (T, G, E/G)
+    if spec.group_score == "top2sum":
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (T, G)
+    else:
+        group_scores = grouped.max(dim=-1).values  # (T, G)
+    best = group_scores.topk(spec.topk_group, dim=-1).indices  # (T, topk_group)
+    mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)  # (T, G)
+    return mask.unsqueeze(-1).expand(T, spec.n_group, E // spec.n_group).reshape(T, E)
+
+
+def select_topk(
+    spec: RouterSpec, logits: torch.Tensor, k: int, selection_bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(T, k) expert ids, best first, chosen exactly as the architecture chooses them.
+
+    The group limit applies while ``k`` fits inside it; a larger k ignores groups (the native
+    code would otherwise have to pick masked experts arbitrarily).
+    """
+    if spec.family == "topk_softmax":
+        choice = logits.float()  # (T, E)
+    else:
+        choice = router_scores(spec, logits)  # (T, E)
+    if selection_bias is not None:
+        choice = choice + selection_bias.float()
+    limit = spec.group_limit
+    if limit is not None and k <= limit:
+        fill = float("-inf") if spec.group_score == "top2sum" else 0.0
+        choice = choice.masked_fill(~_group_mask(spec, choice), fill)
+    return choice.topk(k, dim=-1).indices  # (T, k), sorted best first
+
+
+def gate_weights(spec: RouterSpec, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(T, k') float32 weights the architecture gives to the experts in ``index``."""
+    if spec.family == "topk_softmax":
+        return logits.float().gather(1, index).softmax(dim=-1)  # (T, k')
+    weights = router_scores(spec, logits).gather(1, index)  # (T, k')
+    if spec.renorm:
+        total = weights.sum(dim=-1, keepdim=True)
+        if spec.norm_min is not None:
+            total = total.clamp(min=spec.norm_min)
+        elif spec.family == "sigmoid":
+            total = total + 1e-20
+        weights = weights / total
+    return weights * spec.scale
+
+
+def capacity_for(factor: float, num_tokens: int, k: int, num_experts: int) -> int:
+    """C = ceil(factor * T * k / E), computed exactly (no float rounding at integer boundaries)."""
+    exact = Fraction(factor).limit_denominator(10**9) * num_tokens * k / num_experts
+    return max(0, math.ceil(exact))
+
+
+def apply_capacity(index: torch.Tensor, gates: torch.Tensor, capacity: int, priority: str) -> torch.Tensor:
+    """(T, k) bool mask of assignments dropped because their expert is over ``capacity``.
+
+    ``position`` ranks assignments slot-major (all first choices in token order, then all second
+    choices, ...); ``probs`` ranks them by gate weight, highest first (ties: slot-major order).
+    """
+    T, k = index.shape
+    order_ids = index.t().reshape(-1)  # (k*T,) slot-major
+    if priority == "probs":
+        order = torch.sort(gates.t().reshape(-1), descending=True, stable=True).indices  # (k*T,)
+    else:
+        order = torch.arange(k * T, device=index.device)
+    experts = order_ids[order]  # (k*T,) in priority order
+    num_experts = int(index.max().item()) + 1 if index.numel() else 1
+    onehot = torch.nn.functional.one_hot(experts, num_experts)  # (k*T, E)
+    rank = (onehot.cumsum(dim=0) * onehot).sum(dim=-1) - 1  # (k*T,) 0-based place in its expert's queue
+    dropped_sorted = rank >= capacity
+    dropped = torch.empty_like(dropped_sorted)
+    dropped[order] = dropped_sorted
+    return dropped.view(k, T).t().contiguous()  # (T, k)
+
+
+def route(
+    spec: RouterSpec,
+    logits: torch.Tensor,
+    policy: Policy,
+    selection_bias: torch.Tensor | None = None,
+) -> Routing:
+    """Apply ``policy`` to one layer's router ``logits`` (T, E)."""
+    if not spec.substitutable:
+        raise ValueError("this router is capture-only: routing policies cannot be applied to it")
+    T, E = logits.shape
+    if isinstance(policy, Ensemble):
+        index = torch.arange(E, device=logits.device).expand(T, E)  # (T, E)
+        if policy.weighting == "uniform":
+            weights = torch.full((T, E), spec.scale / E, device=logits.device)
+        else:
+            weights = gate_weights(spec, logits, index)
+        return Routing(index, weights, torch.zeros(T, E, dtype=torch.bool, device=logits.device))
+    k = policy.k if policy.k is not None else spec.top_k
+    if not 1 <= k <= E:
+        raise ValueError(f"k must satisfy 1 <= k <= {E} (the number of experts); got {k}")
+    index = select_topk(spec, logits, k, selection_bias)  # (T, k)
+    weights = gate_weights(spec, logits, index)  # (T, k)
+    if isinstance(policy, TopK):
+        return Routing(index, weights, torch.zeros_like(index, dtype=torch.bool))
+    assert isinstance(policy, Capacity)
+    capacity = capacity_for(policy.factor, T, k, E)
+    dropped = apply_capacity(index, weights, capacity, policy.priority)  # (T, k)
+    return Routing(index, weights.masked_fill(dropped, 0.0), dropped, capacity)
