@@ -1,0 +1,9 @@
+"""Shared test setup: tests import the tiny model builders from this folder; nothing is downloaded."""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))

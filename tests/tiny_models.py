@@ -1,0 +1,188 @@
+"""Tiny random MoE models, one per supported architecture family, built from config classes.
+
+Router weights are re-drawn with std 0.5 (and selection biases randomised) so that top-k has no
+near-ties: with the default std 0.02 init, equality tests between routing paths would be
+meaningless. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from moe_viz import MoEModel, wrap_model
+
+COMMON = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+
+# model_type -> (config class, config overrides). 8 routed experts, k=2 unless stated.
+TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "mixtral": ("MixtralConfig", dict(num_local_experts=8, num_experts_per_tok=2)),
+    "minimax": (
+        "MiniMaxConfig",
+        dict(num_local_experts=8, num_experts_per_tok=2, layer_types=["full_attention", "full_attention"]),
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64),
+    ),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)),
+    "olmoe": ("OlmoeConfig", dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, pad_token_id=0, eos_token_id=1)),
+    "flex_olmo": (
+        "FlexOlmoConfig",
+        dict(num_experts=8, num_experts_per_tok=2, pad_token_id=0, eos_token_id=1, bos_token_id=None),
+    ),
+    "ernie4_5_moe": (
+        "Ernie4_5_MoeConfig",
+        dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=32, moe_layer_start_index=0, moe_layer_interval=1),
+    ),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        dict(
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            moe_intermediate_size=32,
+            first_k_dense_replace=0,
+            topk_method="group_limited_greedy",
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=1.5,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+        ),
+    ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        dict(
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            moe_intermediate_size=32,
+            first_k_dense_replace=1,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            kv_lora_rank=16,
+            q_lora_rank=32,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+        ),
+    ),
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        dict(
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            moe_intermediate_size=32,
+            first_k_dense_replace=0,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=1.8,
+            norm_topk_prob=True,
+            head_dim=16,
+        ),
+    ),
+    "dots1": (
+        "Dots1Config",
+        dict(
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            moe_intermediate_size=32,
+            first_k_dense_replace=0,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=1.5,
+            norm_topk_prob=True,
+            head_dim=16,
+        ),
+    ),
+    "gpt_oss": ("GptOssConfig", dict(num_local_experts=8, num_experts_per_tok=2, head_dim=16, layer_types=["full_attention", "sliding_attention"])),
+    "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=8, num_experts_per_tok=2)),
+    "granitemoeshared": ("GraniteMoeSharedConfig", dict(num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=64)),
+    "jamba": (
+        "JambaConfig",
+        dict(
+            num_experts=8,
+            num_experts_per_tok=2,
+            expert_layer_period=1,
+            expert_layer_offset=0,
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            mamba_d_state=8,
+            mamba_d_conv=4,
+            mamba_expand=2,
+            mamba_dt_rank=8,
+            use_mamba_kernels=False,
+        ),
+    ),
+    "hunyuan_v1_moe": ("HunYuanMoEV1Config", dict(num_experts=8, moe_topk=2, head_dim=16)),
+}
+
+# Families whose routers are recorded but not substituted.
+CAPTURE_ONLY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "phimoe": ("PhimoeConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+}
+
+
+class ByteTokenizer:
+    """A stand-in tokenizer: one token per byte (ids < 256)."""
+
+    eos_token_id = None
+
+    def __call__(self, text: str, return_tensors: str | None = None) -> dict[str, torch.Tensor]:
+        return {"input_ids": torch.tensor([list(text.encode("utf-8"))], dtype=torch.long)}
+
+    def decode(self, ids: list[int], **_: Any) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def _redraw_routers(model: nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(part in name for part in (".gate.weight", ".router.weight", ".gate.wg.weight", ".router.layer.weight")):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+        biases = [*model.named_buffers(), *model.named_parameters()]
+        for name, tensor in biases:
+            if name.endswith("e_score_correction_bias"):
+                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.05)
+
+
+def build_config(model_type: str) -> Any:
+    class_name, overrides = {**TINY_CONFIGS, **CAPTURE_ONLY_CONFIGS}[model_type]
+    config = getattr(transformers, class_name)(**{**COMMON, **overrides})
+    return config
+
+
+def build_model(model_type: str, seed: int = 0, experts_implementation: str | None = None) -> nn.Module:
+    """A tiny random ``model_type`` causal LM in float32 eval mode."""
+    torch.manual_seed(seed)
+    config = build_config(model_type)
+    if experts_implementation is not None:
+        config._experts_implementation = experts_implementation
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    _redraw_routers(model, seed + 1)
+    return model
+
+
+def build(model_type: str, seed: int = 0, experts_implementation: str | None = None) -> MoEModel:
+    """A tiny instrumented model of ``model_type`` with a byte tokenizer."""
+    return wrap_model(build_model(model_type, seed, experts_implementation), ByteTokenizer(), f"tiny-{model_type}")
