@@ -1,0 +1,532 @@
+"""Routing metrics: pure functions on traces and tensors (definitions: docs/routing-metrics.md).
+
+Conventions used throughout (they are also listed in ``CONVENTIONS`` and on ``balance_table``):
+
+* A layer's **assignments** are the (token, expert) pairs its policy routed: ``T * k'`` of them,
+  kept plus dropped (k' = the applied k; E for ensemble). The **fair share** of one expert is
+  assignments / E.
+* **Load** is what each expert actually processed (kept assignments). The imbalance metrics (CV,
+  MaxVio, load entropy, Gini, dead fraction, max share) use the **routed** load (kept + dropped),
+  i.e. what the router asked for; a capacity limit then clips it, which the drop counts report.
+* The **HF aux loss** is transformers' ``load_balancing_loss_func``: E * sum_i f_i P_i with f the
+  share of tokens whose softmax top-k (native k) contains i and P the mean softmax probability;
+  its uniform optimum is k. The **normalised** aux loss divides by k (optimum 1, Switch/Megatron).
+  Over several layers, f and P are pooled over all layers' tokens (as transformers does).
+* The **z-loss** is mean_t (logsumexp_j z_tj)^2 over the router logits (ST-MoE).
+* Entropies are in nats; normalised entropies divide by log E.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import pandas as pd
+import torch
+
+from .trace import LayerTrace, Trace
+
+SetKind = Literal["routed", "kept", "native"]
+SET_KINDS = ("routed", "kept", "native")
+
+CONVENTIONS: dict[str, str] = {
+    "assignments": "(token, expert) pairs the policy routed, kept + dropped (T * k')",
+    "fair_share": "assignments / E",
+    "load": "kept assignments per expert (what each expert processed)",
+    "imbalance": "cv, max_vio, load entropy, gini, dead_fraction, max_share use the routed load (kept + dropped)",
+    "cv": "population std of the routed load / its mean; 0 = perfectly balanced",
+    "max_vio": "max routed load / mean - 1 (MaxVio)",
+    "load_entropy": "H(c / sum c) in nats; _norm divides by log E; effective_experts = exp(H); diversity = exp(H) / E",
+    "gini": "sum_i (2i - E - 1) c_(i) / (E sum c), loads sorted ascending",
+    "dead_fraction": "share of experts with routed load 0",
+    "max_share": "max routed load / assignments",
+    "aux_loss_hf": "transformers load_balancing_loss_func: E * sum f_i P_i, softmax top-k with native k; optimum k",
+    "aux_loss_norm": "aux_loss_hf / k; optimum 1",
+    "z_loss": "mean over tokens of logsumexp(router logits)^2",
+    "drop_rate": "dropped assignments / assignments",
+    "all_row": "the 'all' row: sums for counts, pooled aux loss, mean over layers for the other ratios",
+}
+
+
+# ----------------------------------------------------------------------------- validation helpers
+def _check_layer(layer: object, name: str = "layer") -> LayerTrace:
+    if not isinstance(layer, LayerTrace):
+        raise ValueError(f"{name} must be a LayerTrace (e.g. trace.layer(0)); got {type(layer).__name__}")
+    return layer
+
+
+def _check_trace(trace: object, name: str = "trace") -> Trace:
+    if not isinstance(trace, Trace):
+        raise ValueError(f"{name} must be a Trace (from run_prompt or generate); got {type(trace).__name__}")
+    return trace
+
+
+def _check_kind(which: str) -> None:
+    if which not in SET_KINDS:
+        raise ValueError(f"which must be one of {SET_KINDS}; got {which!r}")
+
+
+def membership(layer: LayerTrace, which: SetKind = "routed") -> torch.Tensor:
+    """(T, E) bool: token t's expert set S_t.
+
+    ``routed``: every expert the applied policy chose (dropped ones included); ``kept``: only the
+    assignments that were processed; ``native``: the model's own router choice.
+    """
+    _check_layer(layer)
+    _check_kind(which)
+    T, E = layer.num_tokens, layer.num_experts
+    if which == "native":
+        index, keep = layer.native_index, torch.ones_like(layer.native_index, dtype=torch.bool)
+    else:
+        index = layer.index
+        keep = ~layer.dropped if which == "kept" else torch.ones_like(layer.dropped)
+    sets = torch.zeros(T, E, dtype=torch.bool)  # (T, E)
+    sets[torch.arange(T).unsqueeze(1).expand_as(index)[keep], index[keep]] = True
+    return sets
+
+
+# ----------------------------------------------------------------------------- load and balance
+def expert_load(layer: LayerTrace, which: SetKind = "kept") -> torch.Tensor:
+    """(E,) long: assignments per expert. ``kept`` (default) = processed, ``routed`` = kept +
+    dropped, ``native`` = the model's own top-k."""
+    _check_layer(layer)
+    _check_kind(which)
+    if which == "native":
+        return torch.bincount(layer.native_index.reshape(-1), minlength=layer.num_experts)
+    if which == "routed":
+        return torch.bincount(layer.index.reshape(-1), minlength=layer.num_experts)
+    return layer.load()
+
+
+def load_shares(load: torch.Tensor) -> torch.Tensor:
+    """(E,) float: load / total (zeros if the total is 0)."""
+    total = float(load.sum())
+    return load.double() / total if total > 0 else torch.zeros(load.shape, dtype=torch.float64)
+
+
+def cv(load: torch.Tensor) -> float:
+    """Coefficient of variation: population std / mean of the load (0 when balanced)."""
+    x = load.double()
+    mean = float(x.mean())
+    return float(x.std(unbiased=False)) / mean if mean > 0 else 0.0
+
+
+def max_vio(load: torch.Tensor) -> float:
+    """MaxVio = max load / mean load - 1 (0 when balanced)."""
+    x = load.double()
+    mean = float(x.mean())
+    return float(x.max()) / mean - 1.0 if mean > 0 else 0.0
+
+
+def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Shannon entropy in nats of distributions along ``dim`` (0 log 0 = 0)."""
+    p = p.double()
+    return -(p * p.clamp_min(1e-300).log()).where(p > 0, torch.zeros((), dtype=p.dtype)).sum(dim=dim)
+
+
+def gini(load: torch.Tensor) -> float:
+    """Gini coefficient of the load: sum_i (2i - N - 1) c_(i) / (N sum c), ascending; 0 = equal."""
+    x = load.double().sort().values
+    n, total = x.numel(), float(x.sum())
+    if total <= 0:
+        return 0.0
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    return float(((2 * i - n - 1) * x).sum()) / (n * total)
+
+
+def aux_loss_hf(logits: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...], top_k: int) -> float:
+    """transformers' ``load_balancing_loss_func`` on router logits (T, E), or a sequence of them
+    (pooled over layers): E * sum_i f_i P_i; the uniform optimum is ``top_k``."""
+    parts = [logits] if isinstance(logits, torch.Tensor) else list(logits)
+    if not parts or any(p.dim() != 2 for p in parts):
+        raise ValueError("logits must be a (T, E) tensor or a non-empty sequence of them")
+    E = parts[0].shape[1]
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k must satisfy 1 <= top_k <= {E}; got {top_k}")
+    counts = torch.zeros(E, dtype=torch.float64)
+    prob_sum = torch.zeros(E, dtype=torch.float64)
+    rows = 0
+    for z in parts:
+        p = z.float().softmax(dim=-1)  # (T, E)
+        chosen = p.topk(top_k, dim=-1).indices  # (T, k)
+        counts += torch.bincount(chosen.reshape(-1), minlength=E).double()
+        prob_sum += p.double().sum(dim=0)
+        rows += z.shape[0]
+    if rows == 0:
+        return float("nan")
+    return float(E * ((counts / rows) * (prob_sum / rows)).sum())
+
+
+def z_loss(logits: torch.Tensor) -> float:
+    """ST-MoE router z-loss: mean_t (logsumexp_j z_tj)^2 (fp32 logits)."""
+    if logits.numel() == 0:
+        return float("nan")
+    return float(torch.logsumexp(logits.double(), dim=-1).square().mean())
+
+
+@dataclass(frozen=True)
+class Balance:
+    """Load-balance metrics of one layer (conventions: ``CONVENTIONS``)."""
+
+    layer: int
+    num_experts: int
+    k: int  # applied k' (E for ensemble)
+    num_tokens: int
+    load: torch.Tensor  # (E,) kept assignments
+    routed: torch.Tensor  # (E,) kept + dropped
+    assignments: int  # routed total, T * k'
+    fair_share: float  # assignments / E
+    cv: float
+    max_vio: float
+    load_entropy: float
+    load_entropy_norm: float
+    effective_experts: float
+    diversity: float
+    gini: float
+    dead_fraction: float
+    max_share: float
+    busiest_expert: int
+    aux_loss_hf: float
+    aux_loss_norm: float
+    z_loss: float
+    dropped: int
+    drop_rate: float
+    fully_dropped_tokens: int
+    partially_dropped_tokens: int
+    capacity: list[int] | None
+
+
+def balance(layer: LayerTrace) -> Balance:
+    """All load-balance metrics of ``layer`` (see the module docstring for conventions)."""
+    _check_layer(layer)
+    E, T = layer.num_experts, layer.num_tokens
+    kk = int(layer.index.shape[1]) if layer.index.dim() == 2 else 0
+    routed = expert_load(layer, "routed")  # (E,)
+    kept = layer.load()  # (E,)
+    assignments = int(routed.sum())
+    h = float(entropy(load_shares(routed))) if assignments else 0.0
+    per_token_dropped = layer.dropped.sum(dim=1)  # (T,)
+    dropped = int(per_token_dropped.sum())
+    aux = aux_loss_hf(layer.router_logits, layer.top_k) if T else float("nan")
+    return Balance(
+        layer=layer.layer,
+        num_experts=E,
+        k=kk,
+        num_tokens=T,
+        load=kept,
+        routed=routed,
+        assignments=assignments,
+        fair_share=assignments / E,
+        cv=cv(routed),
+        max_vio=max_vio(routed),
+        load_entropy=h,
+        load_entropy_norm=h / math.log(E) if E > 1 else 1.0,
+        effective_experts=math.exp(h),
+        diversity=math.exp(h) / E,
+        gini=gini(routed),
+        dead_fraction=float((routed == 0).double().mean()),
+        max_share=float(routed.max()) / assignments if assignments else 0.0,
+        busiest_expert=int(routed.argmax()),
+        aux_loss_hf=aux,
+        aux_loss_norm=aux / layer.top_k,
+        z_loss=z_loss(layer.router_logits),
+        dropped=dropped,
+        drop_rate=dropped / assignments if assignments else 0.0,
+        fully_dropped_tokens=int((per_token_dropped == kk).sum()) if kk else 0,
+        partially_dropped_tokens=int(((per_token_dropped > 0) & (per_token_dropped < kk)).sum()),
+        capacity=layer.capacity,
+    )
+
+
+TABLE_COLUMNS = [
+    "layer", "tokens", "k", "assignments", "fair_share", "cv", "max_vio", "load_entropy", "load_entropy_norm",
+    "effective_experts", "diversity", "gini", "dead_fraction", "max_share", "busiest_expert", "aux_loss_hf",
+    "aux_loss_norm", "z_loss", "dropped", "drop_rate", "fully_dropped_tokens", "partially_dropped_tokens",
+    "capacity",
+]  # fmt: skip
+
+
+def balance_table(trace: Trace) -> pd.DataFrame:
+    """One row per MoE layer plus an ``"all"`` row; ``df.attrs["conventions"]`` states the
+    conventions (the ``all`` row: sums for counts, pooled HF aux loss, means over layers otherwise)."""
+    _check_trace(trace)
+    rows = []
+    stats = [balance(lt) for lt in trace.layers]
+    for b in stats:
+        cap = None if b.capacity is None else (b.capacity[0] if len(b.capacity) == 1 else max(b.capacity))
+        rows.append(
+            {
+                "layer": b.layer, "tokens": b.num_tokens, "k": b.k, "assignments": b.assignments,
+                "fair_share": b.fair_share, "cv": b.cv, "max_vio": b.max_vio, "load_entropy": b.load_entropy,
+                "load_entropy_norm": b.load_entropy_norm, "effective_experts": b.effective_experts,
+                "diversity": b.diversity, "gini": b.gini, "dead_fraction": b.dead_fraction,
+                "max_share": b.max_share, "busiest_expert": b.busiest_expert, "aux_loss_hf": b.aux_loss_hf,
+                "aux_loss_norm": b.aux_loss_norm, "z_loss": b.z_loss, "dropped": b.dropped,
+                "drop_rate": b.drop_rate, "fully_dropped_tokens": b.fully_dropped_tokens,
+                "partially_dropped_tokens": b.partially_dropped_tokens, "capacity": cap,
+            }
+        )  # fmt: skip
+    if stats:
+        df = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+        top_k = trace.layers[0].top_k
+        same_shape = len({lt.router_logits.shape[1] for lt in trace.layers}) == 1
+        pooled = aux_loss_hf([lt.router_logits for lt in trace.layers], top_k) if same_shape else float("nan")
+        total_assign = int(df["assignments"].sum())
+        all_row: dict[str, object] = {c: float(df[c].mean()) for c in TABLE_COLUMNS[4:] if c not in ("busiest_expert", "capacity")}
+        all_row.update(
+            layer="all", tokens=int(df["tokens"].max()), k=int(df["k"].max()), assignments=total_assign,
+            aux_loss_hf=pooled, aux_loss_norm=pooled / top_k, busiest_expert=None, capacity=None,
+            dropped=int(df["dropped"].sum()), drop_rate=float(df["dropped"].sum()) / total_assign if total_assign else 0.0,
+            fully_dropped_tokens=int(df["fully_dropped_tokens"].sum()),
+            partially_dropped_tokens=int(df["partially_dropped_tokens"].sum()),
+        )  # fmt: skip
+        rows.append(all_row)
+    df = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    df["layer"] = df["layer"].astype(object)
+    df.attrs["conventions"] = dict(CONVENTIONS)
+    df.attrs["policy"] = trace.policy
+    return df
+
+
+def layer_loads(trace: Trace, which: SetKind = "kept") -> torch.Tensor:
+    """(L, E) long: per-layer expert loads (``expert_load``) stacked in ``trace.layers`` order."""
+    _check_trace(trace)
+    return torch.stack([expert_load(lt, which) for lt in trace.layers]) if trace.layers else torch.zeros(0, 0)
+
+
+@dataclass(frozen=True)
+class CapacityCheck:
+    """What a capacity factor would drop on this layer's native routing (counterfactual)."""
+
+    factor: float
+    capacity: int  # C = ceil(factor * T * k / E)
+    load: torch.Tensor  # (E,) native load
+    overflow: torch.Tensor  # (E,) max(0, load - C)
+    dropped: int
+    drop_rate: float
+
+
+def capacity_check(layer: LayerTrace, factor: float) -> CapacityCheck:
+    """Per-expert overflow max(0, c_i - C) with C = ceil(factor * T * k / E) on the native load.
+
+    For either drop priority an over-full expert drops exactly its overflow; for layers after the
+    first a real capacity run also changes the hidden states, so this is exact only for layer 0.
+    """
+    _check_layer(layer)
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
+        raise ValueError(f"factor must be a finite number > 0; got {factor!r}")
+    from .routing import capacity_for
+
+    load = expert_load(layer, "native")
+    C = capacity_for(float(factor), layer.num_tokens, layer.top_k, layer.num_experts)
+    overflow = (load - C).clamp_min(0)
+    total = int(load.sum())
+    return CapacityCheck(float(factor), C, load, overflow, int(overflow.sum()), int(overflow.sum()) / total if total else 0.0)
+
+
+# ----------------------------------------------------------------------------- per-token router statistics
+def router_entropy(layer: LayerTrace, normalised: bool = True) -> torch.Tensor:
+    """(T,) entropy of each token's router distribution (nats; / log E when ``normalised``).
+
+    Sigmoid scores are renormalised to sum to one first."""
+    _check_layer(layer)
+    p = layer.router_probs.double()  # (T, E)
+    p = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-300)
+    h = entropy(p)  # (T,)
+    if normalised:
+        h = h / math.log(layer.num_experts) if layer.num_experts > 1 else torch.zeros_like(h)
+    return h.float()
+
+
+def topk_margin(layer: LayerTrace, k: int | None = None) -> torch.Tensor:
+    """(T,) p_(k) - p_(k+1): the last chosen minus the first rejected router probability (native
+    k by default). With k = E nothing is rejected and the margin is p_(E)."""
+    _check_layer(layer)
+    E = layer.num_experts
+    k = layer.top_k if k is None else k
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= E:
+        raise ValueError(f"k must satisfy 1 <= k <= {E}; got {k!r}")
+    sorted_p = layer.router_probs.float().sort(dim=-1, descending=True).values  # (T, E)
+    rejected = sorted_p[:, k] if k < E else torch.zeros(sorted_p.shape[0])
+    return sorted_p[:, k - 1] - rejected
+
+
+# ----------------------------------------------------------------------------- co-activation and reuse
+@dataclass(frozen=True)
+class Coactivation:
+    """A[a, b] = #{t: a, b in S_t} / #{t: a in S_t} (NaN on the diagonal and for unused a)."""
+
+    matrix: torch.Tensor  # (E, E) float
+    counts: torch.Tensor  # (E, E) long; diagonal = tokens per expert
+    baseline: float  # (k - 1) / (E - 1): A under independent uniform routing
+    k: int
+    which: str
+    top_pair: tuple[int, int, float] | None  # (a, b, A[a, b]) with the largest A off the diagonal
+
+
+def coactivation(layer: LayerTrace, which: SetKind = "routed") -> Coactivation:
+    """Directed co-activation of experts within a token's set (OLMoE), with the independence
+    baseline (k - 1)/(E - 1)."""
+    sets = membership(layer, which).long()  # (T, E)
+    E = layer.num_experts
+    counts = sets.t() @ sets  # (E, E)
+    per_expert = counts.diagonal().double()  # (E,)
+    matrix = counts.double() / per_expert.unsqueeze(1)  # rows: conditioned on a
+    matrix = matrix.where(per_expert.unsqueeze(1) > 0, torch.full((), float("nan"), dtype=torch.float64))
+    matrix.fill_diagonal_(float("nan"))
+    k = int(layer.native_index.shape[1]) if which == "native" else int(layer.index.shape[1])
+    off = matrix.nan_to_num(-1.0)
+    top_pair = None
+    if E > 1 and float(off.max()) >= 0:
+        flat = int(off.argmax())
+        top_pair = (flat // E, flat % E, float(off.reshape(-1)[flat]))
+    return Coactivation(
+        matrix=matrix.float(),
+        counts=counts,
+        baseline=(k - 1) / (E - 1) if E > 1 else float("nan"),
+        k=k,
+        which=which,
+        top_pair=top_pair,
+    )
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """Consecutive-token expert reuse (Mixtral Table 5) with random-routing baselines."""
+
+    pairs: int  # T - 1 consecutive pairs
+    k: int
+    num_experts: int
+    first_choice_same: float  # P[e1(t) = e1(t+1)]
+    sets_intersect: float  # P[S_t and S_t+1 share an expert]
+    mean_overlap: float  # E|S_t & S_t+1|
+    first_choice_baseline: float  # 1/E
+    intersect_baseline: float  # 1 - C(E-k, k) / C(E, k)
+    overlap_baseline: float  # k^2 / E
+
+
+def reuse_baselines(num_experts: int, k: int) -> tuple[float, float, float]:
+    """(1/E, 1 - C(E-k, k)/C(E, k), k^2/E): reuse under independent uniform top-k routing."""
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"k must satisfy 1 <= k <= {num_experts}; got {k}")
+    E = num_experts
+    return 1 / E, 1 - math.comb(E - k, k) / math.comb(E, k), k * k / E
+
+
+def reuse(layer: LayerTrace, which: SetKind = "routed") -> Reuse:
+    """How often consecutive tokens reuse experts: same first choice (highest router probability
+    within the set), intersecting sets, mean overlap; NaN with fewer than two tokens."""
+    sets = membership(layer, which)  # (T, E)
+    E, T = layer.num_experts, layer.num_tokens
+    k = int(layer.native_index.shape[1]) if which == "native" else int(layer.index.shape[1])
+    masked = layer.router_probs.float().masked_fill(~sets, -1.0)  # (T, E)
+    first = masked.argmax(dim=-1)  # (T,)
+    b1, bk, bo = reuse_baselines(E, k)
+    if T < 2:
+        nan = float("nan")
+        return Reuse(0, k, E, nan, nan, nan, b1, bk, bo)
+    overlap = (sets[:-1] & sets[1:]).sum(dim=-1).double()  # (T-1,)
+    return Reuse(
+        pairs=T - 1,
+        k=k,
+        num_experts=E,
+        first_choice_same=float((first[:-1] == first[1:]).double().mean()),
+        sets_intersect=float((overlap > 0).double().mean()),
+        mean_overlap=float(overlap.mean()),
+        first_choice_baseline=b1,
+        intersect_baseline=bk,
+        overlap_baseline=bo,
+    )
+
+
+# ----------------------------------------------------------------------------- comparing two runs
+@dataclass(frozen=True)
+class ModeEffect:
+    """How ``other``'s next-token predictions differ from ``reference``'s on the same tokens."""
+
+    reference_policy: str
+    other_policy: str
+    kl: torch.Tensor  # (T,) KL(reference || other), nats
+    mean_kl: float
+    flips: torch.Tensor  # (T,) bool: top-1 prediction differs
+    flip_rate: float
+    flipped_positions: list[int]
+    delta_logprob: torch.Tensor  # (T,) other - reference log p(actual next token); NaN at the last position
+    mean_delta_logprob: float  # over positions with a next token (NaN if none)
+
+
+def _same_tokens(reference: Trace, other: Trace) -> None:
+    _check_trace(reference, "reference")
+    _check_trace(other, "other")
+    if list(reference.token_ids) != list(other.token_ids):
+        raise ValueError(
+            f"other must run on the same token ids as reference (got {other.num_tokens} tokens vs "
+            f"{reference.num_tokens}, or different ids); compare runs of the same prompt"
+        )
+
+
+def mode_effect(reference: Trace, other: Trace) -> ModeEffect:
+    """KL(reference || other) per position from the full next-token log-distributions, top-1 flips
+    and the change in log-prob of the actual next token (other - reference)."""
+    _same_tokens(reference, other)
+    for name, tr in (("reference", reference), ("other", other)):
+        if tr.output.vocab_logprobs is None:
+            raise ValueError(
+                f"{name} has no vocab_logprobs (the full next-token distribution was not kept; "
+                f"T * V must be <= the runner's VOCAB_KEEP_LIMIT); got None for policy {tr.policy!r}"
+            )
+    lp = reference.output.vocab_logprobs.double()  # (T, V)
+    lq = other.output.vocab_logprobs.double()  # (T, V)
+    p = lp.exp()
+    kl = (p * (lp - lq)).where(p > 0, torch.zeros((), dtype=p.dtype)).sum(dim=-1).clamp_min(0)  # (T,)
+    flips = lp.argmax(dim=-1) != lq.argmax(dim=-1)  # (T,)
+    delta = other.output.target_logprob.float() - reference.output.target_logprob.float()  # (T,)
+    valid = ~delta.isnan()
+    T = reference.num_tokens
+    return ModeEffect(
+        reference_policy=reference.policy,
+        other_policy=other.policy,
+        kl=kl.float(),
+        mean_kl=float(kl.mean()) if T else float("nan"),
+        flips=flips,
+        flip_rate=float(flips.double().mean()) if T else float("nan"),
+        flipped_positions=flips.nonzero().flatten().tolist(),
+        delta_logprob=delta,
+        mean_delta_logprob=float(delta[valid].mean()) if bool(valid.any()) else float("nan"),
+    )
+
+
+@dataclass(frozen=True)
+class RoutingDiff:
+    """Per-token expert sets of two runs at one layer (kept assignments) and what changed."""
+
+    layer: int
+    reference_sets: torch.Tensor  # (T, E) bool, experts that processed the token in reference
+    other_sets: torch.Tensor  # (T, E) bool, the same in other
+    changed: torch.Tensor  # (T,) bool: the sets differ
+    num_changed: int  # tokens whose set changed
+    added: torch.Tensor  # (T,) long: experts in other only
+    removed: torch.Tensor  # (T,) long: experts in reference only
+    reference_dropped: torch.Tensor  # (T,) long: dropped assignments per token in reference
+    other_dropped: torch.Tensor  # (T,) long: the same in other
+
+
+def routing_diff(reference: Trace, other: Trace, layer: int) -> RoutingDiff:
+    """Compare the experts that processed each token (kept assignments) at ``layer``."""
+    _same_tokens(reference, other)
+    ref_lt, oth_lt = reference.layer(layer), other.layer(layer)
+    a = membership(ref_lt, "kept")  # (T, E)
+    b = membership(oth_lt, "kept")  # (T, E)
+    changed = (a != b).any(dim=-1)  # (T,)
+    return RoutingDiff(
+        layer=layer,
+        reference_sets=a,
+        other_sets=b,
+        changed=changed,
+        num_changed=int(changed.sum()),
+        added=(b & ~a).sum(dim=-1),
+        removed=(a & ~b).sum(dim=-1),
+        reference_dropped=ref_lt.dropped.sum(dim=-1),
+        other_dropped=oth_lt.dropped.sum(dim=-1),
+    )
