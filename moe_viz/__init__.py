@@ -17,8 +17,8 @@ from .runner import Generation, Sampling, generate, run_prompt
 from .trace import LayerTrace, OutputTrace, Trace
 
 __all__ = [
-    "DEFAULT_MODEL",
     "Capacity",
+    "DEFAULT_MODEL",
     "Ensemble",
     "Generation",
     "LayerTrace",

@@ -1,0 +1,297 @@
+"""Engine behaviour beyond per-family equality: ensembles, threads, generation, traces, errors."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moe_viz
+from moe_viz import Capacity, Ensemble, Sampling, TopK, Trace, generate, load_model, parse_policy, run_prompt
+from moe_viz.patching import routing
+from tiny_models import ByteTokenizer, build, build_model
+
+TEXT = "Routing tokens to experts, one layer at a time."
+
+
+@pytest.fixture(scope="module")
+def mixtral():
+    return build("mixtral")
+
+
+def _experts_io(model, layer: int, policy):
+    """The input and output of layer ``layer``'s experts module under ``policy``."""
+    experts = model.model.model.layers[layer].mlp.experts
+    seen = {}
+
+    def hook(module, args, output):
+        seen["h"], seen["out"] = args[0].detach().clone(), output.detach().clone()
+
+    handle = experts.register_forward_hook(hook)
+    try:
+        run_prompt(model, TEXT, policy)
+    finally:
+        handle.remove()
+    return experts, seen["h"], seen["out"]
+
+
+@torch.no_grad()
+def test_uniform_ensemble_equals_the_mean_of_every_experts_output(mixtral):
+    """Computed by hand from the expert weights: mean_e down_e(silu(gate_e h) * up_e h)."""
+    experts, h, out = _experts_io(mixtral, 1, Ensemble("uniform"))
+    outputs = []
+    for e in range(experts.num_experts):
+        gate, up = F.linear(h, experts.gate_up_proj[e]).chunk(2, dim=-1)  # (T, I) each
+        outputs.append(F.linear(F.silu(gate) * up, experts.down_proj[e]))  # (T, H)
+    expected = torch.stack(outputs).mean(dim=0)  # (T, H)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_gate_ensemble_weights_every_expert_by_its_router_probability(mixtral):
+    trace = run_prompt(mixtral, TEXT, Ensemble("gate"))
+    for lt in trace.layers:
+        assert lt.index.shape == (trace.num_tokens, lt.num_experts)
+        probs = lt.router_logits.softmax(dim=-1)
+        torch.testing.assert_close(lt.weights, probs.gather(1, lt.index))
+
+
+def test_sigmoid_router_gate_ensemble_is_renormalised_and_scaled():
+    model = build("deepseek_v3")
+    trace = run_prompt(model, TEXT, Ensemble("gate"))
+    spec = model.sites[0].spec
+    for lt in trace.layers:
+        scores = lt.router_logits.sigmoid()
+        expected = scores / scores.sum(dim=-1, keepdim=True) * spec.scale
+        torch.testing.assert_close(lt.weights, expected.gather(1, lt.index))
+        torch.testing.assert_close(lt.weights.sum(dim=-1), torch.full((trace.num_tokens,), spec.scale))
+
+
+def test_one_expert_per_token_uses_only_the_best_expert(mixtral):
+    trace = run_prompt(mixtral, TEXT, TopK(1))
+    for lt in trace.layers:
+        assert torch.equal(lt.index[:, 0], lt.router_probs.argmax(dim=-1))
+        torch.testing.assert_close(lt.weights, torch.ones_like(lt.weights))  # Mixtral renormalises
+
+
+def test_capacity_by_position_keeps_earlier_first_choices():
+    """GShard order: all first choices in token order before any second choice."""
+    from moe_viz.routing import apply_capacity
+
+    index = torch.tensor([[0, 1], [0, 1], [0, 2]])  # three tokens all prefer expert 0
+    gates = torch.tensor([[0.6, 0.4], [0.9, 0.1], [0.7, 0.3]])
+    by_position = apply_capacity(index, gates, capacity=2, priority="position")
+    assert by_position.tolist() == [[False, False], [False, False], [True, False]]
+    by_probs = apply_capacity(index, gates, capacity=2, priority="probs")
+    assert by_probs.tolist() == [[True, False], [False, False], [False, False]]
+    one_slot = apply_capacity(index, gates, capacity=1, priority="position")
+    assert one_slot.tolist() == [[False, False], [True, True], [True, False]]
+
+
+def test_fully_dropped_token_keeps_only_its_residual(mixtral):
+    """A token whose every assignment dropped gets an MoE output of exactly zero (residual only)."""
+    _, _, out = _experts_io(mixtral, 0, Capacity(1e-9))  # capacity rounds up to 1 per expert
+    trace = run_prompt(mixtral, TEXT, Capacity(1e-9))
+    fully = trace.layer(0).dropped.all(dim=-1)  # (T,)
+    assert trace.layer(0).capacity == [1] and fully.sum() >= len(fully) - 8
+    assert torch.count_nonzero(out[fully]) == 0
+    assert (out[~fully].abs().sum(dim=-1) > 0).all()
+
+
+def test_threads_with_different_policies_never_see_each_others_routing(mixtral):
+    policies = [None, TopK(1), Ensemble("uniform"), Capacity(0.5), TopK(3)]
+    reference = {p: run_prompt(mixtral, TEXT, p).output.vocab_logprobs for p in policies}
+    barrier = threading.Barrier(len(policies))
+    errors: list[str] = []
+
+    def worker(policy):
+        for _ in range(8):
+            barrier.wait()
+            got = run_prompt(mixtral, TEXT, policy).output.vocab_logprobs
+            if not torch.equal(got, reference[policy]):
+                errors.append(f"{policy}: max diff {(got - reference[policy]).abs().max():.3g}")
+
+    threads = [threading.Thread(target=worker, args=(p,)) for p in policies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_hooks_do_nothing_outside_a_routing_block(mixtral):
+    ids = mixtral.tokenizer(TEXT)["input_ids"]
+    with routing(TopK(1)):
+        pass
+    plain = build_model("mixtral")
+    with torch.inference_mode():
+        torch.testing.assert_close(mixtral.model(ids).logits, plain(ids).logits, atol=0, rtol=0)
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(mixtral):
+    sampling = Sampling(temperature=1.0, top_p=0.9, seed=7)
+    first = generate(mixtral, "abc", TopK(2), max_new_tokens=12, sampling=sampling).new_token_ids
+    again = generate(mixtral, "abc", TopK(2), max_new_tokens=12, sampling=sampling).new_token_ids
+    other = generate(mixtral, "abc", TopK(2), max_new_tokens=12, sampling=Sampling(1.0, 0.9, seed=8)).new_token_ids
+    assert first == again and first != other
+
+
+def test_generation_trace_marks_prefill_and_decode_steps(mixtral):
+    result = generate(mixtral, "abcd", Ensemble("gate"), max_new_tokens=5)
+    trace = result.trace
+    assert trace.step == [0, 0, 0, 0, 1, 2, 3, 4]
+    assert trace.token_ids == [97, 98, 99, 100, *result.new_token_ids[:-1]]
+    assert all(lt.index.shape == (8, lt.num_experts) for lt in trace.layers)
+    assert trace.generated_text == result.text
+
+
+def test_capacity_generation_recomputes_capacity_over_the_sequence_so_far(mixtral):
+    factor, prompt, n = 0.5, "abcdefgh", 6
+    result = generate(mixtral, prompt, Capacity(factor), max_new_tokens=n)
+    trace = result.trace
+    for lt in trace.layers:
+        expected = [math.ceil(factor * (8 + s) * lt.top_k / lt.num_experts) for s in range(n)]
+        assert lt.capacity == expected
+    # The recorded routing of the last fed token equals a fresh forward over the same tokens.
+    ids = torch.tensor([trace.token_ids])
+    with torch.inference_mode(), routing(Capacity(factor)) as recorder:
+        mixtral.model(input_ids=ids, use_cache=False)
+    for got, want in zip(trace.layers, recorder.forwards[0]):
+        assert torch.equal(got.dropped[-1], want.dropped[-1])
+        assert torch.equal(got.index[-1], want.index[-1])
+    assert sum(lt.dropped_count for lt in trace.layers) > 0
+
+
+def test_trace_round_trips_through_json_and_parquet_losslessly(mixtral, tmp_path):
+    trace = generate(mixtral, "round trip", Capacity(0.5, priority="probs"), max_new_tokens=3).trace
+    for include_vocab in (False, True):
+        for path in (tmp_path / "t.json", tmp_path / "t.parquet"):
+            if path.suffix == ".json":
+                trace.to_json(path, include_vocab=include_vocab)
+                back = Trace.from_json(path)
+            else:
+                trace.to_parquet(path, include_vocab=include_vocab)
+                back = Trace.from_parquet(path)
+            assert back.to_dict(include_vocab=True) == trace.to_dict(include_vocab=include_vocab)
+            for a, b in zip(back.layers, trace.layers):
+                assert torch.equal(a.router_logits, b.router_logits) and torch.equal(a.dropped, b.dropped)
+
+
+def test_trace_frames_have_one_row_per_assignment(mixtral):
+    trace = run_prompt(mixtral, TEXT, Capacity(0.5))
+    frames = trace.to_frames()
+    routing_frame = frames["routing"]
+    assert len(routing_frame) == sum(lt.index.numel() for lt in trace.layers)
+    assert int(routing_frame["dropped"].sum()) == sum(lt.dropped_count for lt in trace.layers)
+    assert len(frames["tokens"]) == trace.num_tokens
+    assert list(frames["probs"].columns[:2]) == ["layer", "position"]
+
+
+def test_foreign_json_is_refused_with_a_message():
+    with pytest.raises(ValueError, match="not a moe-viz trace"):
+        Trace.from_json('{"schema": "other"}')
+
+
+@pytest.mark.parametrize(
+    ("make", "argument"),
+    [
+        (lambda: TopK(0), "k"),
+        (lambda: TopK(2.5), "k"),
+        (lambda: Capacity(0.0), "factor"),
+        (lambda: Capacity(float("nan")), "factor"),
+        (lambda: Capacity(-1), "factor"),
+        (lambda: Capacity(1.0, priority="random"), "priority"),
+        (lambda: Ensemble("softmax"), "weighting"),
+        (lambda: parse_policy("top-k:two"), "top-k:two"),
+        (lambda: parse_policy("dense"), "dense"),
+        (lambda: Sampling(temperature=-1), "temperature"),
+    ],
+)
+def test_bad_policy_values_raise_value_error_naming_the_argument(make, argument):
+    with pytest.raises(ValueError, match=argument):
+        make()
+
+
+def test_bad_run_input_raises_value_error_naming_the_argument(mixtral):
+    with pytest.raises(ValueError, match="prompt"):
+        run_prompt(mixtral, "   ", None)
+    with pytest.raises(ValueError, match="k must satisfy 1 <= k <= 8"):
+        run_prompt(mixtral, TEXT, TopK(9))
+    with pytest.raises(ValueError, match="prompt is .* tokens long"):
+        run_prompt(mixtral, "x" * 600, None)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(mixtral, TEXT, None, max_new_tokens=0)
+
+
+def test_policy_text_forms_parse_to_policies():
+    assert parse_policy("native") is None
+    assert parse_policy("top-k:2") == TopK(2)
+    assert parse_policy("capacity:1.25") == Capacity(1.25)
+    assert parse_policy("capacity:1.25:probs") == Capacity(1.25, priority="probs")
+    assert parse_policy("capacity:2:position:k=1") == Capacity(2.0, k=1)
+    assert parse_policy("ensemble:uniform") == Ensemble("uniform")
+    for policy in (TopK(3), Capacity(0.5, k=1, priority="probs"), Ensemble("gate")):
+        assert parse_policy(policy.spec) == policy
+
+
+def test_load_model_refuses_missing_folders_unknown_ids_and_dense_models(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_model(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="could not load model"):
+        load_model("no-such-org/no-such-model")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dense = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    dense.save_pretrained(tmp_path / "dense")
+    _save_byte_tokenizer(tmp_path / "dense")
+    with pytest.raises(ValueError, match="has no MoE layers"):
+        load_model(str(tmp_path / "dense"))
+
+
+def _save_byte_tokenizer(folder) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i for i in range(32, 96)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=" "))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=" ").save_pretrained(folder)
+
+
+def test_load_model_from_a_local_folder_runs_every_policy(tmp_path):
+    build_model("qwen2_moe").save_pretrained(tmp_path / "m")
+    _save_byte_tokenizer(tmp_path / "m")
+    model = load_model(str(tmp_path / "m"), device="cpu")
+    assert not model.model.training and model.num_experts == 8 and model.top_k == 2
+    assert model.model.config._experts_implementation in ("grouped_mm", "eager", "batched_mm")
+    for policy in (None, TopK(1), Capacity(1.0), Ensemble("uniform")):
+        assert run_prompt(model, "HELLO WORLD", policy).num_tokens == 11
+
+
+def test_cli_writes_a_trace_and_rejects_bad_values(tmp_path):
+    build_model("olmoe").save_pretrained(tmp_path / "m")
+    _save_byte_tokenizer(tmp_path / "m")
+    out = tmp_path / "t.json"
+    cmd = [sys.executable, "-m", "moe_viz.cli", "trace", str(tmp_path / "m"), "--prompt", "ABC DEF", "--policy", "capacity:0.5", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "dropped" in done.stdout and out.exists()
+    assert Trace.from_json(out).policy == "capacity:0.5:position"
+    bad = subprocess.run(cmd[:-4] + ["--policy", "top-k:0"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "k must satisfy" in bad.stderr
+
+
+def test_public_api_is_sorted_and_free_of_streamlit():
+    assert moe_viz.__all__ == sorted(moe_viz.__all__)
+    code = "import sys, moe_viz, moe_viz.cli; import moe_viz.runner; print('streamlit' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False"
+
+
+def test_byte_tokenizer_stand_in_is_reversible():
+    tok = ByteTokenizer()
+    assert tok.decode(tok("héllo")["input_ids"][0].tolist()) == "héllo"
