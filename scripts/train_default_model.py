@@ -43,7 +43,7 @@ SAMPLE_PROMPTS: dict[str, str] = {
     "prose": "The tutorial explains how",
     "code": "def read_config(path):\n",
     "scripture": "1:1 In the beginning",
-    "shakespeare": "ROMEO. O, she doth",
+    "shakespeare": "Romeo.\nO, she doth",
     "fortunes": "A computer is",
     "chinese": "春眠不觉晓，",
     "numbers": "17 + 25 = ",
@@ -471,6 +471,7 @@ def run(spec: RunSpec, eval_only: bool = False) -> dict:
     results["samples"] = greedy_samples(model, tokenizer, spec.domains,
                                         max_new_tokens=16 if spec.quick else 48)
     results["params"] = count_params(model)
+    results["vocab_size"] = len(tokenizer)
     results["weights_bytes"] = (spec.out / "model.safetensors").stat().st_size
     results["train"] = train_info
     results["spec"] = json.loads(json.dumps(asdict(spec), default=str))
