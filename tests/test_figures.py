@@ -1,0 +1,252 @@
+"""Figures build for tiny and long traces, with consistent colours, escaping and bounded JSON."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+import pytest
+import torch
+import transformers
+
+import moe_viz
+from moe_viz import figures, metrics
+from moe_viz.trace import LayerTrace, OutputTrace, Trace
+
+
+class ByteTokenizer:
+    """A byte-level stand-in tokenizer: one token per UTF-8 byte."""
+
+    eos_token_id = None
+
+    def __call__(self, text: str, return_tensors: str = "pt") -> dict[str, torch.Tensor]:
+        return {"input_ids": torch.tensor([list(text.encode("utf-8"))])}
+
+    def decode(self, ids, **kw) -> str:  # type: ignore[no-untyped-def]
+        ids = [ids] if isinstance(ids, int) else ids
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+PROMPT = "Hi <script>alert('x')</script> & the quick brown fox."
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> moe_viz.MoEModel:
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+    )  # fmt: skip
+    model = transformers.MixtralForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate.weight"):
+                p.normal_(std=0.5)
+    return moe_viz.wrap_model(model, ByteTokenizer(), "tiny")
+
+
+@pytest.fixture(scope="module")
+def native(tiny_model: moe_viz.MoEModel) -> Trace:
+    return moe_viz.run_prompt(tiny_model, PROMPT)
+
+
+@pytest.fixture(scope="module")
+def capped(tiny_model: moe_viz.MoEModel) -> Trace:
+    return moe_viz.run_prompt(tiny_model, PROMPT, moe_viz.Capacity(1.0))
+
+
+def synthetic_trace(T: int, E: int, L: int, k: int = 8, seed: int = 0) -> Trace:
+    """A random trace of the size of a long prompt on a large model (no model run)."""
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for i in range(L):
+        logits = torch.randn(T, E, generator=g)  # (T, E)
+        probs = logits.softmax(-1)
+        index = probs.topk(k, dim=-1).indices  # (T, k)
+        dropped = torch.rand(T, k, generator=g) < 0.05
+        layers.append(LayerTrace(
+            layer=i, num_experts=E, top_k=k, router_logits=logits, router_probs=probs, native_index=index,
+            native_weights=probs.gather(1, index), index=index,
+            weights=probs.gather(1, index).masked_fill(dropped, 0), dropped=dropped, capacity=[T * k // E],
+        ))  # fmt: skip
+    V = 50
+    vocab = torch.randn(T, V, generator=g).log_softmax(-1)
+    top = vocab.topk(10, dim=-1)
+    ids = torch.randint(0, V, (T,), generator=g).tolist()
+    output = OutputTrace(
+        top_ids=top.indices, top_logprobs=top.values, top_tokens=[[f"w{j}" for j in r] for r in top.indices.tolist()],
+        target_logprob=torch.randn(T, generator=g), entropy=torch.ones(T), vocab_logprobs=vocab,
+    )  # fmt: skip
+    return Trace(
+        model_id="synthetic", architecture="synthetic", policy="capacity:1:position", device="cpu", dtype="float32",
+        prompt="", token_ids=ids, tokens=[f"w{j} " for j in ids], step=[0] * T, layers=layers, output=output,
+    )  # fmt: skip
+
+
+def all_figures(trace: Trace, other: Trace, layer: int) -> dict[str, go.Figure]:
+    return {
+        "heatmap": figures.token_expert_heatmap(trace, layer),
+        "layer_load": figures.layer_load_heatmap(trace),
+        "bars": figures.expert_load_bars(trace, layer),
+        "router": figures.router_distribution(trace, layer, 3),
+        "predictions": figures.predictions_bar(trace),
+        "coactivation": figures.coactivation_heatmap(trace, layer),
+        "mode_effect": figures.mode_effect_figure(other, trace),
+        "diff": figures.routing_diff_heatmap(other, trace, layer),
+    }
+
+
+def _trace_named(fig: go.Figure, name: str) -> go.BaseTraceType:
+    return next(t for t in fig.data if t.name == name)
+
+
+# ----------------------------------------------------------------------------- colours
+def test_expert_colors_are_okabe_ito_up_to_eight_and_distinct_beyond() -> None:
+    assert figures.expert_colors(8) == figures.OKABE_ITO
+    assert figures.expert_colors(3) == figures.OKABE_ITO[:3]
+    for n in (18, 60, 64, 128):
+        assert len(set(figures.expert_colors(n))) == n
+    with pytest.raises(ValueError, match="num_experts must be an integer >= 1; got 0"):
+        figures.expert_colors(0)
+
+
+def test_expert_colours_are_the_same_in_bars_router_distribution_and_text(capped: Trace) -> None:
+    colors = figures.expert_colors(8)
+    bars = figures.expert_load_bars(capped, 0)
+    assert list(_trace_named(bars, "kept").marker.color) == colors
+    assert list(figures.router_distribution(capped, 0, 0).data[0].marker.color) == colors
+    html_text = figures.token_text_html(capped, 0)
+    top1 = figures.first_choice(capped, 0)[0].item()
+    assert f"background:{colors[top1]}" in html_text.split('class="moe-tok"')[1]
+
+
+# ----------------------------------------------------------------------------- each figure on a tiny trace
+def test_every_figure_builds_for_a_tiny_trace(native: Trace, capped: Trace) -> None:
+    for name, fig in all_figures(capped, native, 1).items():
+        assert isinstance(fig, go.Figure), name
+        assert fig.layout.title.text, name
+    assert "<span" in figures.token_text_html(native, 1)
+
+
+def test_heatmap_dropped_markers_count_equals_the_trace_dropped_count(capped: Trace) -> None:
+    for layer in capped.layer_ids:
+        fig = figures.token_expert_heatmap(capped, layer)
+        lt = capped.layer(layer)
+        assert lt.dropped_count > 0
+        assert len(_trace_named(fig, "dropped").x) == lt.dropped_count
+        assert len(_trace_named(fig, "chosen").x) == lt.index.numel() - lt.dropped_count
+        assert fig.data[0].z.shape == (8, capped.num_tokens)
+
+
+def test_heatmap_of_a_native_run_has_no_dropped_markers(native: Trace) -> None:
+    names = [t.name for t in figures.token_expert_heatmap(native, 0).data]
+    assert "dropped" not in names and "chosen" in names
+
+
+def test_load_bars_stack_dropped_on_kept_with_a_fair_share_line(capped: Trace) -> None:
+    fig = figures.expert_load_bars(capped, 0)
+    lt = capped.layer(0)
+    kept, dropped = _trace_named(fig, "kept"), _trace_named(fig, "dropped")
+    assert list(kept.y) == lt.load().tolist()
+    assert sum(dropped.y) == lt.dropped_count
+    fair = lt.index.numel() / 8
+    assert any(abs(s.y0 - fair) < 1e-9 for s in fig.layout.shapes)
+    assert any(abs(s.y0 - lt.capacity[0]) < 1e-9 for s in fig.layout.shapes)
+
+
+def test_layer_load_heatmap_is_relative_to_fair_share(capped: Trace) -> None:
+    fig = figures.layer_load_heatmap(capped)
+    z = fig.data[0].z
+    assert z.shape == (2, 8)
+    assert z.mean() == pytest.approx(1.0, rel=1e-5)
+    assert (fig.data[0].customdata == metrics.layer_loads(capped, "routed").numpy()).all()
+
+
+def test_router_distribution_marks_chosen_experts(native: Trace) -> None:
+    fig = figures.router_distribution(native, 0, 2)
+    widths = list(fig.data[0].marker.line.width)
+    chosen = set(native.layer(0).index[2].tolist())
+    assert {e for e, w in enumerate(widths) if w == 3} == chosen
+    assert list(fig.data[0].y) == pytest.approx(native.layer(0).router_probs[2].tolist())
+    with pytest.raises(ValueError, match="position must be an integer with"):
+        figures.router_distribution(native, 0, 999)
+
+
+def test_predictions_bar_shows_the_top_ten_escaped(native: Trace) -> None:
+    fig = figures.predictions_bar(native, position=0)
+    assert len(fig.data[0].x) == 10
+    assert list(fig.data[0].x) == pytest.approx([p for _, p in native.predictions(0)])
+
+
+def test_coactivation_heatmap_states_the_baseline(native: Trace) -> None:
+    fig = figures.coactivation_heatmap(native, 0)
+    assert "0.14" in fig.layout.title.text  # (2 - 1) / (8 - 1)
+    assert fig.data[0].z.shape == (8, 8)
+
+
+def test_mode_effect_figure_marks_every_flip(native: Trace, tiny_model: moe_viz.MoEModel) -> None:
+    top1 = moe_viz.run_prompt(tiny_model, PROMPT, moe_viz.TopK(1))
+    fig = figures.mode_effect_figure(native, top1)
+    flips = metrics.mode_effect(native, top1).flipped_positions
+    assert list(_trace_named(fig, "top-1 flip").x) == flips
+    assert len(_trace_named(fig, "KL").y) == native.num_tokens
+
+
+def test_routing_diff_heatmap_codes_each_cell(native: Trace, capped: Trace) -> None:
+    fig = figures.routing_diff_heatmap(native, capped, 0)
+    z = fig.data[0].z  # (E, T): 0 neither, 1 both, 2 reference only, 3 other only
+    d = metrics.routing_diff(native, capped, 0)
+    assert int((z == 1).sum()) == int((d.reference_sets & d.other_sets).sum())
+    assert int((z == 2).sum()) == int(d.removed.sum())
+    assert len(_trace_named(fig, "dropped in capacity:1:position").x) == capped.layer(0).dropped_count
+
+
+# ----------------------------------------------------------------------------- untrusted text
+def test_token_text_html_escapes_script_tags(native: Trace) -> None:
+    out = figures.token_text_html(native, 0)
+    assert "<script" not in out.lower()
+    assert "&lt;" in out and "&#x27;" in out and "&amp;" in out
+    assert out.count('class="moe-tok"') == native.num_tokens
+    assert "expert 7" in out  # legend
+
+
+def test_token_text_html_escapes_tokens_inside_titles() -> None:
+    trace = synthetic_trace(4, 8, 1, k=2)
+    trace.tokens = ['"><script>x</script>', "a", "b", "c"]
+    out = figures.token_text_html(trace, 0)
+    assert "<script" not in out
+    assert '&quot;&gt;&lt;script&gt;' in out  # in the span text and in the title attribute
+    assert 'title="#0 &#x27;&quot;&gt;' in out
+
+
+def test_axis_labels_escape_tokens(native: Trace) -> None:
+    fig = figures.token_expert_heatmap(native, 0)
+    assert not any("<script" in t for t in fig.layout.xaxis.ticktext)
+
+
+def test_text_marks_dropped_tokens(capped: Trace) -> None:
+    out = figures.token_text_html(capped, 0)
+    lt = capped.layer(0)
+    per_token = lt.dropped.sum(dim=1)
+    assert out.count("line-through") == int((per_token == 2).sum())
+    assert out.count("underline dotted") == int((per_token == 1).sum())
+
+
+# ----------------------------------------------------------------------------- long prompts
+LONG_JSON_LIMIT = 600_000  # bytes per figure for 2,000 tokens x 64 experts x 16 layers
+
+
+def test_long_prompt_figures_are_binned_webgl_and_small() -> None:
+    long = synthetic_trace(2000, 64, 16)
+    other = synthetic_trace(2000, 64, 16, seed=1)
+    other.token_ids = list(long.token_ids)
+    figs = all_figures(long, other, 5)
+    sizes = {name: len(fig.to_json()) for name, fig in figs.items()}
+    assert all(size < LONG_JSON_LIMIT for size in sizes.values()), sizes
+    heat = figs["heatmap"]
+    assert "aggregated into 250 bins of 8" in heat.layout.title.text
+    assert heat.data[0].z.shape == (64, 250)
+    dropped = _trace_named(heat, "dropped")
+    assert int(sum(dropped.customdata)) == long.layer(5).dropped_count
+    assert isinstance(figs["mode_effect"].data[0], go.Scattergl)
+    assert figs["layer_load"].data[0].text is None
+    assert "bins of 8" in figs["diff"].layout.title.text
+    assert len(figures.token_text_html(long, 5)) < 2_000_000
