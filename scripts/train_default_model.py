@@ -82,6 +82,7 @@ class TrainSpec:
     seed: int = 0
     eval_windows: int = 24           # held-out windows of seq_len per domain
     log_every: int = 25
+    threads: int = 2                 # upper bound; see the probing in train_model
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "max_steps", "eval_windows", "log_every"):
@@ -105,7 +106,6 @@ class RunSpec:
     train: TrainSpec = field(default_factory=TrainSpec)
     tokenizer_chars_per_domain: int = 1_000_000
     quick: bool = False
-    threads: int = 2
     command: str = ""
 
 
@@ -250,6 +250,14 @@ def train_model(model, streams: dict[str, torch.Tensor], t: TrainSpec) -> dict:
     start = time.time()
     history: list[dict] = []
     ema_loss = ema_aux = None
+    # The machine is shared: when another job holds a core, a 2-thread (niced) process
+    # stalls at every OpenMP barrier waiting for its starved thread, and 1 thread is
+    # faster. So every probe_every steps we time a few steps at each thread count and
+    # keep the faster one until the next probe.
+    thread_choices = sorted({1, t.threads})
+    probe_len, probe_every = 3, 60
+    probe_times: dict[int, list[float]] = {n: [] for n in thread_choices}
+    threads = t.threads
     model.train()
     bar = tqdm(total=t.max_steps, desc="train", mininterval=5, dynamic_ncols=False, ncols=110)
     step = 0
@@ -263,6 +271,15 @@ def train_model(model, streams: dict[str, torch.Tensor], t: TrainSpec) -> dict:
         lr = lr_at(progress, step, t)
         for group in opt.param_groups:
             group["lr"] = lr
+        phase = step % probe_every
+        probing = len(thread_choices) > 1 and phase < probe_len * len(thread_choices)
+        if probing:
+            threads = thread_choices[phase // probe_len]
+        elif phase == probe_len * len(thread_choices) and len(thread_choices) > 1:
+            threads = min(thread_choices, key=lambda n: sorted(probe_times[n])[len(probe_times[n]) // 2])
+            probe_times = {n: [] for n in thread_choices}
+        torch.set_num_threads(threads)
+        step_start = time.time()
         batch = sample_batch(streams, domains, t.seq_len, t.batch_size, gen)  # (B, T)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(input_ids=batch, labels=batch, output_router_logits=True)
@@ -270,6 +287,8 @@ def train_model(model, streams: dict[str, torch.Tensor], t: TrainSpec) -> dict:
         out.loss.backward()  # loss = lm loss + router_aux_loss_coef * aux loss
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
+        if probing:
+            probe_times[threads].append(time.time() - step_start)
         step += 1
         aux = out.aux_loss.item()
         lm_loss = out.loss.item() - model.router_aux_loss_coef * aux
@@ -278,12 +297,12 @@ def train_model(model, streams: dict[str, torch.Tensor], t: TrainSpec) -> dict:
         tok_s = step * tokens_per_step / max(time.time() - start, 1e-9)
         bar.update(1)
         bar.set_postfix(loss=f"{ema_loss:.3f}", aux=f"{ema_aux:.3f}", lr=f"{lr:.1e}",
-                        tok_s=f"{tok_s:,.0f}")
+                        tok_s=f"{tok_s:,.0f}", thr=threads)
         if step % t.log_every == 0 or step == 1:
             history.append({"step": step, "loss": round(ema_loss, 4), "aux": round(ema_aux, 4),
                             "lr": lr, "elapsed_s": round(time.time() - start, 1)})
             print(f"\n[train] step {step} loss {ema_loss:.3f} aux {ema_aux:.3f} lr {lr:.2e} "
-                  f"tok/s {tok_s:,.0f} elapsed {time.time() - start:,.0f}s", flush=True)
+                  f"tok/s {tok_s:,.0f} threads {threads} elapsed {time.time() - start:,.0f}s", flush=True)
     bar.close()
     wall = time.time() - start
     model.eval()
@@ -427,14 +446,14 @@ def parse_args(argv: list[str] | None) -> tuple[RunSpec, bool]:
     if args.threads is not None:
         if args.threads <= 0:
             raise ValueError(f"--threads must be positive, got {args.threads}")
-        spec.threads = args.threads
+        spec.train = replace(spec.train, threads=args.threads)
     return spec, args.eval_only
 
 
 def run(spec: RunSpec, eval_only: bool = False) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.set_num_threads(spec.threads)
+    torch.set_num_threads(spec.train.threads)
     random.seed(spec.train.seed)
     np.random.seed(spec.train.seed)
     torch.manual_seed(spec.train.seed)
