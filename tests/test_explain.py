@@ -1,0 +1,170 @@
+"""Teaching sentences cite the right numbers for hand-built traces."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moe_viz import explain
+from moe_viz.trace import LayerTrace, OutputTrace, Trace
+
+
+def make_layer(index: list[list[int]], num_experts: int, dropped: list[list[bool]] | None = None,
+               probs: torch.Tensor | None = None, layer: int = 0, capacity: list[int] | None = None) -> LayerTrace:  # fmt: skip
+    """A LayerTrace with the given sets; router probs 0.6 / 0.3 on the set, the rest spread evenly."""
+    idx = torch.tensor(index)  # (T, k)
+    T, k = idx.shape
+    if probs is None:
+        probs = torch.full((T, num_experts), (1 - 0.9) / max(num_experts - k, 1))
+        probs.scatter_(1, idx[:, :1], 0.6)
+        if k > 1:
+            probs.scatter_(1, idx[:, 1:2], 0.3)
+    drop = torch.zeros(T, k, dtype=torch.bool) if dropped is None else torch.tensor(dropped)
+    return LayerTrace(
+        layer=layer, num_experts=num_experts, top_k=k, router_logits=probs.log(), router_probs=probs,
+        native_index=idx, native_weights=probs.gather(1, idx), index=idx,
+        weights=probs.gather(1, idx).masked_fill(drop, 0.0), dropped=drop, capacity=capacity,
+    )  # fmt: skip
+
+
+def make_trace(layers: list[LayerTrace], vocab_probs: list[list[float]] | None = None, policy: str = "native",
+               tokens: list[str] | None = None, target: list[float] | None = None) -> Trace:  # fmt: skip
+    T = layers[0].num_tokens
+    vocab = torch.tensor(vocab_probs).log() if vocab_probs is not None else torch.full((T, 4), 0.25).log()
+    top = vocab.topk(min(3, vocab.shape[1]), dim=-1)
+    output = OutputTrace(
+        top_ids=top.indices, top_logprobs=top.values,
+        top_tokens=[[f"w{i}" for i in row] for row in top.indices.tolist()],
+        target_logprob=torch.tensor(target) if target is not None else torch.full((T,), float("nan")),
+        entropy=-(vocab.exp() * vocab).sum(-1), vocab_logprobs=vocab,
+    )  # fmt: skip
+    return Trace(
+        model_id="hand", architecture="hand", policy=policy, device="cpu", dtype="float32", prompt="",
+        token_ids=list(range(T)), tokens=tokens or [f"t{i}" for i in range(T)], step=[0] * T, layers=layers,
+        output=output,
+    )  # fmt: skip
+
+
+SKEWED = [[0, 1], [0, 2], [1, 0], [3, 0]]  # routed load [4, 2, 1, 1]; fair share 2
+
+
+def test_explain_load_cites_share_fair_share_and_counterfactual_drops() -> None:
+    text = explain.explain_load(make_trace([make_layer(SKEWED, 4)]), 0)
+    assert "Expert 0 took 50% of assignments in layer 0 (4 of 8)" in text
+    assert "2.0× its fair share of 2.0" in text
+    assert "at capacity factor 1.0 (C = 2 per expert) it would drop 2 of 4" in text
+
+
+def test_explain_load_under_capacity_cites_actual_drops() -> None:
+    lt = make_layer(SKEWED, 4, dropped=[[False, False], [False, False], [False, True], [False, True]], capacity=[2])
+    text = explain.explain_load(make_trace([lt], policy="capacity:1:position"), 0)
+    assert "with capacity 2 per expert it dropped 2 of its 4" in text
+    assert "the layer dropped 2 of 8 (25%)" in text
+
+
+def test_explain_load_counts_dead_experts() -> None:
+    text = explain.explain_load(make_trace([make_layer([[0, 1], [0, 1]], 4)]), 0)
+    assert "2 of 4 experts got no token at all" in text
+
+
+def test_explain_heatmap_cites_confident_token_and_fragile_margins() -> None:
+    probs = torch.tensor([[0.6, 0.3, 0.07, 0.03], [0.4, 0.3, 0.28, 0.02]])
+    lt = make_layer([[0, 1], [0, 1]], 4, probs=probs)
+    text = explain.explain_heatmap(make_trace([lt], tokens=["a", "b"]), 0)
+    assert "`a` (position 0), giving 0.60 to expert 0" in text
+    assert "1 of 2 tokens have a top-2 margin below 0.05" in text  # 0.3 - 0.28
+
+
+def test_explain_token_text_cites_first_choice_reuse() -> None:
+    text = explain.explain_token_text(make_trace([make_layer(SKEWED, 4)]), 0)
+    assert "Expert 0 is the most common first choice (2 of 4 tokens)" in text  # first choices 0, 0, 1, 3
+    assert "same first choice 33% of the time; random routing would give 25%" in text
+
+
+def test_explain_router_distribution_cites_chosen_experts_and_margin() -> None:
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    lt = make_layer([[1, 3]], 4, probs=probs, dropped=[[False, True]])
+    text = explain.explain_router_distribution(make_trace([lt], tokens=["x`y"]), 0, 0)
+    assert "`xˋy`" in text
+    assert "expert 1 (0.50), expert 3 (0.30), carrying 80%" in text
+    assert "first rejected expert is 2 (0.15), a margin of 0.15" in text
+    assert "dropped 1 of its 2 assignments (expert 3)" in text
+
+
+def test_explain_router_distribution_rejects_bad_position() -> None:
+    with pytest.raises(ValueError, match=r"position must be an integer with -4 <= position < 4; got 4"):
+        explain.explain_router_distribution(make_trace([make_layer(SKEWED, 4)]), 0, 4)
+
+
+def test_explain_predictions_cites_top_token_and_actual_next_token() -> None:
+    lt = make_layer([[0, 1], [1, 2]], 4)
+    trace = make_trace([lt], vocab_probs=[[0.7, 0.2, 0.1], [0.5, 0.25, 0.25]], tokens=["the", " cat"],
+                       target=[math.log(0.2), float("nan")])  # fmt: skip
+    text = explain.explain_predictions(trace, 0)
+    assert "After `the` (position 0) the model predicts `w0` with 70%, then `w1` 20%, `w2` 10%" in text
+    assert "The actual next token `␣cat` got 20%" in text
+    assert "actual" not in explain.explain_predictions(trace, -1)
+
+
+def test_explain_coactivation_cites_pair_and_baseline() -> None:
+    text = explain.explain_coactivation(make_trace([make_layer([[0, 1], [0, 2], [1, 0], [2, 3]], 4)]), 0)
+    assert "when expert 1 is chosen, expert 0 is chosen too 100% of the time (2 of 2 tokens)" in text
+    assert "3.0× the 33% expected" in text
+
+
+def test_explain_reuse_cites_rates_and_baselines() -> None:
+    text = explain.explain_reuse(make_trace([make_layer([[0, 1], [0, 2], [1, 0], [2, 3]], 4)]), 0)
+    assert "same first-choice expert 33% of the time (random: 25%)" in text
+    assert "67% of the time (random: 83%)" in text
+    assert "0.67 experts on average (random: 1.00), over 3 pairs" in text
+
+
+def test_explain_balance_table_cites_cv_range_and_aux_loss() -> None:
+    balanced = make_layer([[0, 1], [2, 3]], 4, layer=0)
+    skewed = make_layer(SKEWED, 4, layer=1)
+    text = explain.explain_balance_table(make_trace([balanced, skewed]))
+    assert "from 0.00 (layer 0) to 0.61 (layer 1)" in text
+    assert "2.0× the mean load (MaxVio 1.00)" in text
+    assert "(optimum 2)" in text and "(optimum 1)" in text
+
+
+def test_explain_capacity_of_a_capacity_run_cites_drops() -> None:
+    lt = make_layer(SKEWED, 4, dropped=[[False, False], [False, False], [True, True], [False, True]], capacity=[2])
+    text = explain.explain_capacity(make_trace([lt], policy="capacity:1:position"))
+    assert "= 2 assignments per layer (T = 4, k = 2, E = 4)" in text
+    assert "3 of 8 assignments were dropped over all layers (38%)" in text
+    assert "1 token-layers lost every expert" in text and "1 lost some" in text
+
+
+def test_explain_capacity_of_a_dropless_run_is_counterfactual() -> None:
+    text = explain.explain_capacity(make_trace([make_layer(SKEWED, 4)]))
+    assert "dropless" in text and "layer 0 would drop 2 of 8 assignments (25%)" in text
+
+
+def test_explain_mode_effect_cites_flips_kl_and_delta() -> None:
+    lt = make_layer([[0, 1], [1, 2]], 4)
+    ref = make_trace([lt], vocab_probs=[[0.5, 0.5], [0.6, 0.4]], target=[math.log(0.5), float("nan")])
+    oth = make_trace([lt], vocab_probs=[[0.9, 0.1], [0.2, 0.8]], target=[math.log(0.1), float("nan")],
+                     policy="top-k:1")  # fmt: skip
+    text = explain.explain_mode_effect(ref, oth)
+    kl1 = 0.6 * math.log(3) + 0.4 * math.log(0.5)
+    kl0 = 0.5 * math.log(25 / 9)
+    assert "at 1 of 2 positions (50%)" in text
+    assert f"mean KL divergence is {(kl0 + kl1) / 2:.3f} nats" in text
+    assert f"largest after `t0` (position 0, {kl0:.3f})" in text
+    assert f"changes by {math.log(0.2):+.3g}" in text and "less likely" in text
+
+
+def test_every_explanation_handles_an_ensemble_trace() -> None:
+    lt = make_layer([[0, 1, 2, 3]] * 3, 4, probs=torch.tensor([[0.4, 0.3, 0.2, 0.1]] * 3))
+    trace = make_trace([lt], policy="ensemble:gate")
+    texts = [
+        explain.explain_load(trace, 0), explain.explain_heatmap(trace, 0), explain.explain_token_text(trace, 0),
+        explain.explain_router_distribution(trace, 0, 1), explain.explain_predictions(trace),
+        explain.explain_coactivation(trace, 0), explain.explain_reuse(trace, 0),
+        explain.explain_balance_table(trace), explain.explain_capacity(trace), explain.explain_mode_effect(trace, trace),
+    ]  # fmt: skip
+    assert all(isinstance(t, str) and t for t in texts)
+    assert "ensemble mode every expert processes every token" in texts[0]
