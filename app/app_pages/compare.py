@@ -1,0 +1,143 @@
+"""Compare modes: two or three policies side by side on the same prompt, against native routing."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import streamlit as st
+
+from moe_viz import Policy, Trace, explain, figures, metrics, parse_policy, policy_spec
+
+from app.resources import config, get_generation, get_trace, has_generation
+from app.ui import downloads, prompt_form, require_model, shows_errors, start_figures
+
+POLICY_HELP = "`native`, `top-k:K`, `capacity:FACTOR[:position|probs][:k=K]`, `ensemble:gate` or `ensemble:uniform`."
+
+st.title("Compare modes")
+ctx = require_model()
+model, layer = ctx.model, ctx.layer
+assert model is not None and layer is not None
+prompt = prompt_form("compare")
+start_figures()
+
+defaults = [f"top-k:{model.top_k}", "capacity:1.0", "ensemble:gate"]
+with st.form("compare_policies"):
+    st.markdown(f"Policies to compare with the model's own routing (leave the third empty for two). {POLICY_HELP}")
+    cols = st.columns(3)
+    specs = [
+        cols[i].text_input(f"Policy {i + 1}", value=defaults[i], key=f"compare_policy_{i}") for i in range(3)
+    ]
+    st.form_submit_button("Compare", type="primary")
+
+policies: list[tuple[str, Policy | None]] = []
+errors = []
+for i, spec in enumerate(specs):
+    if not spec.strip():
+        continue
+    try:
+        policy = parse_policy(spec)
+        get_trace(model, prompt, policy)  # runs once here; also checks k against the model
+    except ValueError as err:
+        errors.append(f"Policy {i + 1} ({spec!r}): {err}")
+        continue
+    policies.append((policy_spec(policy), policy))
+for message in errors:
+    st.error(message)
+if not policies:
+    st.warning("Enter at least one valid policy to compare.")
+    st.stop()
+
+with shows_errors():
+    native = get_trace(model, prompt, None)
+traces: list[Trace] = [get_trace(model, prompt, policy) for _, policy in policies]
+
+st.subheader("Summary")
+cols = st.columns(len(traces))
+effects: list[metrics.ModeEffect | None] = []
+effect_error = None
+for col, trace in zip(cols, traces):
+    try:
+        effect = metrics.mode_effect(native, trace)
+    except ValueError as err:
+        effect, effect_error = None, str(err)
+    effects.append(effect)
+    with col:
+        st.markdown(f"#### `{trace.policy}`")
+        dropped = sum(item.dropped_count for item in trace.layers)
+        st.metric("Dropped assignments (all layers)", dropped)
+        st.metric(f"Dropped in layer {layer}", trace.layer(layer).dropped_count)
+        if effect is not None:
+            st.metric("Top-1 flips vs native", f"{effect.flip_rate:.0%}", help="Positions whose most likely next token changed.")
+            st.metric("Mean KL(native ‖ mode)", f"{effect.mean_kl:.3g} nats")
+            delta = effect.mean_delta_logprob
+            st.metric("Δ log p(actual next token)", "n/a" if math.isnan(delta) else f"{delta:+.3f}")
+if effect_error:
+    st.warning(f"Prediction changes are not available: {effect_error}")
+
+st.subheader(f"Routing differences from native, layer {layer}")
+cols = st.columns(len(traces))
+for i, (col, trace) in enumerate(zip(cols, traces)):
+    with col:
+        diff = metrics.routing_diff(native, trace, layer)
+        fig = figures.routing_diff_heatmap(native, trace, layer)
+        st.session_state["_page_figures"][f"Routing diff, {trace.policy}, layer {layer}"] = fig
+        st.plotly_chart(fig, key=f"compare_diff_{i}", width="stretch")
+        st.markdown(
+            f"Under `{trace.policy}`, **{diff.num_changed} of {trace.num_tokens}** tokens are processed by a "
+            f"different set of experts than under native routing in layer {layer}; "
+            f"{int(diff.other_dropped.sum())} assignments are dropped."
+        )
+
+st.subheader("Effect on the next-token predictions")
+cols = st.columns(len(traces))
+for i, (col, trace, effect) in enumerate(zip(cols, traces, effects)):
+    with col:
+        if effect is None:
+            st.info("Not available for this run.")
+            continue
+        fig = figures.mode_effect_figure(native, trace)
+        st.session_state["_page_figures"][f"Mode effect, {trace.policy}"] = fig
+        st.plotly_chart(fig, key=f"compare_effect_{i}", width="stretch")
+        st.markdown(explain.explain_mode_effect(native, trace))
+
+st.subheader("Next token after the prompt")
+cols = st.columns(len(traces) + 1)
+for col, trace in zip(cols, [native, *traces]):
+    with col:
+        st.markdown(f"`{trace.policy}`")
+        st.dataframe(
+            pd.DataFrame(trace.predictions(-1, 5), columns=["token", "probability"]).style.format({"probability": "{:.1%}"}),
+            hide_index=True,
+            width="stretch",
+        )
+
+st.subheader("Generated text")
+cfg = config()
+with st.form("compare_generate"):
+    new_tokens = st.slider("New tokens", 1, cfg.max_new_tokens, min(24, cfg.max_new_tokens), key="compare_new_tokens")
+    generate_now = st.form_submit_button("Generate under each policy")
+runs = [("native", None), *policies]
+if generate_now or all(has_generation(model, prompt, p, new_tokens) for _, p in runs):
+    cols = st.columns(len(runs))
+    for col, (spec, policy) in zip(cols, runs):
+        with col:
+            st.markdown(f"`{spec}` (greedy)")
+            bar = st.progress(0.0, text=f"Generating under {spec} …")
+            with shows_errors():
+                result = get_generation(
+                    model,
+                    prompt,
+                    policy,
+                    new_tokens,
+                    progress=lambda done, total, bar=bar, spec=spec: bar.progress(done / total, text=f"{spec}: {done}/{total} tokens"),
+                )
+            bar.progress(1.0, text=f"{len(result.new_token_ids)} new tokens")
+            st.code(prompt + result.text, language=None, wrap_lines=True)
+else:
+    st.caption("Press **Generate** to decode greedily under native routing and each policy (the progress is shown).")
+
+st.subheader("Download")
+names = [trace.policy for trace in traces]
+chosen = st.selectbox("Trace to download", names, key="compare_download_choice")
+downloads(traces[names.index(chosen)], "compare")

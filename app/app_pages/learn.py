@@ -1,0 +1,121 @@
+"""Learn: from "what is a router" to "why capacity drops tokens", on the live model and your prompt."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from moe_viz import Capacity, Ensemble, TopK, explain, figures, metrics
+
+from app.resources import Keys, get_trace
+from app.ui import chart, prompt_form, require_model, shows_errors, start_figures
+
+st.title("Learn: how a Mixture-of-Experts layer routes tokens")
+ctx = require_model()
+model, layer = ctx.model, ctx.layer
+assert model is not None and layer is not None
+E, k = model.num_experts, model.top_k
+st.markdown(
+    f"This model has **{len(model.moe_layers)} MoE layers** with **{E} experts** each and sends every token to "
+    f"**{k}** of them. Everything below is computed live on your prompt, in **layer {layer}** (change it in the "
+    "sidebar). The sidebar's mode does not apply here: each step picks the routing it explains."
+)
+prompt = prompt_form("learn")
+start_figures()
+
+with shows_errors():
+    native = get_trace(model, prompt, None)
+lt = native.layer(layer)
+T = native.num_tokens
+if st.session_state.get(Keys.POSITION) not in range(T):
+    st.session_state[Keys.POSITION] = T - 1
+position = st.selectbox(
+    "Token to follow", list(range(T)), key=Keys.POSITION, format_func=lambda i: f"{i}: {native.tokens[i]!r}"
+)
+
+st.header("1 · A router scores the experts")
+st.markdown(
+    "Each MoE layer starts with a **router**: a small linear layer that gives every expert a score (a logit) for the "
+    "current token. A softmax turns the scores into probabilities."
+)
+chart(
+    figures.router_distribution(native, layer, position),
+    explain.explain_router_distribution(native, layer, position),
+    "learn_router",
+    "Router distribution",
+)
+
+st.header("2 · The output is a gate-weighted sum of experts")
+chosen = lt.index[position].tolist()
+weights = lt.weights[position].tolist()
+terms = " + ".join(f"{w:.3f} \\cdot E_{{{e}}}(x)" for e, w in zip(chosen, weights))
+st.markdown(
+    f"The token {native.tokens[position]!r} is processed only by its top-{k} experts, and their outputs are added up, "
+    "each multiplied by its **gate weight**:"
+)
+st.latex(f"y = {terms}")
+st.markdown(
+    f"The weights add up to **{sum(weights):.3f}**. The other {E - len(chosen)} experts do no work for this token: "
+    "that is what makes the layer *sparse* and cheap."
+)
+
+st.header("3 · Sparse top-k: how many experts per token?")
+ks = sorted({1, k, E})
+rows = []
+for kk in ks:
+    with shows_errors():
+        trace = get_trace(model, prompt, TopK(kk))
+    try:
+        effect = metrics.mode_effect(native, trace)
+        flip, kl = f"{effect.flip_rate:.0%}", f"{effect.mean_kl:.3g}"
+    except ValueError:
+        flip, kl = "n/a", "n/a"
+    rows.append(
+        {"k": kk, "experts run per token": kk, "share of expert compute": f"{kk / E:.0%}", "top-1 flips vs native": flip, "mean KL (nats)": kl}
+    )
+st.table(pd.DataFrame(rows).set_index("k"))
+st.markdown(
+    f"The model was trained with k = {k}. Fewer experts (k = 1) is cheaper but changes the predictions; running all "
+    f"{E} costs {E / k:.0f}× the expert compute of k = {k}. The flips and KL above are measured on your prompt."
+)
+
+st.header("4 · Load balancing: keep every expert busy")
+chart(figures.expert_load_bars(native, layer), explain.explain_load(native, layer), "learn_load", "Expert load")
+b = metrics.balance(lt)
+st.markdown(
+    f"During training an **auxiliary loss** pushes the router towards equal loads. Here it is "
+    f"**{b.aux_loss_hf:.3f}** (transformers' convention, perfect balance = {k}); normalised **{b.aux_loss_norm:.3f}** "
+    "(perfect = 1)."
+)
+
+st.header("5 · Why capacity drops tokens")
+factor = st.slider(
+    "Capacity factor", 0.25, 2.0, 1.0, step=0.25, key="learn_factor", help="C = ceil(factor × T × k / E)"
+)
+with shows_errors():
+    capped = get_trace(model, prompt, Capacity(factor))
+chart(figures.expert_load_bars(capped, layer), explain.explain_capacity(capped), "learn_capacity", f"Expert load at capacity {factor:g}")
+clt = capped.layer(layer)
+st.markdown(
+    f"With a fixed buffer of **C = {clt.capacity[0] if clt.capacity else '—'}** slots per expert, the busy experts "
+    f"overflow: **{clt.dropped_count}** assignments are dropped in layer {layer} "
+    f"({sum(item.dropped_count for item in capped.layers)} over all layers). A dropped token skips that expert and "
+    "only the residual connection carries it forward."
+)
+
+st.header("6 · Ensemble: let every expert vote")
+with shows_errors():
+    ensemble = get_trace(model, prompt, Ensemble("gate"))
+try:
+    chart(
+        figures.mode_effect_figure(native, ensemble),
+        explain.explain_mode_effect(native, ensemble),
+        "learn_ensemble",
+        "Ensemble vs native",
+    )
+except ValueError as err:
+    st.warning(str(err))
+st.markdown(
+    f"Running all {E} experts weighted by the full router distribution is the dense limit of the same layer: it costs "
+    f"{E / k:.0f}× the expert compute, and the model was never trained that way, so it is not automatically better."
+)

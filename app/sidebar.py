@@ -1,0 +1,177 @@
+"""The shared sidebar: model picker, routing mode and its parameters, layer picker.
+
+``render_sidebar`` draws it and returns a ``PageContext`` that every page reads through
+``page_context()``; the pages never rebuild the policy themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import streamlit as st
+
+from moe_viz import MoEModel, Policy
+
+from app.resources import (
+    MODES,
+    PRIORITIES,
+    WEIGHTINGS,
+    Keys,
+    active_model_id,
+    config,
+    get_model,
+    policy_from_state,
+)
+
+CONTEXT_KEY = "_page_context"
+
+MODE_HELP = {
+    "top-k": "Each token goes to its k highest-scoring experts; their outputs are mixed with the gate weights.",
+    "capacity": "Top-k, but each expert takes at most C = ceil(factor × T × k / E) assignments; the rest are "
+    "dropped (the token rides the residual path).",
+    "ensemble": "Every expert runs for every token, weighted by the full router distribution (gate) or equally "
+    "(uniform).",
+}
+
+
+@dataclass
+class PageContext:
+    """What the sidebar decided for this run."""
+
+    model: MoEModel | None
+    policy: Policy | None
+    layer: int | None
+    model_error: str | None = None
+    policy_error: str | None = None
+
+
+def _model_section() -> MoEModel | None:
+    cfg = config()
+    st.subheader("Model")
+    if cfg.allow_custom_models:
+        source = st.radio(
+            "Model source",
+            ["default", "custom"],
+            format_func=lambda s: "Default model" if s == "default" else "Hub id or local folder",
+            key=Keys.MODEL_SOURCE,
+            horizontal=True,
+            label_visibility="collapsed",
+        )
+        if source == "custom":
+            with st.form("custom_model_form", border=False):
+                name = st.text_input(
+                    "Hub id or local folder",
+                    key=Keys.CUSTOM_MODEL,
+                    placeholder="e.g. allenai/OLMoE-1B-7B-0924 or /models/my-moe",
+                )
+                submitted = st.form_submit_button("Load model")
+            if submitted:
+                name = (name or "").strip()
+                try:
+                    if not name:
+                        raise ValueError("model must be a hub id or a local folder; the box is empty")
+                    get_model(name)
+                except ValueError as err:
+                    st.session_state[Keys.MODEL_ERROR] = str(err)
+                else:
+                    st.session_state[Keys.ACTIVE_MODEL] = name
+                    st.session_state[Keys.MODEL_ERROR] = None
+        elif st.session_state.get(Keys.ACTIVE_MODEL) not in (None, cfg.default_model):
+            st.session_state[Keys.ACTIVE_MODEL] = cfg.default_model
+            st.session_state[Keys.MODEL_ERROR] = None
+    if st.session_state.get(Keys.MODEL_ERROR):
+        st.error(st.session_state[Keys.MODEL_ERROR])
+    name = active_model_id()
+    try:
+        model = get_model(name)
+    except ValueError as err:
+        st.error(str(err))
+        return None
+    label = name if len(name) <= 40 else "…" + name[-39:]
+    st.caption(
+        f"**{label}** · {model.architecture} · {model.num_experts} experts, top-{model.top_k} · "
+        f"{len(model.moe_layers)} MoE of {model.num_layers} layers · device **{model.device}** ({str(model.dtype).replace('torch.', '')})"
+    )
+    if model.capture_only:
+        st.warning("This model's routers can only be recorded, not re-routed: the modes show its native routing.")
+    return model
+
+
+def _clamp(key: str, low: float, high: float, default: float) -> None:
+    """Keep a widget's stored value inside its current range (the model may have changed)."""
+    value = st.session_state.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        st.session_state[key] = default
+
+
+def _mode_section(model: MoEModel) -> None:
+    st.subheader("Routing mode")
+    E = model.num_experts
+    mode = st.radio("Mode", MODES, key=Keys.MODE, horizontal=True, help="How tokens are sent to experts.")
+    st.caption(MODE_HELP[mode])
+    if mode in ("top-k", "capacity"):
+        _clamp(Keys.K, 1, E, model.top_k)
+        if E > 1:
+            st.slider(f"k (experts per token; the model uses {model.top_k})", 1, E, step=1, key=Keys.K)
+        else:
+            st.session_state[Keys.K] = 1
+    if mode == "capacity":
+        _clamp(Keys.FACTOR, 0.1, 4.0, 1.0)
+        st.slider(
+            "Capacity factor",
+            0.1,
+            4.0,
+            step=0.05,
+            key=Keys.FACTOR,
+            help="C = ceil(factor × T × k / E) assignments per expert over the T tokens of the prompt.",
+        )
+        st.radio(
+            "Who keeps a slot when an expert is full",
+            PRIORITIES,
+            key=Keys.PRIORITY,
+            horizontal=True,
+            format_func=lambda p: "token position" if p == "position" else "router probability",
+        )
+    if mode == "ensemble":
+        st.radio(
+            "Expert weights",
+            WEIGHTINGS,
+            key=Keys.WEIGHTING,
+            horizontal=True,
+            format_func=lambda w: "gate (router softmax)" if w == "gate" else "uniform (1/E)",
+        )
+
+
+def _layer_section(model: MoEModel) -> int:
+    layers = model.moe_layers
+    if st.session_state.get(Keys.LAYER) not in layers:
+        st.session_state[Keys.LAYER] = layers[0]
+    return int(st.selectbox("Layer", layers, key=Keys.LAYER, format_func=lambda i: f"layer {i}"))
+
+
+def render_sidebar() -> PageContext:
+    """Draw the sidebar and remember what it decided for the page of this run."""
+    with st.sidebar:
+        model = _model_section()
+        if model is None:
+            ctx = PageContext(model=None, policy=None, layer=None, model_error="The model could not be loaded.")
+        else:
+            _mode_section(model)
+            layer = _layer_section(model)
+            try:
+                policy = policy_from_state(model)
+                error = None
+            except ValueError as err:
+                policy, error = None, str(err)
+                st.error(error)
+            ctx = PageContext(model=model, policy=policy, layer=layer, policy_error=error)
+    st.session_state[CONTEXT_KEY] = ctx
+    return ctx
+
+
+def page_context() -> PageContext:
+    """The sidebar's decisions for this run (the entry point draws the sidebar before the page)."""
+    ctx = st.session_state.get(CONTEXT_KEY)
+    if ctx is None:  # a page run on its own (e.g. in a test): draw the sidebar now
+        ctx = render_sidebar()
+    return ctx

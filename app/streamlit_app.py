@@ -1,0 +1,33 @@
+"""moe-viz explorer: ``streamlit run app/streamlit_app.py``.
+
+Page config, the shared sidebar (model, routing mode, layer) and ``st.navigation`` over the pages
+in ``app/app_pages/``. All numbers come from ``moe_viz``; this app only shows them.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st  # noqa: E402
+
+st.set_page_config(page_title="moe-viz: Mixture-of-Experts routing", page_icon=":material/compare_arrows:", layout="wide")
+
+from app.sidebar import render_sidebar  # noqa: E402
+
+PAGES = Path(__file__).resolve().parent / "app_pages"
+
+navigation = st.navigation(
+    [
+        st.Page(PAGES / "explore.py", title="Explore", icon=":material/search:", default=True),
+        st.Page(PAGES / "load_balance.py", title="Load balance", icon=":material/balance:"),
+        st.Page(PAGES / "compare.py", title="Compare modes", icon=":material/compare_arrows:"),
+        st.Page(PAGES / "learn.py", title="Learn", icon=":material/school:"),
+    ]
+)
+render_sidebar()
+navigation.run()

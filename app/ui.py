@@ -1,0 +1,161 @@
+"""Page building blocks: prompt form, chart + explanation, downloads, error display.
+
+No model maths here: numbers come from ``moe_viz`` (traces, metrics, explanations), this module
+only lays them out.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from moe_viz import Trace
+
+from app.resources import Keys, config, current_prompt
+from app.sidebar import PageContext, page_context
+
+FIGURES_KEY = "_page_figures"  # figures drawn by the current page run, for the HTML download
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower() or "trace"
+
+
+def prompt_form(page: str, label: str = "Prompt") -> str:
+    """The shared prompt in a form: typing does not rerun anything until **Run** is pressed."""
+    cfg = config()
+    with st.form(f"prompt_form_{page}"):
+        text = st.text_area(
+            label,
+            value=current_prompt(),
+            max_chars=cfg.max_prompt_chars,
+            key=f"prompt_input_{page}",
+            height=100,
+            help=f"Up to {cfg.max_prompt_tokens} tokens. The same prompt is used on every page.",
+        )
+        submitted = st.form_submit_button("Run", type="primary")
+    if submitted:
+        st.session_state[Keys.PROMPT] = text
+    return current_prompt()
+
+
+@contextmanager
+def shows_errors() -> Iterator[None]:
+    """Turn the library's ValueErrors into an ``st.error`` and stop the page (not the session)."""
+    try:
+        yield
+    except ValueError as err:
+        st.error(str(err))
+        st.stop()
+
+
+def require_model() -> PageContext:
+    """The sidebar's context; stops the page with an error when no model or policy is usable."""
+    ctx = page_context()
+    if ctx.model is None:
+        st.error(ctx.model_error or "No model is loaded; pick one in the sidebar.")
+        st.stop()
+    return ctx
+
+
+def require_policy(ctx: PageContext) -> None:
+    if ctx.policy_error:
+        st.error(ctx.policy_error)
+        st.stop()
+
+
+def start_figures() -> None:
+    st.session_state[FIGURES_KEY] = {}
+
+
+def chart(fig: go.Figure, explanation: str, key: str, title: str | None = None, ratio: tuple[int, int] = (3, 2)) -> None:
+    """A plotly figure with its explanation beside it; remembered for the page's HTML download."""
+    st.session_state.setdefault(FIGURES_KEY, {})[title or key] = fig
+    left, right = st.columns(list(ratio), vertical_alignment="center")
+    with left:
+        st.plotly_chart(fig, key=key, width="stretch", config={"displaylogo": False})
+    with right:
+        st.markdown(explanation)
+
+
+def figures_html(figures: dict[str, go.Figure], title: str) -> str:
+    """One standalone HTML file with every figure; plotly.js is embedded once, so it works offline."""
+    parts = []
+    for i, (name, fig) in enumerate(figures.items()):
+        div = fig.to_html(full_html=False, include_plotlyjs=(i == 0), default_width="100%")
+        parts.append(f"<section><h2>{html.escape(name)}</h2>{div}</section>")
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title>"
+        "<style>body{font-family:sans-serif;margin:2em;}section{margin-bottom:2em;}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>"
+    )
+
+
+def _parquet_bytes(trace: Trace) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.parquet"
+        trace.to_parquet(path)
+        return path.read_bytes()
+
+
+def _csv_zip(trace: Trace) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, frame in trace.to_frames().items():
+            archive.writestr(f"{name}.csv", frame.to_csv(index=False))
+    return buffer.getvalue()
+
+
+def downloads(trace: Trace, page: str) -> None:
+    """Download buttons for the trace (JSON, Parquet, CSV) and the page's figures (HTML).
+
+    The files are built only when a button is pressed (deferred callables), so the page does not
+    pay for them on every rerun.
+    """
+    figures = dict(st.session_state.get(FIGURES_KEY, {}))
+    name = f"moe-viz-{slug(trace.policy)}"
+    st.markdown("**Download**")
+    cols = st.columns(4)
+    cols[0].download_button(
+        "Trace (JSON)",
+        data=lambda: trace.to_json(),
+        file_name=f"{name}.json",
+        mime="application/json",
+        key=f"dl_json_{page}",
+        on_click="ignore",
+    )
+    cols[1].download_button(
+        "Trace (Parquet)",
+        data=lambda: _parquet_bytes(trace),
+        file_name=f"{name}.parquet",
+        mime="application/vnd.apache.parquet",
+        key=f"dl_parquet_{page}",
+        on_click="ignore",
+    )
+    cols[2].download_button(
+        "Trace (CSV, zip)",
+        data=lambda: _csv_zip(trace),
+        file_name=f"{name}-csv.zip",
+        mime="application/zip",
+        key=f"dl_csv_{page}",
+        on_click="ignore",
+    )
+    cols[3].download_button(
+        "Figures (HTML)",
+        data=lambda: figures_html(figures, f"moe-viz · {page} · {trace.policy}"),
+        file_name=f"moe-viz-{page}-figures.html",
+        mime="text/html",
+        key=f"dl_html_{page}",
+        on_click="ignore",
+        disabled=not figures,
+        help="All charts of this page in one file that opens offline (plotly.js embedded).",
+    )
