@@ -10,18 +10,22 @@ Load a model, run a prompt under a routing policy, get a trace::
 
 from .adapters import RouterSite, RouterSpec
 from .models import DEFAULT_MODEL, MoEModel, load_model, wrap_model
-from .patching import routing
+from .patching import TimeBudgetExceeded, routing
 from .policies import Capacity, Ensemble, Policy, TopK, parse_policy, policy_spec
 from .routing import Routing, route
+from .serving import Busy, ComputeGate, Limits
 from .runner import Generation, Sampling, generate, run_prompt
 from .trace import LayerTrace, OutputTrace, Trace
 
 __all__ = [
+    "Busy",
     "Capacity",
+    "ComputeGate",
     "DEFAULT_MODEL",
     "Ensemble",
     "Generation",
     "LayerTrace",
+    "Limits",
     "MoEModel",
     "OutputTrace",
     "Policy",
@@ -29,6 +33,7 @@ __all__ = [
     "RouterSpec",
     "Routing",
     "Sampling",
+    "TimeBudgetExceeded",
     "TopK",
     "Trace",
     "generate",

@@ -13,6 +13,7 @@ gets weight 0: a sentinel index breaks the ``grouped_mm`` and ``batched_mm`` exp
 from __future__ import annotations
 
 import contextvars
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,20 +56,33 @@ class Recorder:
         self.forwards[-1].append(call)
 
 
+class TimeBudgetExceeded(RuntimeError):
+    """A call ran past its time budget; raised between MoE layers so the forward stops early."""
+
+
 @dataclass(frozen=True)
 class _Active:
     policy: Policy | None
     recorder: Recorder | None
+    deadline: float | None = None  # time.monotonic() value
+    budget_s: float | None = None
 
 
 _ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("moe_viz_routing", default=None)
 
 
 @contextmanager
-def routing(policy: Policy | None = None, record: bool = True) -> Iterator[Recorder | None]:
-    """Run the model calls inside the block under ``policy``; yields the recorder (or None)."""
+def routing(
+    policy: Policy | None = None, record: bool = True, time_budget_s: float | None = None
+) -> Iterator[Recorder | None]:
+    """Run the model calls inside the block under ``policy``; yields the recorder (or None).
+
+    With ``time_budget_s``, a forward still running when the budget is spent raises
+    ``TimeBudgetExceeded`` at its next MoE layer.
+    """
     recorder = Recorder() if record else None
-    token = _ACTIVE.set(_Active(policy, recorder))
+    deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
+    token = _ACTIVE.set(_Active(policy, recorder, deadline, time_budget_s))
     try:
         yield recorder
     finally:
@@ -86,6 +100,13 @@ def _read_output(spec: RouterSpec, output: Any) -> tuple[torch.Tensor, torch.Ten
     return output[0], output[1], output[2]
 
 
+def check_deadline() -> None:
+    """Raise ``TimeBudgetExceeded`` if the current call's time budget is spent."""
+    active = _ACTIVE.get()
+    if active is not None and active.deadline is not None and time.monotonic() > active.deadline:
+        raise TimeBudgetExceeded(f"the request ran past its time budget of {active.budget_s:g} s and was stopped")
+
+
 class _Hook:
     """The forward hook of one router. Reads the call's policy; never writes to the model."""
 
@@ -96,6 +117,7 @@ class _Hook:
         active = _ACTIVE.get()
         if active is None:
             return None
+        check_deadline()
         spec = self.site.spec
         logits, native_w, native_idx = _read_output(spec, output)
         policy = active.policy

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .models import MoEModel
-from .patching import LayerCall, Recorder, routing
+from .patching import LayerCall, Recorder, check_deadline, routing
 from .policies import Capacity, Policy, policy_spec
 from .routing import router_scores
 from .trace import LayerTrace, OutputTrace, Trace
@@ -186,13 +186,22 @@ def _make_trace(
     return trace
 
 
-def run_prompt(model: MoEModel, prompt: str, policy: Policy | None = None, max_tokens: int | None = None) -> Trace:
-    """One forward over ``prompt`` under ``policy`` (None: the model's own routing), traced."""
+def run_prompt(
+    model: MoEModel,
+    prompt: str,
+    policy: Policy | None = None,
+    max_tokens: int | None = None,
+    time_budget_s: float | None = None,
+) -> Trace:
+    """One forward over ``prompt`` under ``policy`` (None: the model's own routing), traced.
+
+    Raises ValueError for bad input and ``TimeBudgetExceeded`` past ``time_budget_s``.
+    """
     model.instrumentation.check(policy)
     t0 = time.perf_counter()
     input_ids = encode(model, prompt, max_tokens)  # (1, T)
     t1 = time.perf_counter()
-    with torch.inference_mode(), routing(policy) as recorder:
+    with torch.inference_mode(), routing(policy, time_budget_s=time_budget_s) as recorder:
         assert recorder is not None
         recorder.start_forward()
         logits = model.model(input_ids=input_ids, use_cache=False).logits[0]  # (T, V)
@@ -223,10 +232,12 @@ def generate(
     sampling: Sampling | None = None,
     max_tokens: int | None = None,
     progress: Any = None,
+    time_budget_s: float | None = None,
 ) -> Generation:
     """Decode up to ``max_new_tokens`` after ``prompt`` under ``policy``; stops at EOS.
 
-    ``progress(done, total)`` is called after each new token. The trace covers the prompt
+    ``progress(done, total)`` is called after each new token. Past ``time_budget_s`` the
+    generation stops with ``TimeBudgetExceeded`` (checked between MoE layers). The trace covers the prompt
     (step 0) and every generated token that was fed back (step s for decode step s), so it has
     T_prompt + n_new - 1 positions; ``trace.generated_text`` holds the decoded new text.
     """
@@ -252,9 +263,10 @@ def generate(
     new_ids: list[int] = []
     cache = None
     t0 = time.perf_counter()
-    with torch.inference_mode(), routing(policy) as recorder:
+    with torch.inference_mode(), routing(policy, time_budget_s=time_budget_s) as recorder:
         assert recorder is not None
         for step in range(max_new_tokens):
+            check_deadline()
             feed = ids if (step == 0 or recompute) else ids[:, -1:]
             recorder.start_forward()
             out = model.model(input_ids=feed, past_key_values=cache, use_cache=not recompute)
