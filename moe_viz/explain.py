@@ -209,19 +209,18 @@ def explain_balance_table(trace: Trace) -> str:
     """The most imbalanced layer, the aux loss against its optimum, z-loss and drops."""
     if not trace.layers:
         return "This trace has no MoE layers."
-    stats = [metrics.balance(lt) for lt in trace.layers]
-    worst = max(stats, key=lambda b: b.cv)
-    best = min(stats, key=lambda b: b.cv)
     table = metrics.balance_table(trace)
-    all_row = table.iloc[-1]
+    rows, all_row = table.iloc[:-1], table.iloc[-1]
+    worst = rows.loc[rows["cv"].idxmax()]
+    best = rows.loc[rows["cv"].idxmin()]
     k = trace.layers[0].top_k
     text = (
-        f"Load CV ranges from {best.cv:.2f} (layer {best.layer}) to {worst.cv:.2f} (layer {worst.layer}); 0 would be "
-        f"perfectly balanced. In layer {worst.layer} the busiest expert gets {worst.max_vio + 1:.1f}× the mean load "
-        f"(MaxVio {worst.max_vio:.2f}) and routing behaves like {worst.effective_experts:.1f} equally used experts "
-        f"out of {worst.num_experts}. The load-balancing loss over all layers is {all_row['aux_loss_hf']:.3f} in the "
-        f"transformers convention (optimum {k}), {all_row['aux_loss_norm']:.3f} normalised (optimum 1); the mean "
-        f"router z-loss is {all_row['z_loss']:.2f}."
+        f"Load CV ranges from {best['cv']:.2f} (layer {best['layer']}) to {worst['cv']:.2f} (layer {worst['layer']}); "
+        f"0 would be perfectly balanced. In layer {worst['layer']} the busiest expert gets {worst['max_vio'] + 1:.1f}× "
+        f"the mean load (MaxVio {worst['max_vio']:.2f}) and routing behaves like {worst['effective_experts']:.1f} "
+        f"equally used experts out of {trace.layer(worst['layer']).num_experts}. The load-balancing loss over all "
+        f"layers is {all_row['aux_loss_hf']:.3f} in the transformers convention (optimum {k}), "
+        f"{all_row['aux_loss_norm']:.3f} normalised (optimum 1); the mean router z-loss is {all_row['z_loss']:.2f}."
     )
     dropped = int(all_row["dropped"])
     if _is_capacity(trace) or dropped:

@@ -100,6 +100,18 @@ def _bin_sum(x: torch.Tensor, size: int) -> torch.Tensor:
     return xs.reshape(n, size, *x.shape[1:]).sum(dim=1)
 
 
+VALIDATE = False  # plotly property validation: off for speed (about 2x); tests switch it on
+
+
+def _figure(data: object = None) -> go.Figure:
+    return go.Figure(data, _validate=VALIDATE)
+
+
+def _trace(cls: type, **kwargs: object) -> go.BaseTraceType:
+    """A plotly trace, validated only when ``VALIDATE`` is on."""
+    return cls(_validate=VALIDATE, **kwargs)
+
+
 def _check_position(trace: Trace, position: int) -> int:
     T = trace.num_tokens
     if isinstance(position, bool) or not isinstance(position, int) or not -T <= position < T:
@@ -152,8 +164,9 @@ def token_expert_heatmap(trace: Trace, layer: int) -> go.Figure:
     probs = _bin_mean(lt.router_probs, size)  # (B, E)
     nb = probs.shape[0]
     x = np.arange(nb) * size if size > 1 else np.arange(T)
-    fig = go.Figure(
-        go.Heatmap(
+    fig = _figure(
+        _trace(
+                go.Heatmap,
             z=_f32(probs.t()), x=x, y=np.arange(E), colorscale=SEQUENTIAL, zmin=0.0,
             colorbar={"title": {"text": "router p" if size == 1 else "mean p"}},
             hovertemplate=("position %{x}" if size == 1 else "bin from %{x}")
@@ -167,7 +180,8 @@ def token_expert_heatmap(trace: Trace, layer: int) -> go.Figure:
         if lt.index.shape[1] < E:  # ensemble: every expert is chosen, no markers needed
             n = int(kept.sum())
             fig.add_trace(
-                _scatter(n)(
+                _trace(
+                    _scatter(n),
                     x=pos[kept].numpy(), y=lt.index[kept].numpy(), mode="markers", name="chosen",
                     marker={"symbol": "circle", "size": 5, "color": KEPT_MARK_COLOR, "line": {"width": 1, "color": "#000000"}},
                     hovertemplate="position %{x}: expert %{y} chosen<extra></extra>",
@@ -183,7 +197,8 @@ def token_expert_heatmap(trace: Trace, layer: int) -> go.Figure:
         dropped_n = per_bin[where[:, 0], where[:, 1]].numpy()
     if lt.dropped_count:
         fig.add_trace(
-            _scatter(len(dropped_x))(
+            _trace(
+                    _scatter(len(dropped_x)),
                 x=dropped_x, y=dropped_y, mode="markers", name="dropped",
                 marker={"symbol": "x", "size": 8, "color": DROPPED_COLOR, "line": {"width": 1, "color": "#000000"}},
                 customdata=dropped_n,
@@ -206,8 +221,9 @@ def expert_load_bars(trace: Trace, layer: int) -> go.Figure:
     E = lt.num_experts
     colors = expert_colors(E)
     experts = list(range(E))
-    fig = go.Figure(
-        go.Bar(
+    fig = _figure(
+        _trace(
+                go.Bar,
             x=experts, y=b.load.numpy(), marker={"color": colors, "line": {"width": 0.5, "color": "#333333"}},
             name="kept", hovertemplate="expert %{x}: %{y} kept<extra></extra>",
         )  # fmt: skip
@@ -215,7 +231,8 @@ def expert_load_bars(trace: Trace, layer: int) -> go.Figure:
     dropped = (b.routed - b.load).numpy()
     if b.dropped:
         fig.add_trace(
-            go.Bar(
+            _trace(
+                go.Bar,
                 x=experts, y=dropped, name="dropped",
                 marker={"color": "rgba(255,255,255,0.6)", "pattern": {"shape": "x", "fgcolor": DROPPED_COLOR},
                         "line": {"width": 1, "color": DROPPED_COLOR}},
@@ -243,8 +260,9 @@ def layer_load_heatmap(trace: Trace, which: metrics.SetKind = "routed") -> go.Fi
     fair = loads.double().sum(dim=1, keepdim=True) / max(E, 1)  # (L, 1)
     rel = loads.double() / fair.clamp_min(1e-12)  # (L, E)
     text = loads.numpy().astype(str) if L * E <= CELL_TEXT_LIMIT else None
-    fig = go.Figure(
-        go.Heatmap(
+    fig = _figure(
+        _trace(
+                go.Heatmap,
             z=_f32(rel), x=np.arange(E), y=[str(i) for i in trace.layer_ids], colorscale=SEQUENTIAL, zmin=0.0,
             customdata=loads.numpy(), text=text, texttemplate="%{text}" if text is not None else None,
             colorbar={"title": {"text": "load / fair"}},
@@ -271,8 +289,9 @@ def router_distribution(trace: Trace, layer: int, position: int) -> go.Figure:
     patterns = ["x" if e in dropped else "" for e in range(E)]
     status = ["dropped" if e in dropped else "chosen" if e in chosen else "not chosen" for e in range(E)]
     margin = float(metrics.topk_margin(lt)[t])
-    fig = go.Figure(
-        go.Bar(
+    fig = _figure(
+        _trace(
+                go.Bar,
             x=list(range(E)), y=_f32(p), customdata=status,
             marker={"color": expert_colors(E), "line": {"width": line_w, "color": "#000000"},
                     "pattern": {"shape": patterns, "fgcolor": DROPPED_COLOR}},
@@ -293,8 +312,9 @@ def predictions_bar(trace: Trace, position: int = -1, n: int = 10) -> go.Figure:
     t = _check_position(trace, position)
     preds = trace.predictions(t, n)
     labels = [f"{i + 1}. {display_token(tok)}" for i, (tok, _) in enumerate(preds)]
-    fig = go.Figure(
-        go.Bar(
+    fig = _figure(
+        _trace(
+                go.Bar,
             x=[p for _, p in preds], y=labels, orientation="h", marker={"color": "#0072B2"},
             hovertemplate="%{y}: %{x:.3f}<extra></extra>",
         )  # fmt: skip
@@ -315,8 +335,9 @@ def coactivation_heatmap(trace: Trace, layer: int, which: metrics.SetKind = "rou
     text = None
     if E * E <= CELL_TEXT_LIMIT:
         text = [["" if math.isnan(v) else f"{v:.2f}" for v in row] for row in co.matrix.tolist()]
-    fig = go.Figure(
-        go.Heatmap(
+    fig = _figure(
+        _trace(
+                go.Heatmap,
             z=_f32(co.matrix), x=np.arange(E), y=np.arange(E), colorscale=SEQUENTIAL, zmin=0.0, zmax=1.0,
             customdata=co.counts.numpy(), text=text, texttemplate="%{text}" if text is not None else None,
             colorbar={"title": {"text": "P(b | a)"}},
@@ -344,18 +365,19 @@ def mode_effect_figure(reference: Trace, other: Trace) -> go.Figure:
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=("KL(reference ‖ other), nats", "Δ log p(actual next token)"))  # fmt: skip
     line = _scatter(T)
-    fig.add_trace(line(x=pos, y=_f32(e.kl), mode="lines", name="KL", line={"color": "#0072B2"},
+    fig.add_trace(_trace(line, x=pos, y=_f32(e.kl), mode="lines", name="KL", line={"color": "#0072B2"},
                        hovertemplate="position %{x}: KL %{y:.4f}<extra></extra>"), row=1, col=1)  # fmt: skip
     flips = np.asarray(e.flipped_positions, dtype=np.int64)
     fig.add_trace(
-        _scatter(len(flips))(
+        _trace(
+                    _scatter(len(flips)),
             x=flips, y=_f32(e.kl[flips]) if len(flips) else np.zeros(0, dtype=np.float32), mode="markers",
             name="top-1 flip", marker={"symbol": "x", "size": 9, "color": FLIP_COLOR},
             hovertemplate="position %{x}: top-1 prediction changed<extra></extra>",
         ),
         row=1, col=1,
     )  # fmt: skip
-    fig.add_trace(line(x=pos, y=_f32(e.delta_logprob), mode="lines", name="Δ log p", line={"color": "#009E73"},
+    fig.add_trace(_trace(line, x=pos, y=_f32(e.delta_logprob), mode="lines", name="Δ log p", line={"color": "#009E73"},
                        hovertemplate="position %{x}: Δ %{y:.3f}<extra></extra>"), row=2, col=1)  # fmt: skip
     fig.add_hline(y=0, line={"color": "#999999", "width": 1}, row=2, col=1)
     fig.update_layout(
@@ -386,8 +408,9 @@ def routing_diff_heatmap(reference: Trace, other: Trace, layer: int) -> go.Figur
         scale = []
         for i, c in enumerate(DIFF_COLORS):
             scale += [[i / n, c], [(i + 1) / n, c]]
-        fig = go.Figure(
-            go.Heatmap(
+        fig = _figure(
+            _trace(
+                go.Heatmap,
                 z=code.t().numpy().astype(np.int8), x=np.arange(T), y=np.arange(E), colorscale=scale,
                 zmin=-0.5, zmax=n - 0.5,
                 colorbar={"tickvals": list(range(n)), "ticktext": list(DIFF_LABELS), "title": {"text": ""}},
@@ -398,7 +421,8 @@ def routing_diff_heatmap(reference: Trace, other: Trace, layer: int) -> go.Figur
         pos = torch.arange(T).unsqueeze(1).expand_as(oth.index)
         if oth.dropped_count:
             fig.add_trace(
-                _scatter(oth.dropped_count)(
+                _trace(
+                    _scatter(oth.dropped_count),
                     x=pos[oth.dropped].numpy(), y=oth.index[oth.dropped].numpy(), mode="markers",
                     name=f"dropped in {other.policy}",
                     marker={"symbol": "x", "size": 8, "color": DROPPED_COLOR, "line": {"width": 1, "color": "#000000"}},
@@ -408,8 +432,9 @@ def routing_diff_heatmap(reference: Trace, other: Trace, layer: int) -> go.Figur
     else:
         differs = (d.reference_sets != d.other_sets).double()  # (T, E)
         share = _bin_mean(differs, size)  # (B, E)
-        fig = go.Figure(
-            go.Heatmap(
+        fig = _figure(
+            _trace(
+                go.Heatmap,
                 z=_f32(share.t()), x=np.arange(share.shape[0]) * size, y=np.arange(E), colorscale=SEQUENTIAL,
                 zmin=0.0, zmax=1.0, colorbar={"title": {"text": "share changed"}},
                 hovertemplate="bin from %{x}, expert %{y}: %{z:.2f} of tokens changed<extra></extra>",

@@ -28,6 +28,12 @@ class ByteTokenizer:
 PROMPT = "Hi <script>alert('x')</script> & the quick brown fox."
 
 
+@pytest.fixture(autouse=True)
+def validated_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests build figures with plotly's property validation on, so a wrong property fails here."""
+    monkeypatch.setattr(figures, "VALIDATE", True)
+
+
 @pytest.fixture(scope="module")
 def tiny_model() -> moe_viz.MoEModel:
     torch.manual_seed(0)
@@ -250,3 +256,15 @@ def test_long_prompt_figures_are_binned_webgl_and_small() -> None:
     assert figs["layer_load"].data[0].text is None
     assert "bins of 8" in figs["diff"].layout.title.text
     assert len(figures.token_text_html(long, 5)) < 2_000_000
+
+
+def test_unvalidated_figures_serialise_like_validated_ones(capped: Trace, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    monkeypatch.setattr(figures, "VALIDATE", False)
+    fast = figures.expert_load_bars(capped, 0)
+    monkeypatch.setattr(figures, "VALIDATE", True)
+    checked = figures.expert_load_bars(capped, 0)
+    assert json.loads(fast.to_json())["layout"]["title"] == json.loads(checked.to_json())["layout"]["title"]
+    assert list(fast.data[0].marker.color) == list(checked.data[0].marker.color)
+    assert len(fast.data) == len(checked.data)
