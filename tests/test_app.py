@@ -1,0 +1,307 @@
+"""AppTest checks of every page: widgets set, modes switched, values cross-checked with the library,
+bad input shown as an error element (never an exception).
+
+Runs against the default model in ``assets/`` (or ``MOE_VIZ_MODEL``, e.g. a quick model built with
+``scripts/train_default_model.py --quick``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import zipfile
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = ROOT / "app" / "streamlit_app.py"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from moe_viz import DEFAULT_MODEL, Capacity, TopK, load_model, run_prompt  # noqa: E402
+
+MODEL = os.environ.get("MOE_VIZ_MODEL") or DEFAULT_MODEL
+PROMPT = "def add(a, b):\n    return a + b\n\nprint(add(2, 3))"
+TIMEOUT = 120
+
+pytestmark = pytest.mark.skipif(
+    not (Path(MODEL) / "config.json").is_file(),
+    reason=f"no model at {MODEL}: train the default model (scripts/train_default_model.py) or set MOE_VIZ_MODEL",
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(MODEL)
+
+
+@pytest.fixture()
+def app(monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("MOE_VIZ_MODEL", MODEL)
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    at.session_state["prompt"] = PROMPT
+    return at
+
+
+def metric(at, label: str) -> str:
+    found = [m.value for m in at.metric if m.label == label]
+    assert found, f"no metric {label!r}; have {[m.label for m in at.metric]}"
+    return found[0]
+
+
+def routing_shown(at) -> str:
+    found = [m.value for m in at.markdown if m.value.startswith("Routing: `")]
+    assert found, "no 'Routing:' line on the page"
+    return found[0].split("`")[1]
+
+
+def no_exception(at) -> None:
+    assert not at.exception, [e.message for e in at.exception]
+
+
+def submit(at, label: str = "Run"):
+    [button] = [b for b in at.button if b.label == label]
+    return button.click().run()
+
+
+# ----------------------------------------------------------------------------- Explore
+def test_explore_shows_heatmap_coloured_text_router_distribution_and_predictions(app, model):
+    at = app.run()
+    no_exception(at)
+    assert not at.error
+    charts = at.get("plotly_chart")
+    assert len(charts) == 4  # heatmap, router distribution, predictions, layer load
+    assert metric(at, "Tokens") == str(run_prompt(model, PROMPT).num_tokens)
+    assert routing_shown(at) == f"top-k:{model.top_k}"
+    assert at.sidebar.selectbox(key="layer").options == [f"layer {i}" for i in model.moe_layers]
+    assert at.sidebar.slider(key="k").max == model.num_experts
+    html = at.get("html")
+    assert html and "span" in html[0].proto.body
+    assert len(at.get("download_button")) == 4
+    assert any(f"{model.device}" in c.value for c in at.sidebar.caption)  # device shown
+
+
+def test_capacity_mode_shows_the_dropped_count_the_library_computes(app, model):
+    at = app.run()
+    at.sidebar.radio(key="mode").set_value("capacity")
+    at.run()
+    at.sidebar.slider(key="capacity_factor").set_value(0.5)
+    at.sidebar.radio(key="capacity_priority").set_value("probs")
+    layer = model.moe_layers[-1]
+    at.sidebar.selectbox(key="layer").set_value(layer)
+    at.run()
+    no_exception(at)
+    expected = run_prompt(model, PROMPT, Capacity(0.5, k=model.top_k, priority="probs"))
+    assert routing_shown(at) == expected.policy
+    assert metric(at, f"Dropped (layer {layer})") == str(expected.layer(layer).dropped_count)
+    assert metric(at, "Dropped (all layers)") == str(sum(lt.dropped_count for lt in expected.layers))
+    assert expected.layer(layer).dropped_count > 0  # factor 0.5 must drop something
+
+
+def test_each_mode_and_k_change_the_policy_shown(app, model):
+    at = app.run()
+    at.sidebar.slider(key="k").set_value(1)
+    at.run()
+    assert routing_shown(at) == "top-k:1"
+    at.sidebar.radio(key="mode").set_value("ensemble")
+    at.run()
+    assert routing_shown(at) == "ensemble:gate"
+    at.sidebar.radio(key="ensemble_weighting").set_value("uniform")
+    at.run()
+    no_exception(at)
+    assert routing_shown(at) == "ensemble:uniform"
+    assert metric(at, "Dropped (all layers)") == "0"
+
+
+def test_selecting_a_token_updates_the_router_distribution(app, model):
+    at = app.run()
+    at.selectbox(key="position").set_value(0)
+    at.run()
+    no_exception(at)
+    texts = " ".join(m.value for m in at.markdown)
+    first = run_prompt(model, PROMPT).tokens[0]
+    assert repr(first) in texts or first.strip() in texts
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("bad", ["", "   \n\t "])
+def test_empty_prompt_shows_an_error_and_the_session_keeps_working(app, bad):
+    at = app.run()
+    at.text_area(key="prompt_input_explore").input(bad)
+    submit(at)
+    no_exception(at)
+    assert any("non-empty" in e.value for e in at.error)
+    at.text_area(key="prompt_input_explore").input("Hello experts")
+    submit(at)
+    no_exception(at)
+    assert not at.error
+    assert len(at.get("plotly_chart")) == 4
+
+
+def test_prompt_over_the_token_limit_shows_an_error(app, monkeypatch):
+    monkeypatch.setenv("MOE_VIZ_MAX_PROMPT_TOKENS", "8")
+    at = app.run()
+    no_exception(at)
+    assert any("limit is 8 tokens" in e.value for e in at.error)
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [("/no/such/moe/folder", "does not exist"), ("no-such-org/no-such-moe-model", "could not load model")],
+)
+def test_bad_model_id_shows_an_error_and_keeps_the_loaded_model(app, name, message):
+    at = app.run()
+    at.sidebar.radio(key="model_source").set_value("custom")
+    at.run()
+    at.sidebar.text_input(key="custom_model").input(name)
+    submit(at, "Load model")
+    no_exception(at)
+    assert any(message in e.value for e in at.sidebar.error)
+    assert len(at.get("plotly_chart")) == 4  # the page still shows the previous model's trace
+
+
+def test_dense_model_folder_shows_an_error(app, model, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(model.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    model.tokenizer.save_pretrained(tmp_path)
+    at = app.run()
+    at.sidebar.radio(key="model_source").set_value("custom")
+    at.run()
+    at.sidebar.text_input(key="custom_model").input(str(tmp_path))
+    submit(at, "Load model")
+    no_exception(at)
+    assert any("no MoE layers" in e.value for e in at.sidebar.error)
+
+
+def test_custom_models_can_be_switched_off(app, monkeypatch):
+    monkeypatch.setenv("MOE_VIZ_ALLOW_CUSTOM_MODELS", "0")
+    at = app.run()
+    no_exception(at)
+    assert not [r for r in at.sidebar.radio if r.key == "model_source"]
+
+
+# ----------------------------------------------------------------------------- other pages
+def test_load_balance_page_shows_metrics_tables_and_charts(app, model):
+    at = app.run()
+    at.sidebar.radio(key="mode").set_value("capacity")
+    at.run()
+    at.switch_page("app_pages/load_balance.py").run()
+    no_exception(at)
+    assert not at.error
+    layer = model.moe_layers[0]
+    expected = run_prompt(model, PROMPT, Capacity(1.0, k=model.top_k)).layer(layer)
+    assert metric(at, "Dropped").startswith(f"{expected.dropped_count} (")
+    labels = {m.label for m in at.metric}
+    assert {"CV", "MaxVio", "Gini", "Aux loss (HF)", "Aux loss (normalised)", "Router z-loss"} <= labels
+    assert len(at.get("plotly_chart")) == 3  # load bars, layer load, co-activation
+    assert at.dataframe and len(at.dataframe[0].value) == len(model.moe_layers) + 1  # + the "all" row
+
+
+def test_compare_page_shows_each_policy_and_its_dropped_tokens(app, model):
+    at = app.run()
+    at.switch_page("app_pages/compare.py").run()
+    no_exception(at)
+    assert not at.error
+    expected = run_prompt(model, PROMPT, Capacity(1.0))
+    dropped = [m.value for m in at.metric if m.label == "Dropped assignments (all layers)"]
+    assert dropped == ["0", str(sum(lt.dropped_count for lt in expected.layers)), "0"]
+    assert len(at.get("plotly_chart")) == 6  # routing diff + mode effect for 3 policies
+
+
+def test_compare_page_reports_a_bad_policy_and_keeps_the_others(app, model):
+    at = app.run()
+    at.switch_page("app_pages/compare.py").run()
+    at.text_input(key="compare_policy_1").input(f"top-k:{model.num_experts + 1}")
+    at.text_input(key="compare_policy_2").input("capacity:-1")
+    submit(at, "Compare")
+    no_exception(at)
+    errors = " ".join(e.value for e in at.error)
+    assert "k must satisfy" in errors and "factor must be" in errors
+    assert len([m for m in at.metric if m.label == "Dropped assignments (all layers)"]) == 1
+
+
+def test_compare_page_generates_text_under_each_policy(app, model):
+    from moe_viz import generate
+
+    at = app.run()
+    at.switch_page("app_pages/compare.py").run()
+    at.text_input(key="compare_policy_2").input("")
+    submit(at, "Compare")
+    at.slider(key="compare_new_tokens").set_value(4)
+    submit(at, "Generate under each policy")
+    no_exception(at)
+    assert len(at.code) == 3  # native + two policies
+    expected = generate(model, PROMPT, TopK(model.top_k), max_new_tokens=4).text
+    assert at.code[1].value == PROMPT + expected
+
+
+def test_learn_page_walks_through_router_topk_capacity_and_ensemble(app, model):
+    at = app.run()
+    at.switch_page("app_pages/learn.py").run()
+    no_exception(at)
+    assert not at.error
+    assert at.get("latex")
+    assert len(at.get("plotly_chart")) == 4
+    at.slider(key="learn_factor").set_value(0.5).run()
+    no_exception(at)
+    layer = model.moe_layers[0]
+    dropped = run_prompt(model, PROMPT, Capacity(0.5)).layer(layer).dropped_count
+    assert any(f"**{dropped}** assignments are dropped in layer {layer}" in m.value for m in at.markdown)
+
+
+# ----------------------------------------------------------------------------- downloads, config, design rules
+def test_trace_and_figure_downloads_are_complete_and_offline(model):
+    import plotly.graph_objects as go
+
+    from app.ui import _csv_zip, _parquet_bytes, figures_html
+    from moe_viz import Trace
+
+    trace = run_prompt(model, PROMPT, Capacity(1.0))
+    names = zipfile.ZipFile(BytesIO(_csv_zip(trace))).namelist()
+    assert sorted(names) == ["predictions.csv", "probs.csv", "routing.csv", "tokens.csv"]
+    assert _parquet_bytes(trace)[:4] == b"PAR1"
+    assert Trace.from_json(trace.to_json()).token_ids == trace.token_ids
+    page = figures_html({"a": go.Figure(go.Bar(y=[1])), "b": go.Figure(go.Bar(y=[2]))}, "t")
+    assert page.count("<section>") == 2
+    assert "<script src=" not in page.replace("<script src=\"data:", "")  # no script fetched from a CDN
+    assert len(page) > 1_000_000  # plotly.js embedded once: opens offline
+
+
+def test_config_reads_limits_from_the_environment(monkeypatch):
+    from app.config import load_config
+
+    monkeypatch.setenv("MOE_VIZ_MAX_NEW_TOKENS", "5")
+    monkeypatch.setenv("MOE_VIZ_ALLOW_CUSTOM_MODELS", "no")
+    cfg = load_config()
+    assert cfg.max_new_tokens == 5 and cfg.allow_custom_models is False
+    monkeypatch.setenv("MOE_VIZ_MAX_NEW_TOKENS", "lots")
+    with pytest.raises(ValueError, match="MOE_VIZ_MAX_NEW_TOKENS"):
+        load_config()
+
+
+def test_app_holds_no_model_maths():
+    pattern = re.compile(r"torch\.(topk|softmax)|F\.softmax|\.topk\(")
+    offenders = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in (ROOT / "app").rglob("*.py")
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not offenders
+
+
+def test_moe_viz_does_not_import_streamlit():
+    code = "import sys, moe_viz, moe_viz.figures, moe_viz.metrics; print('streamlit' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,180 @@
+"""Drive the real app in Debian chromium (Playwright) against ``streamlit run`` on loopback:
+type a prompt, switch each mode, see the heatmap change, download a trace. Screenshots go to
+``artifacts/`` (git-ignored). Never downloads a browser: skips when /usr/bin/chromium is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-background-networking",
+    "--disable-gpu",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from moe_viz import DEFAULT_MODEL  # noqa: E402
+
+MODEL = os.environ.get("MOE_VIZ_MODEL") or DEFAULT_MODEL
+PROMPT = "def add(a, b):\n    return a + b\n\nprint(add(2, 3))"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"Debian chromium not found at {CHROMIUM}"),
+    pytest.mark.skipif(not (Path(MODEL) / "config.json").is_file(), reason=f"no model at {MODEL}"),
+]
+playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwright python package is not installed")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = _free_port()
+    env = dict(os.environ, MOE_VIZ_MODEL=MODEL, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = open(ARTIFACTS / "streamlit-server.log", "w")
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "streamlit_app.py"),
+            "--server.headless", "true", "--server.port", str(port), "--server.address", "127.0.0.1",
+            "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+        ],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"streamlit did not start; see {ARTIFACTS / 'streamlit-server.log'}")
+        time.sleep(0.25)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def wait_ready(page, timeout_ms: int = 90_000) -> None:
+    """Streamlit's own readiness rule: app view, connected, script not running, no skeletons."""
+    page.wait_for_selector("[data-testid='stAppViewContainer']", timeout=timeout_ms)
+    try:  # a rerun may start a moment after the click; give it the chance to
+        page.wait_for_selector("[data-testid='stApp'][data-test-script-state='running']", timeout=800)
+    except playwright_api.TimeoutError:
+        pass
+    page.wait_for_selector("[data-testid='stApp'][data-test-connection-state='CONNECTED']", timeout=timeout_ms)
+    page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=timeout_ms)
+    page.wait_for_function("() => !document.querySelector(\"[data-testid='stSkeleton']\")", timeout=timeout_ms)
+
+
+def heatmap_data(page) -> str:
+    """The first plotly chart's data (the token x expert heatmap), as JSON."""
+    page.wait_for_selector(".js-plotly-plot", timeout=60_000)
+    return page.evaluate("() => JSON.stringify(document.querySelector('.js-plotly-plot').data)")
+
+
+def routing_shown(page) -> str:
+    """The policy spec the Explore page says it ran ("Routing: `top-k:2` on ...")."""
+    line = page.locator("[data-testid='stMarkdownContainer']", has_text="Routing:").first
+    return line.locator("code").first.inner_text().strip()
+
+
+def shot(page, name: str, height: int = 3600) -> None:
+    """Screenshot the whole page: Streamlit scrolls inside its own container, so make the window tall."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    size = page.viewport_size
+    page.set_viewport_size({"width": size["width"], "height": height})
+    page.wait_for_timeout(600)  # let plotly re-layout
+    page.screenshot(path=str(ARTIFACTS / f"browser-{name}.png"))
+    page.set_viewport_size(size)
+
+
+def test_type_a_prompt_switch_each_mode_and_download_a_trace(server, browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    page.goto(server)
+    wait_ready(page)
+    shot(page, "1-explore-start")
+
+    box = page.get_by_label("Prompt", exact=True)
+    box.fill(PROMPT)
+    page.get_by_role("button", name="Run", exact=True).click()
+    wait_ready(page)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('textarea')].some(t => t.value.includes('print(add'))"
+    )
+    seen = {"top-k": heatmap_data(page)}
+    assert routing_shown(page).startswith("top-k:")
+    shot(page, "2-explore-top-k")
+
+    sidebar = page.get_by_test_id("stSidebar")
+    for mode in ("capacity", "ensemble"):
+        sidebar.get_by_text(mode, exact=True).click()
+        wait_ready(page)
+        page.wait_for_function(
+            "(m) => [...document.querySelectorAll('code')].some(e => e.innerText.startsWith(m + ':'))", arg=mode
+        )
+        assert routing_shown(page).startswith(mode)
+        seen[mode] = heatmap_data(page)
+        shot(page, f"3-explore-{mode}")
+    assert len(set(seen.values())) == 3, "the heatmap must change with each mode"
+    assert not page.locator("[data-testid='stException']").count()
+
+    sidebar.get_by_text("top-k", exact=True).click()
+    wait_ready(page)
+    with page.expect_download() as info:
+        page.get_by_role("button", name="Trace (JSON)").click()
+    path = ARTIFACTS / "browser-trace.json"
+    info.value.save_as(path)
+    data = json.loads(path.read_text())
+    assert data["schema"] == "moe-viz/trace" and data["meta"]["prompt"] == PROMPT
+
+    for name in ("Load balance", "Compare modes", "Learn"):
+        page.get_by_test_id("stSidebarNav").get_by_text(name, exact=True).click()
+        wait_ready(page)
+        page.wait_for_selector(".js-plotly-plot", timeout=60_000)
+        assert not page.locator("[data-testid='stException']").count(), name
+        shot(page, f"4-{name.lower().replace(' ', '-')}")
+    assert not errors, errors
+    context.close()
