@@ -10,7 +10,7 @@ import streamlit as st
 from moe_viz import Policy, Trace, explain, figures, metrics, parse_policy, policy_spec
 
 from app.resources import config, get_generation, get_trace, has_generation
-from app.ui import downloads, prompt_form, require_model, shows_errors, start_figures
+from app.ui import chart, downloads, prompt_form, require_model, shows_errors, start_figures
 
 POLICY_HELP = "`native`, `top-k:K`, `capacity:FACTOR[:position|probs][:k=K]`, `ensemble:gate` or `ensemble:uniform`."
 
@@ -76,30 +76,29 @@ if effect_error:
     st.warning(f"Prediction changes are not available: {effect_error}")
 
 st.subheader(f"Routing differences from native, layer {layer}")
-cols = st.columns(len(traces))
-for i, (col, trace) in enumerate(zip(cols, traces)):
-    with col:
-        diff = metrics.routing_diff(native, trace, layer)
-        fig = figures.routing_diff_heatmap(native, trace, layer)
-        st.session_state["_page_figures"][f"Routing diff, {trace.policy}, layer {layer}"] = fig
-        st.plotly_chart(fig, key=f"compare_diff_{i}", width="stretch")
-        st.markdown(
-            f"Under `{trace.policy}`, **{diff.num_changed} of {trace.num_tokens}** tokens are processed by a "
-            f"different set of experts than under native routing in layer {layer}; "
-            f"{int(diff.other_dropped.sum())} assignments are dropped."
-        )
+for i, trace in enumerate(traces):
+    diff = metrics.routing_diff(native, trace, layer)
+    chart(
+        figures.routing_diff_heatmap(native, trace, layer),
+        f"Under `{trace.policy}`, **{diff.num_changed} of {trace.num_tokens}** tokens are processed by a different "
+        f"set of experts than under native routing in layer {layer}: {int(diff.added.sum())} expert assignments "
+        f"gained, {int(diff.removed.sum())} lost, and {int(diff.other_dropped.sum())} assignments dropped for lack "
+        "of capacity.",
+        f"compare_diff_{i}",
+        f"Routing diff, {trace.policy}, layer {layer}",
+    )
 
 st.subheader("Effect on the next-token predictions")
-cols = st.columns(len(traces))
-for i, (col, trace, effect) in enumerate(zip(cols, traces, effects)):
-    with col:
-        if effect is None:
-            st.info("Not available for this run.")
-            continue
-        fig = figures.mode_effect_figure(native, trace)
-        st.session_state["_page_figures"][f"Mode effect, {trace.policy}"] = fig
-        st.plotly_chart(fig, key=f"compare_effect_{i}", width="stretch")
-        st.markdown(explain.explain_mode_effect(native, trace))
+for i, (trace, effect) in enumerate(zip(traces, effects)):
+    if effect is None:
+        st.info(f"`{trace.policy}`: not available for this run.")
+        continue
+    chart(
+        figures.mode_effect_figure(native, trace),
+        explain.explain_mode_effect(native, trace),
+        f"compare_effect_{i}",
+        f"Mode effect, {trace.policy}",
+    )
 
 st.subheader("Next token after the prompt")
 cols = st.columns(len(traces) + 1)
@@ -107,7 +106,9 @@ for col, trace in zip(cols, [native, *traces]):
     with col:
         st.markdown(f"`{trace.policy}`")
         st.dataframe(
-            pd.DataFrame(trace.predictions(-1, 5), columns=["token", "probability"]).style.format({"probability": "{:.1%}"}),
+            pd.DataFrame(
+                [(repr(token), prob) for token, prob in trace.predictions(-1, 5)], columns=["token", "probability"]
+            ).style.format({"probability": "{:.1%}"}),
             hide_index=True,
             width="stretch",
         )
@@ -137,7 +138,7 @@ if generate_now or all(has_generation(model, prompt, p, new_tokens) for _, p in 
 else:
     st.caption("Press **Generate** to decode greedily under native routing and each policy (the progress is shown).")
 
-st.subheader("Download")
+st.divider()
 names = [trace.policy for trace in traces]
 chosen = st.selectbox("Trace to download", names, key="compare_download_choice")
 downloads(traces[names.index(chosen)], "compare")

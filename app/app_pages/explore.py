@@ -43,28 +43,35 @@ with left:
 with right:
     st.markdown(explain.explain_token_text(trace, layer))
 
-st.subheader("One token up close")
-T = trace.num_tokens
-if st.session_state.get(Keys.POSITION) not in range(T):
-    st.session_state[Keys.POSITION] = T - 1
-position = st.selectbox(
-    "Token",
-    list(range(T)),
-    key=Keys.POSITION,
-    format_func=lambda i: f"{i}: {trace.tokens[i]!r}",
-)
-chart(
-    figures.router_distribution(trace, layer, position),
-    explain.explain_router_distribution(trace, layer, position),
-    "explore_router_distribution",
-    f"Router distribution, token {position}",
-)
-chart(
-    figures.predictions_bar(trace, position),
-    explain.explain_predictions(trace, position),
-    "explore_predictions",
-    f"Next-token predictions after token {position}",
-)
+
+@st.fragment
+def token_close_up() -> None:
+    """Picking a token reruns only this section, not the page."""
+    st.subheader("One token up close")
+    T = trace.num_tokens
+    if st.session_state.get(Keys.POSITION) not in range(T):
+        st.session_state[Keys.POSITION] = T - 1
+    position = st.selectbox(
+        "Token",
+        list(range(T)),
+        key=Keys.POSITION,
+        format_func=lambda i: f"{i}: {trace.tokens[i]!r}",
+    )
+    chart(
+        figures.router_distribution(trace, layer, position),
+        explain.explain_router_distribution(trace, layer, position),
+        "explore_router_distribution",
+        "Router distribution of the selected token",
+    )
+    chart(
+        figures.predictions_bar(trace, position),
+        explain.explain_predictions(trace, position),
+        "explore_predictions",
+        "Next-token predictions after the selected token",
+    )
+
+
+token_close_up()
 
 st.subheader("Load across layers")
 chart(figures.layer_load_heatmap(trace), explain.explain_load(trace, layer), "explore_layer_load", "Layer × expert load")

@@ -71,9 +71,9 @@ for kk in ks:
     except ValueError:
         flip, kl = "n/a", "n/a"
     rows.append(
-        {"k": kk, "experts run per token": kk, "share of expert compute": f"{kk / E:.0%}", "top-1 flips vs native": flip, "mean KL (nats)": kl}
+        {"k (experts run per token)": kk, "share of expert compute": f"{kk / E:.0%}", "top-1 flips vs native": flip, "mean KL (nats)": kl}
     )
-st.table(pd.DataFrame(rows).set_index("k"))
+st.table(pd.DataFrame(rows).set_index("k (experts run per token)"))
 st.markdown(
     f"The model was trained with k = {k}. Fewer experts (k = 1) is cheaper but changes the predictions; running all "
     f"{E} costs {E / k:.0f}× the expert compute of k = {k}. The flips and KL above are measured on your prompt."
