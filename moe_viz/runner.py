@@ -21,7 +21,9 @@ from .policies import Capacity, Policy, policy_spec
 from .routing import router_scores
 from .trace import LayerTrace, OutputTrace, Trace
 
-VOCAB_KEEP_LIMIT = 16_000_000  # keep the full (T, V) log-distribution in memory up to this many floats
+# Keep the full (T, V) log-distribution (needed for KL between modes) up to this many floats:
+# 2,048 tokens x 16k vocabulary, 134 MB.
+VOCAB_KEEP_LIMIT = 34_000_000
 TOP_PREDICTIONS = 10
 
 
@@ -67,6 +69,8 @@ def encode(model: MoEModel, prompt: str, max_tokens: int | None = None) -> torch
 
 def _token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
     """Each token as the text it contributes (byte-level BPE markers turned into spaces)."""
+    if hasattr(tokenizer, "batch_decode"):  # one call into the fast tokenizer instead of T
+        return list(tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False))
     return [tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False) for i in ids]
 
 
@@ -142,8 +146,10 @@ def _output_trace(tokenizer: Any, logits: torch.Tensor, ids: list[int]) -> Outpu
     target = torch.full((T,), float("nan"))
     if T > 1:
         target[:-1] = logprobs[:-1].gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
-    entropy = -(logprobs.exp() * logprobs).nan_to_num().sum(dim=-1)  # (T,)
-    vocab_tokens = {i: t for i, t in zip(top.indices.unique().tolist(), _token_texts(tokenizer, top.indices.unique().tolist()))}
+    finite = logprobs.clamp(min=torch.finfo(logprobs.dtype).min)  # -inf (masked tokens) -> 0 * min = 0
+    entropy = -torch.bmm(logprobs.exp().unsqueeze(1), finite.unsqueeze(2)).view(T)  # (T,)
+    unique = top.indices.unique().tolist()
+    vocab_tokens = dict(zip(unique, _token_texts(tokenizer, unique)))
     return OutputTrace(
         top_ids=top.indices,
         top_logprobs=top.values,
