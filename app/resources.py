@@ -35,6 +35,7 @@ class Keys:
     PRIORITY = "capacity_priority"  # widget
     WEIGHTING = "ensemble_weighting"  # widget
     LAYER = "layer"  # widget
+    WIDGETS_FOR = "widgets_for_model"  # the model id the k / layer widgets were set up for
     POSITION = "position"  # widget: selected token position
     TRACES = "traces"  # OrderedDict[(model, prompt, policy spec)] -> Trace
     GENERATIONS = "generations"  # dict[(model, prompt, spec, n)] -> Generation

@@ -92,8 +92,6 @@ def _model_section() -> MoEModel | None:
         f"**{label}** · {model.architecture} · {model.num_experts} experts, top-{model.top_k} · "
         f"{len(model.moe_layers)} MoE of {model.num_layers} layers · device **{model.device}** ({str(model.dtype).replace('torch.', '')})"
     )
-    if model.capture_only:
-        st.warning("This model's routers can only be recorded, not re-routed: the modes show its native routing.")
     return model
 
 
@@ -102,6 +100,17 @@ def _clamp(key: str, low: float, high: float, default: float) -> None:
     value = st.session_state.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
         st.session_state[key] = default
+
+
+def _reset_on_model_change(model: MoEModel) -> None:
+    """When another model becomes active, widgets whose range depends on it start from its defaults
+    (a slider whose range changes is a new widget; without this it would fall back to its minimum)."""
+    if st.session_state.get(Keys.WIDGETS_FOR) == model.model_id:
+        return
+    st.session_state[Keys.WIDGETS_FOR] = model.model_id
+    st.session_state[Keys.K] = model.top_k
+    st.session_state[Keys.LAYER] = model.moe_layers[0]
+    st.session_state.pop(Keys.POSITION, None)
 
 
 def _mode_section(model: MoEModel) -> None:
@@ -155,7 +164,14 @@ def render_sidebar() -> PageContext:
         model = _model_section()
         if model is None:
             ctx = PageContext(model=None, policy=None, layer=None, model_error="The model could not be loaded.")
+        elif model.capture_only:  # routers moe-viz can record but not re-route: native routing only
+            _reset_on_model_change(model)
+            st.subheader("Routing mode")
+            st.info("This model's routers can only be recorded, not re-routed: every page shows its native routing.")
+            layer = _layer_section(model)
+            ctx = PageContext(model=model, policy=None, layer=layer)
         else:
+            _reset_on_model_change(model)
             _mode_section(model)
             layer = _layer_section(model)
             try:

@@ -184,6 +184,37 @@ def test_dense_model_folder_shows_an_error(app, model, tmp_path):
     assert any("no MoE layers" in e.value for e in at.sidebar.error)
 
 
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "phimoe"])
+def test_a_local_checkpoint_folder_gets_the_same_views(app, model, tmp_path, model_type):
+    """A researcher's folder: qwen2_moe (shared expert, re-routable), phimoe (routers recorded only)."""
+    import transformers
+    from tiny_models import build_config
+
+    config = build_config(model_type)
+    config.vocab_size = len(model.tokenizer)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    model.tokenizer.save_pretrained(tmp_path)
+    at = app.run()
+    at.sidebar.radio(key="model_source").set_value("custom")
+    at.run()
+    at.sidebar.text_input(key="custom_model").input(str(tmp_path))
+    submit(at, "Load model")
+    no_exception(at)
+    assert not at.sidebar.error
+    assert any(model_type in c.value for c in at.sidebar.caption)
+    assert len(at.get("plotly_chart")) == 4
+    capture_only = model_type == "phimoe"
+    assert routing_shown(at) == ("native" if capture_only else f"top-k:{config.num_experts_per_tok}")
+    at.switch_page("app_pages/learn.py").run()
+    no_exception(at)
+    assert not at.error
+    assert bool(at.info) == capture_only  # re-routing steps are explained, not attempted, when capture-only
+    at.sidebar.radio(key="model_source").set_value("default")
+    at.switch_page("app_pages/explore.py").run()
+    no_exception(at)
+    assert routing_shown(at) == f"top-k:{model.top_k}"  # back on the default model, with its own k
+
+
 def test_custom_models_can_be_switched_off(app, monkeypatch):
     monkeypatch.setenv("MOE_VIZ_ALLOW_CUSTOM_MODELS", "0")
     at = app.run()

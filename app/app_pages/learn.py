@@ -59,25 +59,38 @@ st.markdown(
     "that is what makes the layer *sparse* and cheap."
 )
 
-st.header("3 · Sparse top-k: how many experts per token?")
-ks = sorted({1, k, E})
-rows = []
-for kk in ks:
-    with shows_errors():
-        trace = get_trace(model, prompt, TopK(kk))
-    try:
-        effect = metrics.mode_effect(native, trace)
-        flip, kl = f"{effect.flip_rate:.0%}", f"{effect.mean_kl:.3g}"
-    except ValueError:
-        flip, kl = "n/a", "n/a"
-    rows.append(
-        {"k (experts run per token)": kk, "share of expert compute": f"{kk / E:.0%}", "top-1 flips vs native": flip, "mean KL (nats)": kl}
-    )
-st.table(pd.DataFrame(rows).set_index("k (experts run per token)"))
-st.markdown(
-    f"The model was trained with k = {k}. Fewer experts (k = 1) is cheaper but changes the predictions; running all "
-    f"{E} costs {E / k:.0f}× the expert compute of k = {k}. The flips and KL above are measured on your prompt."
+CAPTURE_ONLY = (
+    "This model's routers can only be recorded, not re-routed, so this step cannot be shown on it. "
+    "Pick the default model in the sidebar to try it."
 )
+
+
+def section_top_k() -> None:
+    ks = sorted({1, k, E})
+    rows = []
+    for kk in ks:
+        with shows_errors():
+            trace = get_trace(model, prompt, TopK(kk))
+        try:
+            effect = metrics.mode_effect(native, trace)
+            flip, kl = f"{effect.flip_rate:.0%}", f"{effect.mean_kl:.3g}"
+        except ValueError:
+            flip, kl = "n/a", "n/a"
+        rows.append(
+            {"k (experts run per token)": kk, "share of expert compute": f"{kk / E:.0%}", "top-1 flips vs native": flip, "mean KL (nats)": kl}
+        )
+    st.table(pd.DataFrame(rows).set_index("k (experts run per token)"))
+    st.markdown(
+        f"The model was trained with k = {k}. Fewer experts (k = 1) is cheaper but changes the predictions; running all "
+        f"{E} costs {E / k:.0f}× the expert compute of k = {k}. The flips and KL above are measured on your prompt."
+    )
+
+
+st.header("3 · Sparse top-k: how many experts per token?")
+if model.capture_only:
+    st.info(CAPTURE_ONLY)
+else:
+    section_top_k()
 
 st.header("4 · Load balancing: keep every expert busy")
 chart(figures.expert_load_bars(native, layer), explain.explain_load(native, layer), "learn_load", "Expert load")
@@ -89,32 +102,38 @@ st.markdown(
 )
 
 st.header("5 · Why capacity drops tokens")
-factor = st.slider(
-    "Capacity factor", 0.25, 2.0, 1.0, step=0.25, key="learn_factor", help="C = ceil(factor × T × k / E)"
-)
-with shows_errors():
-    capped = get_trace(model, prompt, Capacity(factor))
-chart(figures.expert_load_bars(capped, layer), explain.explain_capacity(capped), "learn_capacity", f"Expert load at capacity {factor:g}")
-clt = capped.layer(layer)
-st.markdown(
-    f"With a fixed buffer of **C = {clt.capacity[0] if clt.capacity else '—'}** slots per expert, the busy experts "
-    f"overflow: **{clt.dropped_count}** assignments are dropped in layer {layer} "
-    f"({sum(item.dropped_count for item in capped.layers)} over all layers). A dropped token skips that expert and "
-    "only the residual connection carries it forward."
-)
+if model.capture_only:
+    st.info(CAPTURE_ONLY)
+else:
+    factor = st.slider(
+        "Capacity factor", 0.25, 2.0, 1.0, step=0.25, key="learn_factor", help="C = ceil(factor × T × k / E)"
+    )
+    with shows_errors():
+        capped = get_trace(model, prompt, Capacity(factor))
+    chart(figures.expert_load_bars(capped, layer), explain.explain_capacity(capped), "learn_capacity", f"Expert load at capacity {factor:g}")
+    clt = capped.layer(layer)
+    st.markdown(
+        f"With a fixed buffer of **C = {clt.capacity[0] if clt.capacity else '—'}** slots per expert, the busy experts "
+        f"overflow: **{clt.dropped_count}** assignments are dropped in layer {layer} "
+        f"({sum(item.dropped_count for item in capped.layers)} over all layers). A dropped token skips that expert and "
+        "only the residual connection carries it forward."
+    )
 
 st.header("6 · Ensemble: let every expert vote")
-with shows_errors():
-    ensemble = get_trace(model, prompt, Ensemble("gate"))
-try:
-    chart(
-        figures.mode_effect_figure(native, ensemble),
-        explain.explain_mode_effect(native, ensemble),
-        "learn_ensemble",
-        "Ensemble vs native",
-    )
-except ValueError as err:
-    st.warning(str(err))
+if model.capture_only:
+    st.info(CAPTURE_ONLY)
+else:
+    with shows_errors():
+        ensemble = get_trace(model, prompt, Ensemble("gate"))
+    try:
+        chart(
+            figures.mode_effect_figure(native, ensemble),
+            explain.explain_mode_effect(native, ensemble),
+            "learn_ensemble",
+            "Ensemble vs native",
+        )
+    except ValueError as err:
+        st.warning(str(err))
 st.markdown(
     f"Running all {E} experts weighted by the full router distribution is the dense limit of the same layer: it costs "
     f"{E / k:.0f}× the expert compute, and the model was never trained that way, so it is not automatically better."
