@@ -129,6 +129,17 @@ def test_selecting_a_token_updates_the_router_distribution(app, model):
     assert repr(first) in texts or first.strip() in texts
 
 
+def test_every_page_runs_in_every_mode(app):
+    at = app.run()
+    for mode in ("top-k", "capacity", "ensemble"):
+        at.sidebar.radio(key="mode").set_value(mode)
+        for page in ("explore", "load_balance", "compare", "learn"):
+            at.switch_page(f"app_pages/{page}.py").run()
+            no_exception(at)
+            assert not at.error, (mode, page, [e.value for e in at.error])
+            assert at.get("plotly_chart"), (mode, page)
+
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("bad", ["", "   \n\t "])
 def test_empty_prompt_shows_an_error_and_the_session_keeps_working(app, bad):
@@ -142,6 +153,16 @@ def test_empty_prompt_shows_an_error_and_the_session_keeps_working(app, bad):
     no_exception(at)
     assert not at.error
     assert len(at.get("plotly_chart")) == 4
+
+
+def test_every_page_reports_an_empty_prompt_once(app):
+    app.session_state["prompt"] = "  "
+    at = app.run()
+    for page in ("explore", "load_balance", "compare", "learn"):
+        at.switch_page(f"app_pages/{page}.py").run()
+        no_exception(at)
+        errors = [e.value for e in at.error]
+        assert len(errors) == 1 and "non-empty" in errors[0], (page, errors)
 
 
 def test_prompt_over_the_token_limit_shows_an_error(app, monkeypatch):

@@ -30,6 +30,9 @@ with st.form("compare_policies"):
     ]
     st.form_submit_button("Compare", type="primary")
 
+with shows_errors():  # the prompt's own errors (empty, too long) once, before any policy
+    native = get_trace(model, prompt, None)
+
 policies: list[tuple[str, Policy | None]] = []
 errors = []
 for i, spec in enumerate(specs):
@@ -48,8 +51,6 @@ if not policies:
     st.warning("Enter at least one valid policy to compare.")
     st.stop()
 
-with shows_errors():
-    native = get_trace(model, prompt, None)
 traces: list[Trace] = [get_trace(model, prompt, policy) for _, policy in policies]
 
 st.subheader("Summary")
