@@ -89,6 +89,15 @@ def get_model(name: str) -> MoEModel:
     return model
 
 
+def display_name(model_id: str) -> str:
+    """A short name for a model: the folder name for the shipped default, else the id as given."""
+    from pathlib import Path
+
+    if model_id == config().default_model and Path(model_id).is_dir():
+        return f"{Path(model_id).name} (default)"
+    return model_id if len(model_id) <= 48 else "…" + model_id[-47:]
+
+
 def active_model_id() -> str:
     return st.session_state.get(Keys.ACTIVE_MODEL) or config().default_model
 

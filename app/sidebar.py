@@ -19,6 +19,7 @@ from app.resources import (
     Keys,
     active_model_id,
     config,
+    display_name,
     get_model,
     policy_from_state,
 )
@@ -87,9 +88,8 @@ def _model_section() -> MoEModel | None:
     except ValueError as err:
         st.error(str(err))
         return None
-    label = name if len(name) <= 40 else "…" + name[-39:]
     st.caption(
-        f"**{label}** · {model.architecture} · {model.num_experts} experts, top-{model.top_k} · "
+        f"**{display_name(name)}** · {model.architecture} · {model.num_experts} experts, top-{model.top_k} · "
         f"{len(model.moe_layers)} MoE of {model.num_layers} layers · device **{model.device}** ({str(model.dtype).replace('torch.', '')})"
     )
     return model

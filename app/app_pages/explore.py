@@ -6,7 +6,7 @@ import streamlit as st
 
 from moe_viz import explain, figures
 
-from app.resources import Keys, get_trace
+from app.resources import Keys, display_name, get_trace
 from app.ui import chart, downloads, prompt_form, require_model, require_policy, shows_errors, start_figures
 
 st.title("Explore routing")
@@ -21,7 +21,7 @@ with shows_errors():
     trace = get_trace(model, prompt, ctx.policy)
 lt = trace.layer(layer)
 
-st.markdown(f"Routing: `{trace.policy}` on **{model.model_id}** ({trace.device}, {trace.dtype})")
+st.markdown(f"Routing: `{trace.policy}` on **{display_name(model.model_id)}** ({trace.device}, {trace.dtype})")
 c = st.columns(5)
 c[0].metric("Tokens", trace.num_tokens)
 c[1].metric(
