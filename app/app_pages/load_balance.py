@@ -48,6 +48,11 @@ for row in range(0, len(cards), 6):
     cols = st.columns(6)
     for col, (label, value, help_text) in zip(cols, cards[row : row + 6]):
         col.metric(label, value, help=help_text)
+st.caption(
+    f"Perfect balance would read: CV 0 · MaxVio 0 · load entropy 1 · {E} effective experts · Gini 0 · no dead "
+    f"experts · max share {1 / E:.1%} · HF aux loss {lt.top_k} (transformers' convention, optimum k) · normalised "
+    "aux loss 1. Imbalance metrics use the routed load (kept + dropped); hover a number for its definition."
+)
 
 st.subheader("Expert load")
 chart(figures.expert_load_bars(trace, layer), explain.explain_load(trace, layer), "balance_load_bars", f"Expert load, layer {layer}")
