@@ -39,7 +39,7 @@ chart(figures.token_expert_heatmap(trace, layer), explain.explain_heatmap(trace,
 st.subheader(f"The text, coloured by each token's first-choice expert (layer {layer})")
 left, right = st.columns([3, 2], vertical_alignment="center")
 with left:
-    with st.container(height=320 if trace.num_tokens > 200 else None, border=False):  # long prompts scroll
+    with st.container(height=320 if trace.num_tokens > 200 else "content", border=False):  # long prompts scroll
         st.html(figures.token_text_html(trace, layer))
 with right:
     st.markdown(explain.explain_token_text(trace, layer))
