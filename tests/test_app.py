@@ -140,6 +140,16 @@ def test_every_page_runs_in_every_mode(app):
             assert at.get("plotly_chart"), (mode, page)
 
 
+def test_a_long_prompt_renders_every_explore_view(app, model):
+    long_prompt = PROMPT * 30
+    app.session_state["prompt"] = long_prompt
+    at = app.run()
+    no_exception(at)
+    assert not at.error
+    assert metric(at, "Tokens") == str(run_prompt(model, long_prompt).num_tokens)
+    assert len(at.get("plotly_chart")) == 4
+
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("bad", ["", "   \n\t "])
 def test_empty_prompt_shows_an_error_and_the_session_keeps_working(app, bad):
