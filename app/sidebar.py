@@ -64,6 +64,8 @@ def _model_section() -> MoEModel | None:
                     "Hub id or local folder",
                     key=Keys.CUSTOM_MODEL,
                     placeholder="e.g. allenai/OLMoE-1B-7B-0924 or /models/my-moe",
+                    help="A local folder with config.json, or a hub id (downloaded unless already cached; "
+                    "large checkpoints need a lot of memory). Remote code is never run.",
                 )
                 submitted = st.form_submit_button("Load model")
             if submitted:
