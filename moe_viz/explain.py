@@ -286,3 +286,16 @@ def explain_mode_effect(reference: Trace, other: Trace) -> str:
                 f"(the text becomes {verdict} likely, ×{math.exp(d):.3g} per token)."
             )
     return text
+
+
+def run_summary(trace: Trace) -> str:
+    """One line that identifies a run: policy, tokens, drops per layer, top next token, fingerprint.
+
+    The load test reads it back from the page to check that every session got its own result.
+    """
+    dropped = ", ".join(str(lt.dropped_count) for lt in trace.layers)
+    top_id = int(trace.output.top_ids[-1, 0])
+    return (
+        f"Run summary: `{trace.policy}` · {trace.num_tokens} tokens · dropped per layer {dropped} · "
+        f"top next token id {top_id} · routing fingerprint `{trace.fingerprint()}`"
+    )

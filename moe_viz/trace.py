@@ -25,6 +25,7 @@ enough and exported only on request (``include_vocab=True``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -121,6 +122,15 @@ class Trace:
             if item.layer == layer:
                 return item
         raise ValueError(f"layer must be one of the MoE layers {self.layer_ids}; got {layer}")
+
+    def fingerprint(self) -> str:
+        """12 hex digits identifying the routing: token ids, policy, and every layer's applied experts
+        and dropped mask. Two runs with the same fingerprint routed every token identically."""
+        digest = hashlib.sha256(f"{self.policy}|{self.token_ids}".encode())
+        for lt in self.layers:
+            digest.update(lt.index.numpy().tobytes())
+            digest.update(lt.dropped.numpy().tobytes())
+        return digest.hexdigest()[:12]
 
     def predictions(self, position: int = -1, n: int = 10) -> list[tuple[str, float]]:
         """The ``n`` most likely next tokens after ``position``, as (token text, probability)."""

@@ -168,3 +168,18 @@ def test_every_explanation_handles_an_ensemble_trace() -> None:
     ]  # fmt: skip
     assert all(isinstance(t, str) and t for t in texts)
     assert "ensemble mode every expert processes every token" in texts[0]
+
+
+def test_run_summary_names_policy_drops_and_a_fingerprint_that_changes_with_routing():
+    from moe_viz import Capacity, TopK, run_prompt
+    from moe_viz.explain import run_summary
+    from tiny_models import build
+
+    model = build("mixtral")
+    capacity = run_prompt(model, "hello routing", Capacity(0.5))
+    native = run_prompt(model, "hello routing", TopK(2))
+    line = run_summary(capacity)
+    assert line.startswith("Run summary: `capacity:0.5:position` · 13 tokens · dropped per layer ")
+    assert ", ".join(str(lt.dropped_count) for lt in capacity.layers) in line
+    assert capacity.fingerprint() in line and capacity.fingerprint() != native.fingerprint()
+    assert run_prompt(model, "hello routing", Capacity(0.5)).fingerprint() == capacity.fingerprint()
