@@ -1,16 +1,27 @@
 """Limits and settings of the app, in one place.
 
-Every value has a default suitable for a student's laptop and can be overridden by an
-environment variable, so a later hosted deployment changes the environment, not the code:
+Every value comes from the environment, so a deployment changes the environment, not the code.
+``MOE_VIZ_HOSTED=1`` switches on **hosted mode** for a public demo: models come from an
+allow-list only (the default model always), local paths and remote code are refused, and every
+request is bounded. Any single setting below can still be overridden by its own variable.
 
-| setting | env var | default |
-|---|---|---|
-| model shown at start | ``MOE_VIZ_MODEL`` | the model shipped in ``assets/`` |
-| custom models (hub id / folder) allowed | ``MOE_VIZ_ALLOW_CUSTOM_MODELS`` | ``1`` |
-| max prompt tokens | ``MOE_VIZ_MAX_PROMPT_TOKENS`` | 2048 |
-| max prompt characters (text box) | ``MOE_VIZ_MAX_PROMPT_CHARS`` | 20000 |
-| max new tokens when generating | ``MOE_VIZ_MAX_NEW_TOKENS`` | 64 |
-| torch threads (set once, process-wide) | ``MOE_VIZ_TORCH_THREADS`` | unset: torch's default |
+| setting | env var | local default | hosted default |
+|---|---|---|---|
+| hosted mode | ``MOE_VIZ_HOSTED`` | ``0`` | ``1`` |
+| model shown at start | ``MOE_VIZ_MODEL`` | the model shipped in ``assets/`` | same |
+| other models allowed (hosted: hub ids only) | ``MOE_VIZ_ALLOW_CUSTOM_MODELS`` | ``1`` | ``1`` if an allow-list is set |
+| allow-list of hub ids (comma-separated) | ``MOE_VIZ_ALLOWED_MODELS`` | any | none: the default model only |
+| max prompt tokens | ``MOE_VIZ_MAX_PROMPT_TOKENS`` | 2048 | 512 |
+| max prompt characters (text box) | ``MOE_VIZ_MAX_PROMPT_CHARS`` | 20000 | 4000 |
+| max new tokens when generating | ``MOE_VIZ_MAX_NEW_TOKENS`` | 64 | 32 |
+| max k | ``MOE_VIZ_MAX_K`` | E | E |
+| capacity factor range | ``MOE_VIZ_MIN_CAPACITY_FACTOR``, ``MOE_VIZ_MAX_CAPACITY_FACTOR`` | 0.1 .. 4 | 0.1 .. 4 |
+| ensemble allowed up to E experts | ``MOE_VIZ_MAX_ENSEMBLE_EXPERTS`` | any | 64 |
+| time budget per request, seconds | ``MOE_VIZ_TIME_BUDGET_S`` | none | 30 |
+| model computations at once | ``MOE_VIZ_COMPUTE_SLOTS`` | unbounded | 2 |
+| longest wait for a free slot, seconds | ``MOE_VIZ_MAX_WAIT_S`` | — | 120 |
+| traces kept per session | ``MOE_VIZ_TRACES_PER_SESSION`` | 24 | 6 |
+| torch threads (set once, process-wide) | ``MOE_VIZ_TORCH_THREADS`` | torch's default | cores / slots |
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from moe_viz import DEFAULT_MODEL
+from moe_viz import DEFAULT_MODEL, Limits
 
 DEFAULT_PROMPT = "The router sends each token to two of eight experts, and the experts add up their answers."
 
@@ -47,9 +58,27 @@ def _env_bool(name: str, default: bool) -> bool:
     raise ValueError(f"{name} must be 1/0, true/false, yes/no or on/off; got {raw!r}")
 
 
+def _env_float(name: str, default: float | None, low: float = 0.0) -> float | None:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number; got {raw!r}") from None
+    if not value > low or value != value or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number > {low:g}; got {raw!r}")
+    return value
+
+
+def looks_like_local_path(name: str) -> bool:
+    """A folder rather than a hub id ("org/name"): absolute, relative, home, or more than one slash."""
+    return name.startswith(("/", ".", "~", "\\")) or ":" in name or name.count("/") > 1 or os.path.exists(name)
+
+
 @dataclass(frozen=True)
 class AppConfig:
-    """The app's limits. Built from the environment by ``load_config``."""
+    """The app's settings and limits. Built from the environment by ``load_config``."""
 
     default_model: str = DEFAULT_MODEL
     allow_custom_models: bool = True
@@ -58,16 +87,91 @@ class AppConfig:
     max_new_tokens: int = 64
     torch_threads: int | None = None
     default_prompt: str = DEFAULT_PROMPT
+    hosted: bool = False
+    allowed_models: tuple[str, ...] = ()
+    max_k: int | None = None
+    min_capacity_factor: float = 0.1
+    max_capacity_factor: float = 4.0
+    max_ensemble_experts: int | None = None
+    time_budget_s: float | None = None
+    compute_slots: int | None = None
+    max_wait_s: float = 120.0
+    traces_per_session: int = 24
+
+    @property
+    def limits(self) -> Limits:
+        """The per-request limits the library enforces for this app."""
+        return Limits(
+            max_prompt_tokens=self.max_prompt_tokens,
+            max_new_tokens=self.max_new_tokens,
+            max_k=self.max_k,
+            min_capacity_factor=self.min_capacity_factor,
+            max_capacity_factor=self.max_capacity_factor,
+            max_ensemble_experts=self.max_ensemble_experts,
+            time_budget_s=self.time_budget_s,
+        )
+
+    def check_model_request(self, name: str, trust_remote_code: bool = False) -> None:
+        """Raise ValueError unless this server may load ``name`` (with ``trust_remote_code``)."""
+        if name == self.default_model:
+            return
+        if not self.allow_custom_models:
+            raise ValueError(f"this server only runs its default model; {name!r} is not available")
+        if not self.hosted:
+            return
+        if trust_remote_code:
+            raise ValueError("this server never runs a checkpoint's own code (trust_remote_code is refused)")
+        if looks_like_local_path(name):
+            raise ValueError(f"this server does not load local folders; {name!r} looks like a path")
+        if name not in self.allowed_models:
+            allowed = ", ".join(self.allowed_models) or "none besides the default model"
+            raise ValueError(f"model {name!r} is not on this server's allow-list (allowed: {allowed})")
+
+    def limit_rows(self) -> list[tuple[str, str]]:
+        """(setting, value) rows to show users what this server allows."""
+        unlimited = "no limit"
+        return [
+            ("mode", "hosted" if self.hosted else "local"),
+            ("models", "default only" if not self.allow_custom_models else
+             ("allow-list: " + (", ".join(self.allowed_models) or "default only")) if self.hosted else "any hub id or folder"),
+            ("prompt tokens", str(self.max_prompt_tokens)),
+            ("new tokens", str(self.max_new_tokens)),
+            ("k", f"1 .. {self.max_k}" if self.max_k else "1 .. number of experts"),
+            ("capacity factor", f"{self.min_capacity_factor:g} .. {self.max_capacity_factor:g}"),
+            ("ensemble", f"models with at most {self.max_ensemble_experts} experts" if self.max_ensemble_experts else unlimited),
+            ("time per request", f"{self.time_budget_s:g} s" if self.time_budget_s else unlimited),
+            ("computations at once", str(self.compute_slots) if self.compute_slots else unlimited),
+            ("traces kept per session", str(self.traces_per_session)),
+        ]  # fmt: skip
 
 
 def load_config() -> AppConfig:
     """The config for this process, read from the environment (see the module docstring)."""
+    hosted = _env_bool("MOE_VIZ_HOSTED", False)
+    allowed = tuple(m.strip() for m in os.environ.get("MOE_VIZ_ALLOWED_MODELS", "").split(",") if m.strip())
+    slots = _env_int("MOE_VIZ_COMPUTE_SLOTS", 2) if hosted or os.environ.get("MOE_VIZ_COMPUTE_SLOTS", "").strip() else None
     threads = os.environ.get("MOE_VIZ_TORCH_THREADS", "").strip()
+    if threads:
+        torch_threads: int | None = _env_int("MOE_VIZ_TORCH_THREADS", 1)
+    elif slots is not None:
+        torch_threads = max(1, (os.cpu_count() or 1) // slots)  # slots x threads = cores: no oversubscription
+    else:
+        torch_threads = None
     return AppConfig(
         default_model=os.environ.get("MOE_VIZ_MODEL", "").strip() or DEFAULT_MODEL,
-        allow_custom_models=_env_bool("MOE_VIZ_ALLOW_CUSTOM_MODELS", True),
-        max_prompt_tokens=_env_int("MOE_VIZ_MAX_PROMPT_TOKENS", 2048),
-        max_prompt_chars=_env_int("MOE_VIZ_MAX_PROMPT_CHARS", 20_000),
-        max_new_tokens=_env_int("MOE_VIZ_MAX_NEW_TOKENS", 64),
-        torch_threads=_env_int("MOE_VIZ_TORCH_THREADS", 1) if threads else None,
+        allow_custom_models=_env_bool("MOE_VIZ_ALLOW_CUSTOM_MODELS", bool(allowed) or not hosted),
+        max_prompt_tokens=_env_int("MOE_VIZ_MAX_PROMPT_TOKENS", 512 if hosted else 2048),
+        max_prompt_chars=_env_int("MOE_VIZ_MAX_PROMPT_CHARS", 4_000 if hosted else 20_000),
+        max_new_tokens=_env_int("MOE_VIZ_MAX_NEW_TOKENS", 32 if hosted else 64),
+        torch_threads=torch_threads,
+        hosted=hosted,
+        allowed_models=allowed,
+        max_k=_env_int("MOE_VIZ_MAX_K", 0, low=0) or None,
+        min_capacity_factor=_env_float("MOE_VIZ_MIN_CAPACITY_FACTOR", 0.1) or 0.1,
+        max_capacity_factor=_env_float("MOE_VIZ_MAX_CAPACITY_FACTOR", 4.0) or 4.0,
+        max_ensemble_experts=_env_int("MOE_VIZ_MAX_ENSEMBLE_EXPERTS", 64 if hosted else 0, low=0) or None,
+        time_budget_s=_env_float("MOE_VIZ_TIME_BUDGET_S", 30.0 if hosted else None),
+        compute_slots=slots,
+        max_wait_s=_env_float("MOE_VIZ_MAX_WAIT_S", 120.0) or 120.0,
+        traces_per_session=_env_int("MOE_VIZ_TRACES_PER_SESSION", 6 if hosted else 24),
     )

@@ -9,12 +9,27 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import streamlit as st
 import torch
 
-from moe_viz import Capacity, Ensemble, MoEModel, Policy, Trace, TopK, generate, load_model, policy_spec, run_prompt
+from moe_viz import (
+    Busy,
+    Capacity,
+    ComputeGate,
+    Ensemble,
+    MoEModel,
+    Policy,
+    TimeBudgetExceeded,
+    TopK,
+    Trace,
+    generate,
+    load_model,
+    parse_policy,
+    policy_spec,
+    run_prompt,
+)
 from moe_viz.runner import Generation, Sampling
 
 from app.config import AppConfig, load_config
@@ -35,6 +50,9 @@ class Keys:
     PRIORITY = "capacity_priority"  # widget
     WEIGHTING = "ensemble_weighting"  # widget
     LAYER = "layer"  # widget
+    TRUST_REMOTE_CODE = "trust_remote_code"  # widget (local mode only)
+    ACTIVE_TRUST = "active_trust_remote_code"  # whether the active model was loaded with remote code
+    QUERY_APPLIED = "query_params_applied"  # the URL's settings are read once per session
     WIDGETS_FOR = "widgets_for_model"  # the model id the k / layer widgets were set up for
     POSITION = "position"  # widget: selected token position
     TRACES = "traces"  # OrderedDict[(model, prompt, policy spec)] -> Trace
@@ -44,7 +62,12 @@ class Keys:
 MODES = ("top-k", "capacity", "ensemble")
 PRIORITIES = ("position", "probs")
 WEIGHTINGS = ("gate", "uniform")
-TRACE_CACHE_SIZE = 24
+
+T = TypeVar("T")
+
+
+class RequestRefused(ValueError):
+    """The server was too busy or the request ran past its time budget; shown like bad input."""
 
 _threads_lock = threading.Lock()
 _threads_set = False
@@ -55,7 +78,7 @@ def config() -> AppConfig:
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def _cached_model(name: str) -> MoEModel:
+def _cached_model(name: str, trust_remote_code: bool = False) -> MoEModel:
     """Load (once per process) and share. ValueErrors are not cached, so a retry can succeed."""
     global _threads_set
     threads = load_config().torch_threads
@@ -63,21 +86,51 @@ def _cached_model(name: str) -> MoEModel:
         if threads is not None and not _threads_set:
             torch.set_num_threads(threads)  # process-wide: set once, here
             _threads_set = True
-    return load_model(name)
+    return load_model(name, trust_remote_code=trust_remote_code)
 
 
-def get_model(name: str) -> MoEModel:
+@st.cache_resource(show_spinner=False)
+def _compute_gate(slots: int) -> ComputeGate:
+    """One gate per process: at most ``slots`` model computations at once, the rest queue."""
+    return ComputeGate(slots)
+
+
+def compute(work: Callable[[], T]) -> T:
+    """Run ``work`` (a model computation) inside the server's compute gate and time budget.
+
+    While queued, the page shows the session's place in the queue. Raises ``RequestRefused``
+    when the wait or the time budget runs out.
+    """
+    cfg = config()
+    try:
+        if cfg.compute_slots is None:
+            return work()
+        gate = _compute_gate(cfg.compute_slots)
+        notice = st.empty()
+
+        def waiting(place: int) -> None:
+            notice.info(f"Waiting for a free compute slot: {place} request(s) ahead of you, {gate.running} running.")
+
+        with gate.slot(max_wait_s=cfg.max_wait_s, on_wait=waiting):
+            notice.empty()
+            return work()
+    except (Busy, TimeBudgetExceeded) as err:
+        raise RequestRefused(str(err)) from None
+
+
+def get_model(name: str, trust_remote_code: bool = False) -> MoEModel:
     """The shared model ``name``; shows a status box the first time this session loads it.
 
     Raises ValueError (from ``moe_viz.load_model``) for an unknown id, a missing folder or a
-    dense model.
+    dense model, and for a model this server does not allow (hosted mode).
     """
+    config().check_model_request(name, trust_remote_code)
     loaded: set[str] = st.session_state.setdefault(Keys.LOADED, set())
     if name in loaded:
-        return _cached_model(name)
+        return _cached_model(name, trust_remote_code)
     with st.status(f"Loading model `{name}` …", expanded=False) as status:
         try:
-            model = _cached_model(name)
+            model = _cached_model(name, trust_remote_code)
         except ValueError:
             status.update(label=f"Could not load `{name}`", state="error")
             raise
@@ -96,6 +149,40 @@ def display_name(model_id: str) -> str:
     if model_id == config().default_model and Path(model_id).is_dir():
         return f"{Path(model_id).name} (default)"
     return model_id if len(model_id) <= 48 else "…" + model_id[-47:]
+
+
+def apply_query_params() -> None:
+    """Start a session from its URL: ``?prompt=...&policy=capacity:1.0:probs`` (once per session).
+
+    Shareable links, and how the load test gives every session its own prompt and mode. A bad
+    value is reported and ignored.
+    """
+    if st.session_state.get(Keys.QUERY_APPLIED):
+        return
+    st.session_state[Keys.QUERY_APPLIED] = True
+    params = st.query_params
+    prompt = params.get("prompt")
+    if prompt is not None:
+        st.session_state[Keys.PROMPT] = prompt[: config().max_prompt_chars]
+    spec = params.get("policy")
+    if spec is None:
+        return
+    try:
+        policy = parse_policy(spec)
+    except ValueError as err:
+        st.warning(f"Ignored the link's policy: {err}")
+        return
+    if policy is None:
+        return
+    if isinstance(policy, Ensemble):
+        st.session_state[Keys.MODE], st.session_state[Keys.WEIGHTING] = "ensemble", policy.weighting
+        return
+    st.session_state[Keys.MODE] = "top-k" if isinstance(policy, TopK) else "capacity"
+    if policy.k is not None:
+        st.session_state[Keys.K] = policy.k
+        st.session_state[Keys.WIDGETS_FOR] = active_model_id()  # keep the link's k on first load
+    if isinstance(policy, Capacity):
+        st.session_state[Keys.FACTOR], st.session_state[Keys.PRIORITY] = policy.factor, policy.priority
 
 
 def active_model_id() -> str:
@@ -117,7 +204,7 @@ def policy_from_state(model: MoEModel) -> Policy:
     if mode == "capacity":
         return Capacity(
             float(st.session_state.get(Keys.FACTOR, 1.0)),
-            k=k,
+            k=None if k == model.top_k else k,  # None: the model's own k (and the shorter spec)
             priority=st.session_state.get(Keys.PRIORITY, "position"),
         )
     if mode == "ensemble":
@@ -135,9 +222,13 @@ def get_trace(model: MoEModel, prompt: str, policy: Policy | None) -> Trace:
     if key in cache:
         cache.move_to_end(key)
         return cache[key]
-    trace = run_prompt(model, prompt, policy, max_tokens=config().max_prompt_tokens)
+    cfg = config()
+    cfg.limits.check_policy(policy, model.num_experts)
+    trace = compute(
+        lambda: run_prompt(model, prompt, policy, max_tokens=cfg.max_prompt_tokens, time_budget_s=cfg.time_budget_s)
+    )
     cache[key] = trace
-    while len(cache) > TRACE_CACHE_SIZE:
+    while len(cache) > cfg.traces_per_session:  # only the latest traces stay in memory
         cache.popitem(last=False)
     return trace
 
@@ -150,22 +241,25 @@ def get_generation(
     progress: Callable[[int, int], Any] | None = None,
 ) -> Generation:
     """This session's greedy generation under ``policy`` (computed once per settings)."""
-    limit = config().max_new_tokens
-    if not 1 <= max_new_tokens <= limit:
-        raise ValueError(f"max_new_tokens must satisfy 1 <= max_new_tokens <= {limit}; got {max_new_tokens}")
+    cfg = config()
+    cfg.limits.check_new_tokens(max_new_tokens)
+    cfg.limits.check_policy(policy, model.num_experts)
     cache: dict[tuple[str, str, str, int], Generation] = st.session_state.setdefault(Keys.GENERATIONS, {})
     key = (model.model_id, prompt, policy_spec(policy), max_new_tokens)
     if key not in cache:
-        cache[key] = generate(
-            model,
-            prompt,
-            policy,
-            max_new_tokens=max_new_tokens,
-            sampling=Sampling(temperature=0.0),
-            progress=progress,
-            max_tokens=config().max_prompt_tokens,
+        cache[key] = compute(
+            lambda: generate(
+                model,
+                prompt,
+                policy,
+                max_new_tokens=max_new_tokens,
+                sampling=Sampling(temperature=0.0),
+                progress=progress,
+                max_tokens=cfg.max_prompt_tokens,
+                time_budget_s=cfg.time_budget_s,
+            )
         )
-        if len(cache) > TRACE_CACHE_SIZE:
+        if len(cache) > cfg.traces_per_session:
             cache.pop(next(iter(cache)))
     return cache[key]
 

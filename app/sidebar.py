@@ -14,6 +14,7 @@ from moe_viz import MoEModel, Policy
 
 from app.resources import (
     MODES,
+    apply_query_params,
     PRIORITIES,
     WEIGHTINGS,
     Keys,
@@ -53,40 +54,51 @@ def _model_section() -> MoEModel | None:
         source = st.radio(
             "Model source",
             ["default", "custom"],
-            format_func=lambda s: "Default model" if s == "default" else "Hub id or local folder",
+            format_func=lambda s: "Default model" if s == "default" else ("Allowed models" if cfg.hosted else "Hub id or local folder"),
             key=Keys.MODEL_SOURCE,
             horizontal=True,
             label_visibility="collapsed",
         )
         if source == "custom":
             with st.form("custom_model_form", border=False):
-                name = st.text_input(
-                    "Hub id or local folder",
-                    key=Keys.CUSTOM_MODEL,
-                    placeholder="e.g. allenai/OLMoE-1B-7B-0924 or /models/my-moe",
-                    help="A local folder with config.json, or a hub id (downloaded unless already cached; "
-                    "large checkpoints need a lot of memory). Remote code is never run.",
-                )
+                if cfg.hosted:  # hub ids from the operator's allow-list only
+                    name = st.selectbox("Model", cfg.allowed_models, key=Keys.CUSTOM_MODEL)
+                    trust = False
+                else:
+                    name = st.text_input(
+                        "Hub id or local folder",
+                        key=Keys.CUSTOM_MODEL,
+                        placeholder="e.g. allenai/OLMoE-1B-7B-0924 or /models/my-moe",
+                        help="A local folder with config.json, or a hub id (downloaded unless already cached; "
+                        "large checkpoints need a lot of memory).",
+                    )
+                    trust = st.checkbox(
+                        "Trust remote code",
+                        key=Keys.TRUST_REMOTE_CODE,
+                        help="Run the checkpoint's own Python code (only for checkpoints you trust). Off by default.",
+                    )
                 submitted = st.form_submit_button("Load model")
             if submitted:
                 name = (name or "").strip()
                 try:
                     if not name:
                         raise ValueError("model must be a hub id or a local folder; the box is empty")
-                    get_model(name)
+                    get_model(name, trust)
                 except ValueError as err:
                     st.session_state[Keys.MODEL_ERROR] = str(err)
                 else:
                     st.session_state[Keys.ACTIVE_MODEL] = name
+                    st.session_state[Keys.ACTIVE_TRUST] = trust
                     st.session_state[Keys.MODEL_ERROR] = None
         elif st.session_state.get(Keys.ACTIVE_MODEL) not in (None, cfg.default_model):
             st.session_state[Keys.ACTIVE_MODEL] = cfg.default_model
+            st.session_state[Keys.ACTIVE_TRUST] = False
             st.session_state[Keys.MODEL_ERROR] = None
     if st.session_state.get(Keys.MODEL_ERROR):
         st.error(st.session_state[Keys.MODEL_ERROR])
     name = active_model_id()
     try:
-        model = get_model(name)
+        model = get_model(name, bool(st.session_state.get(Keys.ACTIVE_TRUST, False)))
     except ValueError as err:
         st.error(str(err))
         return None
@@ -120,18 +132,21 @@ def _mode_section(model: MoEModel) -> None:
     E = model.num_experts
     mode = st.radio("Mode", MODES, key=Keys.MODE, horizontal=True, help="How tokens are sent to experts.")
     st.caption(MODE_HELP[mode])
+    cfg = config()
     if mode in ("top-k", "capacity"):
-        _clamp(Keys.K, 1, E, model.top_k)
-        if E > 1:
-            st.slider(f"k (experts per token; the model uses {model.top_k})", 1, E, step=1, key=Keys.K)
+        k_max = min(E, cfg.max_k) if cfg.max_k else E
+        _clamp(Keys.K, 1, k_max, min(model.top_k, k_max))
+        if k_max > 1:
+            st.slider(f"k (experts per token; the model uses {model.top_k})", 1, k_max, step=1, key=Keys.K)
         else:
             st.session_state[Keys.K] = 1
     if mode == "capacity":
-        _clamp(Keys.FACTOR, 0.1, 4.0, 1.0)
+        low, high = cfg.min_capacity_factor, cfg.max_capacity_factor
+        _clamp(Keys.FACTOR, low, high, min(max(1.0, low), high))
         st.slider(
             "Capacity factor",
-            0.1,
-            4.0,
+            low,
+            high,
             step=0.05,
             key=Keys.FACTOR,
             help="C = ceil(factor × T × k / E) assignments per expert over the T tokens of the prompt.",
@@ -160,8 +175,15 @@ def _layer_section(model: MoEModel) -> int:
     return int(st.selectbox("Layer", layers, key=Keys.LAYER, format_func=lambda i: f"layer {i}"))
 
 
+def _limits_section() -> None:
+    cfg = config()
+    with st.expander("Server limits" if cfg.hosted else "Limits", expanded=False):
+        st.table({"setting": [r[0] for r in cfg.limit_rows()], "value": [r[1] for r in cfg.limit_rows()]})
+
+
 def render_sidebar() -> PageContext:
     """Draw the sidebar and remember what it decided for the page of this run."""
+    apply_query_params()
     with st.sidebar:
         model = _model_section()
         if model is None:
@@ -183,6 +205,7 @@ def render_sidebar() -> PageContext:
                 policy, error = None, str(err)
                 st.error(error)
             ctx = PageContext(model=model, policy=policy, layer=layer, policy_error=error)
+        _limits_section()
     st.session_state[CONTEXT_KEY] = ctx
     return ctx
 

@@ -97,7 +97,7 @@ def test_capacity_mode_shows_the_dropped_count_the_library_computes(app, model):
     at.sidebar.selectbox(key="layer").set_value(layer)
     at.run()
     no_exception(at)
-    expected = run_prompt(model, PROMPT, Capacity(0.5, k=model.top_k, priority="probs"))
+    expected = run_prompt(model, PROMPT, Capacity(0.5, priority="probs"))  # k=None: the model's own k
     assert routing_shown(at) == expected.policy
     assert metric(at, f"Dropped (layer {layer})") == str(expected.layer(layer).dropped_count)
     assert metric(at, "Dropped (all layers)") == str(sum(lt.dropped_count for lt in expected.layers))

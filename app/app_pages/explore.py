@@ -32,6 +32,7 @@ c[1].metric(
 c[2].metric(f"Dropped (layer {layer})", lt.dropped_count, help="Assignments over an expert's capacity in this layer.")
 c[3].metric("Dropped (all layers)", sum(item.dropped_count for item in trace.layers))
 c[4].metric("Forward", f"{trace.timings_ms.get('forward_ms', float('nan')):.0f} ms")
+st.caption(explain.run_summary(trace))
 
 st.subheader(f"Token × expert routing, layer {layer}")
 chart(figures.token_expert_heatmap(trace, layer), explain.explain_heatmap(trace, layer), "explore_heatmap", "Token × expert heatmap")
