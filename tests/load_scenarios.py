@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from urllib.parse import urlencode
 
 import torch
@@ -15,7 +16,8 @@ SUBJECTS = ["def add(a, b):\n    return a + b", "In the beginning God created th
             "To be, or not to be, that is the question:", "床前明月光，疑是地上霜。", "1234 + 5678 = 6912",
             "The router sends each token to two experts.", "for i in range(10):\n    print(i * i)",
             "Love all, trust a few, do wrong to none."]  # fmt: skip
-HOSTED_ENV = {"MOE_VIZ_HOSTED": "1", "MOE_VIZ_TORCH_THREADS": "1", "MOE_VIZ_COMPUTE_SLOTS": "2"}
+MODEL = os.environ.get("MOE_VIZ_MODEL") or DEFAULT_MODEL
+HOSTED_ENV = {"MOE_VIZ_HOSTED": "1", "MOE_VIZ_TORCH_THREADS": "1", "MOE_VIZ_COMPUTE_SLOTS": "2", "MOE_VIZ_MODEL": MODEL}
 
 
 def scenarios(n: int) -> list[tuple[str, str]]:
@@ -32,7 +34,7 @@ def references(pairs: list[tuple[str, str]], threads: int = 1) -> list[str]:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        model = load_model(DEFAULT_MODEL)
+        model = load_model(MODEL)
         return [run_summary(run_prompt(model, prompt, parse_policy(spec))) for prompt, spec in pairs]
     finally:
         torch.set_num_threads(before)

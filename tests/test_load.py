@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from load_scenarios import HOSTED_ENV, query, references, scenarios
+from load_scenarios import HOSTED_ENV, MODEL, query, references, scenarios
 from streamlit_client import Server, run_sessions
 
 pytestmark = pytest.mark.slow
 SESSIONS = 16
 
-if not (Path(__file__).resolve().parent.parent / "assets" / "moe-viz-mini" / "model.safetensors").exists():
-    pytest.skip("the default model is not in assets/", allow_module_level=True)
+if not (Path(MODEL) / "config.json").is_file():
+    pytest.skip(f"no model at {MODEL}", allow_module_level=True)
 
 
 def test_sixteen_concurrent_sessions_each_get_their_own_correct_result():
