@@ -6,41 +6,20 @@ import math
 
 import pytest
 import torch
-import transformers
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 import moe_viz
+import tiny_models
 from moe_viz import metrics
 from moe_viz.trace import LayerTrace, OutputTrace, Trace
 
 
 # ----------------------------------------------------------------------------- fixtures and builders
-class ByteTokenizer:
-    """A byte-level stand-in tokenizer: one token per UTF-8 byte."""
-
-    eos_token_id = None
-
-    def __call__(self, text: str, return_tensors: str = "pt") -> dict[str, torch.Tensor]:
-        return {"input_ids": torch.tensor([list(text.encode("utf-8"))])}
-
-    def decode(self, ids, **kw) -> str:  # type: ignore[no-untyped-def]
-        ids = [ids] if isinstance(ids, int) else ids
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
 @pytest.fixture(scope="module")
 def tiny_model() -> moe_viz.MoEModel:
-    torch.manual_seed(0)
-    config = transformers.MixtralConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
-    )  # fmt: skip
-    model = transformers.MixtralForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gate.weight"):
-                p.normal_(std=0.5)
-    return moe_viz.wrap_model(model, ByteTokenizer(), "tiny")
+    return tiny_models.build("mixtral")
 
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
