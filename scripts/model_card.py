@@ -202,7 +202,7 @@ out.router_logits  # one (tokens, {n_exp}) tensor per layer
     parts.append(f"""## Training
 
 ```
-{spec['command'].strip()}
+{train.get('command', spec['command']).strip()}
 ```
 
 One command rebuilds the corpus if `.corpus/` is missing, trains the tokenizer and the model,
@@ -254,6 +254,13 @@ is what it learned about order.
     best = max(range(n_layers), key=lambda i: mi[i])
     verdict_mi = "meets" if mi[best] >= MI_TARGET_BITS else "misses"
     verdict_bal = "meets" if avg_busiest <= BALANCE_TARGET else "misses"
+    balance_note = "" if avg_busiest <= BALANCE_TARGET else (
+        "Why the balance target can be missed while the training aux loss sat at ~2.0 (its "
+        "balanced value): transformers' Mixtral `load_balancing_loss_func` adds up the expert "
+        "load and the mean router probability over all layers before taking their product, so "
+        "it balances each expert index summed over layers, not each layer; one layer can overload "
+        "an expert that another layer under-uses. A per-layer auxiliary loss (or a larger "
+        "coefficient) is the fix to try in the next training run.\n\n")
     rows = [[str(i), f"{mi[i]:.3f}", f"{busiest[i]:.2f}", f"{busiest1[i]:.2f}"]
             for i in range(n_layers)]
     rows.append(["mean", f"{sum(mi) / n_layers:.3f}", f"{avg_busiest:.2f}",
@@ -271,7 +278,7 @@ Targets (issue 4): MI ≥ {MI_TARGET_BITS} bits in the best layer — best is la
 {mi[best]:.3f} bits, which **{verdict_mi}** it; busiest expert ≤ {BALANCE_TARGET:g}× fair share
 averaged over layers — {avg_busiest:.2f}×, which **{verdict_bal}** it.
 
-""" + _table(["layer", "MI(domain; top-1 expert), bits", "busiest / fair (top-2)",
+{balance_note}""" + _table(["layer", "MI(domain; top-1 expert), bits", "busiest / fair (top-2)",
               "busiest / fair (top-1)"], rows) + "\n")
 
     for layer in range(n_layers):

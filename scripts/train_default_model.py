@@ -477,6 +477,7 @@ def run(spec: RunSpec, eval_only: bool = False) -> dict:
               f"per token)", flush=True)
         train_info = train_model(model, streams, spec.train)
         train_info["train_tokens_per_domain"] = {d: len(s) for d, s in streams.items()}
+        train_info["command"] = spec.command  # --eval-only must still show how it was trained
         save(model, tokenizer, spec.out)
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text(json.dumps(train_info, indent=1))

@@ -114,7 +114,7 @@ def test_routing_differs_between_code_prose_chinese_and_numbers(loaded):
     for a, b in itertools.combinations(hists, 2):
         # Total-variation distance between the two top-1 expert histograms, per layer.
         tv = 0.5 * (hists[a] - hists[b]).abs().sum(dim=-1)  # (layers,)
-        assert tv.max() > 0.3, f"{a} vs {b}: routing barely differs (TV per layer {tv.tolist()})"
+        assert tv.max() > 0.5, f"{a} vs {b}: routing barely differs (TV per layer {tv.tolist()})"
 
 
 def test_default_model_runs_a_2048_token_prompt(loaded):
