@@ -138,7 +138,7 @@ class AppConfig:
             ("new tokens", str(self.max_new_tokens)),
             ("k", f"1 .. {self.max_k}" if self.max_k else "1 .. number of experts"),
             ("capacity factor", f"{self.min_capacity_factor:g} .. {self.max_capacity_factor:g}"),
-            ("ensemble", f"models with at most {self.max_ensemble_experts} experts" if self.max_ensemble_experts else unlimited),
+            ("ensemble mode", f"models with at most {self.max_ensemble_experts} experts" if self.max_ensemble_experts else unlimited),
             ("time per request", f"{self.time_budget_s:g} s" if self.time_budget_s else unlimited),
             ("computations at once", str(self.compute_slots) if self.compute_slots else unlimited),
             ("traces kept per session", str(self.traces_per_session)),
