@@ -148,9 +148,9 @@ def test_type_a_prompt_switch_each_mode_and_download_a_trace(server, browser):
     assert routing_shown(page).startswith("top-k:")
     shot(page, "2-explore-top-k")
 
-    sidebar = page.get_by_test_id("stSidebar")
+    modes = page.get_by_test_id("stSidebar").get_by_role("radiogroup", name="Mode", exact=True)
     for mode in ("capacity", "ensemble"):
-        sidebar.get_by_text(mode, exact=True).click()
+        modes.get_by_text(mode, exact=True).click()
         wait_ready(page)
         page.wait_for_function(
             "(m) => [...document.querySelectorAll('code')].some(e => e.innerText.startsWith(m + ':'))", arg=mode
@@ -161,7 +161,7 @@ def test_type_a_prompt_switch_each_mode_and_download_a_trace(server, browser):
     assert len(set(seen.values())) == 3, "the heatmap must change with each mode"
     assert not page.locator("[data-testid='stException']").count()
 
-    sidebar.get_by_text("top-k", exact=True).click()
+    modes.get_by_text("top-k", exact=True).click()
     wait_ready(page)
     with page.expect_download() as info:
         page.get_by_role("button", name="Trace (JSON)").click()
