@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 from . import metrics
+from .figures import token_bins as figures_token_bins
 from .trace import LayerTrace, Trace
 
 LOW_MARGIN = 0.05  # top-k margins below this count as fragile decisions
@@ -89,10 +90,20 @@ def explain_heatmap(trace: Trace, layer: int) -> str:
     top = lt.router_probs.float().max(dim=-1)  # (T,)
     t_conf = int(top.values.argmax())
     fragile = int((margin < LOW_MARGIN).sum())
+    size = figures_token_bins(T)
+    if size > 1:  # the heatmap groups long prompts into bins and marks no individual choices
+        opening = (
+            f"Each column is a group of {size} consecutive tokens ({T} tokens in all), each row one of the {E} "
+            "experts; brighter means a higher mean router probability (at this zoom single choices are not marked). "
+        )
+    else:
+        opening = (
+            f"Each column is one of the {T} tokens, each row one of the {E} experts; brighter means a higher router "
+            + (f"probability, and dots mark the {_k(lt)} experts each token is sent to. " if _k(lt) < E
+               else "probability; in ensemble mode every expert is used, so nothing is marked. ")
+        )
     text = (
-        f"Each column is one of the {T} tokens, each row one of the {E} experts; brighter means a higher router "
-        + (f"probability, and dots mark the {_k(lt)} experts each token is sent to. " if _k(lt) < E
-           else "probability; in ensemble mode every expert is used, so nothing is marked. ")
+        opening
         + f"The mean router entropy is {float(h.mean()):.2f} of its maximum (1 = undecided, 0 = certain). "
         f"The most confident token is {_tok(trace.tokens[t_conf])} (position {t_conf}), giving "
         f"{float(top.values[t_conf]):.2f} to expert {int(top.indices[t_conf])}. "

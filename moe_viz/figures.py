@@ -103,6 +103,22 @@ def _bin_sum(x: torch.Tensor, size: int) -> torch.Tensor:
 VALIDATE = False  # plotly property validation: off for speed (about 2x); tests switch it on
 
 
+def _finish(fig: go.Figure, width: int = 72) -> go.Figure:
+    """Wrap a long title onto several lines so it is not cut off in a half-width column."""
+    text = fig.layout.title.text
+    if text and len(text) > width and "<br>" not in text:
+        lines, line = [], ""
+        for word in text.split(" "):
+            if line and len(line) + 1 + len(word) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line} {word}" if line else word
+        lines.append(line)
+        fig.update_layout(title={"text": "<br>".join(lines), "font": {"size": 13}}, margin={"t": 40 + 18 * len(lines)})
+    return fig
+
+
 def _figure(data: object = None) -> go.Figure:
     return go.Figure(data, _validate=VALIDATE)
 
@@ -210,7 +226,7 @@ def token_expert_heatmap(trace: Trace, layer: int) -> go.Figure:
     fig.update_layout(title={"text": title}, legend={"orientation": "h", "y": -0.25}, plot_bgcolor="#FFFFFF")
     _token_axis(fig, trace, size)
     _expert_axis(fig, E)
-    return fig
+    return _finish(fig)
 
 
 def expert_load_bars(trace: Trace, layer: int) -> go.Figure:
@@ -250,7 +266,7 @@ def expert_load_bars(trace: Trace, layer: int) -> go.Figure:
         yaxis_title="assignments", showlegend=bool(b.dropped), plot_bgcolor="#FFFFFF",
     )  # fmt: skip
     _expert_axis(fig, E, "x")
-    return fig
+    return _finish(fig)
 
 
 def layer_load_heatmap(trace: Trace, which: metrics.SetKind = "routed") -> go.Figure:
@@ -273,7 +289,7 @@ def layer_load_heatmap(trace: Trace, which: metrics.SetKind = "routed") -> go.Fi
     fig.update_layout(title={"text": f"Load per layer and expert, {label}, relative to fair share ({trace.policy})"})
     fig.update_yaxes(title_text="layer", type="category")
     _expert_axis(fig, E, "x")
-    return fig
+    return _finish(fig)
 
 
 def router_distribution(trace: Trace, layer: int, position: int) -> go.Figure:
@@ -304,7 +320,7 @@ def router_distribution(trace: Trace, layer: int, position: int) -> go.Figure:
         yaxis_title="router probability", plot_bgcolor="#FFFFFF",
     )  # fmt: skip
     _expert_axis(fig, E, "x")
-    return fig
+    return _finish(fig)
 
 
 def predictions_bar(trace: Trace, position: int = -1, n: int = 10) -> go.Figure:
@@ -321,9 +337,10 @@ def predictions_bar(trace: Trace, position: int = -1, n: int = 10) -> go.Figure:
     )
     fig.update_layout(
         title={"text": f"Next token after “{display_token(trace.tokens[t])}” (position {t}, {trace.policy})"},
-        xaxis_title="probability", yaxis={"autorange": "reversed"}, plot_bgcolor="#FFFFFF",
+        xaxis_title="probability", plot_bgcolor="#FFFFFF",
+        yaxis={"autorange": "reversed", "type": "category"},  # labels like "2. 9" must not become numbers
     )  # fmt: skip
-    return fig
+    return _finish(fig)
 
 
 def coactivation_heatmap(trace: Trace, layer: int, which: metrics.SetKind = "routed") -> go.Figure:
@@ -352,7 +369,7 @@ def coactivation_heatmap(trace: Trace, layer: int, which: metrics.SetKind = "rou
     _expert_axis(fig, E, "y")
     fig.update_xaxes(title_text="expert b")
     fig.update_yaxes(title_text="expert a", autorange="reversed")
-    return fig
+    return _finish(fig)
 
 
 # ----------------------------------------------------------------------------- comparing two runs
@@ -387,7 +404,7 @@ def mode_effect_figure(reference: Trace, other: Trace) -> go.Figure:
         legend={"orientation": "h", "y": -0.15}, plot_bgcolor="#FFFFFF",
     )  # fmt: skip
     _token_axis(fig, reference, 1, row=2, col=1)
-    return fig
+    return _finish(fig)
 
 
 DIFF_LABELS = ("neither", "both", "reference only", "other only")
@@ -447,7 +464,7 @@ def routing_diff_heatmap(reference: Trace, other: Trace, layer: int) -> go.Figur
     )  # fmt: skip
     _token_axis(fig, reference, size)
     _expert_axis(fig, E)
-    return fig
+    return _finish(fig)
 
 
 # ----------------------------------------------------------------------------- coloured text

@@ -183,3 +183,17 @@ def test_run_summary_names_policy_drops_and_a_fingerprint_that_changes_with_rout
     assert ", ".join(str(lt.dropped_count) for lt in capacity.layers) in line
     assert capacity.fingerprint() in line and capacity.fingerprint() != native.fingerprint()
     assert run_prompt(model, "hello routing", Capacity(0.5)).fingerprint() == capacity.fingerprint()
+
+
+def test_heatmap_explanation_of_a_long_prompt_speaks_of_token_groups_not_dots():
+    from moe_viz import run_prompt
+    from moe_viz.explain import explain_heatmap
+    from moe_viz.figures import token_bins
+    from tiny_models import build
+
+    model = build("mixtral")
+    long = run_prompt(model, "ab" * 300, None)
+    assert token_bins(long.num_tokens) > 1
+    text = explain_heatmap(long, 0)
+    assert f"group of {token_bins(long.num_tokens)} consecutive tokens" in text and "dots" not in text
+    assert "dots mark" in explain_heatmap(run_prompt(model, "short", None), 0)

@@ -247,3 +247,16 @@ def test_unvalidated_figures_serialise_like_validated_ones(capped: Trace, monkey
     assert json.loads(fast.to_json())["layout"]["title"] == json.loads(checked.to_json())["layout"]["title"]
     assert list(fast.data[0].marker.color) == list(checked.data[0].marker.color)
     assert len(fast.data) == len(checked.data)
+
+
+def test_long_titles_wrap_instead_of_being_cut_off(tiny_model) -> None:
+    reference = moe_viz.run_prompt(tiny_model, "a fairly long prompt for a title", None)
+    other = moe_viz.run_prompt(tiny_model, "a fairly long prompt for a title", moe_viz.Capacity(0.5, priority="probs"))
+    fig = figures.routing_diff_heatmap(reference, other, 0)
+    assert "<br>" in fig.layout.title.text
+    assert all(len(line) <= 72 for line in fig.layout.title.text.split("<br>"))
+
+
+def test_prediction_labels_stay_categorical_even_when_they_look_like_numbers(tiny_model) -> None:
+    trace = moe_viz.run_prompt(tiny_model, "1 2 3 4", None)
+    assert figures.predictions_bar(trace).layout.yaxis.type == "category"

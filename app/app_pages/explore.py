@@ -65,11 +65,8 @@ def token_close_up() -> None:
         "explore_router_distribution",
         "Router distribution of the selected token",
     )
-    predictions = figures.predictions_bar(trace, position)
-    # Labels such as "2. 9" would make plotly guess a numeric axis; keep it categorical (reported upstream).
-    predictions.update_yaxes(type="category")
     chart(
-        predictions,
+        figures.predictions_bar(trace, position),
         explain.explain_predictions(trace, position),
         "explore_predictions",
         "Next-token predictions after the selected token",
