@@ -185,14 +185,15 @@ def test_run_summary_names_policy_drops_and_a_fingerprint_that_changes_with_rout
     assert run_prompt(model, "hello routing", Capacity(0.5)).fingerprint() == capacity.fingerprint()
 
 
-def test_heatmap_explanation_of_a_long_prompt_speaks_of_token_groups_not_dots():
-    from moe_viz import run_prompt
+def test_heatmap_explanation_of_a_long_prompt_speaks_of_token_groups_not_dots(monkeypatch):
+    from moe_viz import figures, run_prompt
     from moe_viz.explain import explain_heatmap
     from moe_viz.figures import token_bins
     from tiny_models import build
 
+    monkeypatch.setattr(figures, "BIN_THRESHOLD", 64)  # the tiny model has only 512 positions
     model = build("mixtral")
-    long = run_prompt(model, "ab" * 300, None)
+    long = run_prompt(model, "ab" * 100, None)
     assert token_bins(long.num_tokens) > 1
     text = explain_heatmap(long, 0)
     assert f"group of {token_bins(long.num_tokens)} consecutive tokens" in text and "dots" not in text
