@@ -192,6 +192,7 @@ def test_heatmap_explanation_of_a_long_prompt_speaks_of_token_groups_not_dots(mo
     from tiny_models import build
 
     monkeypatch.setattr(figures, "BIN_THRESHOLD", 64)  # the tiny model has only 512 positions
+    monkeypatch.setattr(figures, "MAX_BINS", 50)
     model = build("mixtral")
     long = run_prompt(model, "ab" * 100, None)
     assert token_bins(long.num_tokens) > 1
