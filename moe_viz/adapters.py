@@ -204,6 +204,8 @@ def find_routers(model: nn.Module) -> list[tuple[nn.Module, RouterSite]]:
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     found: list[tuple[nn.Module, RouterSite]] = []
     for path, module in model.named_modules():
+        if ".self_attention." in path or ".attention." in path:
+            continue  # mixture-of-attention routers (JetMoE) pick attention heads, not FFN experts
         spec = spec_for(module, text_config)
         if spec is None:
             continue

@@ -110,17 +110,22 @@ def test_topk_over_all_experts_equals_gate_ensemble(family):
     torch.testing.assert_close(all_k.output.vocab_logprobs, ensemble.output.vocab_logprobs, atol=1e-5, rtol=0)
 
 
-def test_capture_only_family_records_but_refuses_other_policies():
-    for model_type in CAPTURE_ONLY_CONFIGS:
-        model = build(model_type)
-        ids = model.tokenizer(TEXT)["input_ids"]
-        with torch.inference_mode():
-            reference = model.model(input_ids=ids).logits[0].log_softmax(-1)
-        trace = run_prompt(model, TEXT, None)
-        assert trace.capture_only and all(lt.capture_only for lt in trace.layers)
-        assert _max_diff(trace, reference) <= TOL
-        with pytest.raises(ValueError, match="capture-only"):
-            run_prompt(model, TEXT, TopK(1))
+@pytest.mark.parametrize("model_type", sorted(CAPTURE_ONLY_CONFIGS))
+def test_capture_only_family_records_but_refuses_other_policies(model_type):
+    model = build(model_type)
+    ids = model.tokenizer(TEXT)["input_ids"]
+    with torch.inference_mode():
+        reference = model.model(input_ids=ids).logits[0].log_softmax(-1)
+    trace = run_prompt(model, TEXT, None)
+    assert trace.capture_only and all(lt.capture_only for lt in trace.layers)
+    assert _max_diff(trace, reference) <= TOL
+    T = trace.num_tokens
+    for lt in trace.layers:  # one router per layer, one row per token
+        assert lt.router_logits.shape == (T, lt.num_experts) and lt.native_index.shape == (T, lt.top_k)
+    with pytest.raises(ValueError, match="capture-only"):
+        run_prompt(model, TEXT, TopK(1))
+    with pytest.raises(ValueError, match="capture-only"):
+        run_prompt(model, TEXT, Ensemble("gate"))
 
 
 def test_capacity_formula_is_exact_at_integer_boundaries():

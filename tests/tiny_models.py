@@ -139,6 +139,22 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
 # Families whose routers are recorded but not substituted.
 CAPTURE_ONLY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "phimoe": ("PhimoeConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "dbrx": (
+        "DbrxConfig",
+        dict(
+            d_model=64,
+            n_heads=4,
+            n_layers=2,
+            max_seq_len=512,
+            attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+            ffn_config={"moe_num_experts": 4, "moe_top_k": 2, "ffn_hidden_size": 64},
+        ),
+    ),
+    "llama4_text": (
+        "Llama4TextConfig",
+        dict(intermediate_size_mlp=64, num_local_experts=4, num_experts_per_tok=2, head_dim=16, interleave_moe_layer_step=1),
+    ),
+    "jetmoe": ("JetMoeConfig", dict(kv_channels=16, num_local_experts=4, num_experts_per_tok=2)),
 }
 
 
@@ -168,8 +184,8 @@ def _redraw_routers(model: nn.Module, seed: int) -> None:
 
 def build_config(model_type: str) -> Any:
     class_name, overrides = {**TINY_CONFIGS, **CAPTURE_ONLY_CONFIGS}[model_type]
-    config = getattr(transformers, class_name)(**{**COMMON, **overrides})
-    return config
+    common = {} if model_type == "dbrx" else COMMON  # DBRX names its sizes differently
+    return getattr(transformers, class_name)(**{**common, "vocab_size": 256, **overrides})
 
 
 def build_model(model_type: str, seed: int = 0, experts_implementation: str | None = None) -> nn.Module:
