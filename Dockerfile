@@ -7,8 +7,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     HF_HUB_OFFLINE=1 \
-    MOE_VIZ_HOSTED=1 \
-    MOE_VIZ_ALLOW_CUSTOM_MODELS=0
+    MOE_VIZ_HOSTED=1
 
 WORKDIR /srv/moe-viz
 # CPU torch first, pinned, from PyTorch's CPU index so no CUDA wheels are pulled; then the rest.
