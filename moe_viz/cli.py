@@ -64,7 +64,9 @@ def _trace_command(args: argparse.Namespace) -> int:
         raise ValueError(f"--generate must be >= 0; got {args.generate}")
     if args.out is not None and args.out.suffix not in (".json", ".parquet"):
         raise ValueError(f"--out must end in .json or .parquet; got {str(args.out)!r}")
-    policy = parse_policy(args.policy)
+    if not args.prompt.strip():
+        raise ValueError("--prompt must be non-empty text")
+    policy = parse_policy(args.policy)  # checked before the model loads: bad values fail fast
     model = load_model(
         DEFAULT_MODEL if args.model == "default" else args.model,
         device=args.device,
