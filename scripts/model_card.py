@@ -108,6 +108,137 @@ def _source_versions(results: dict, domain: str) -> str:
     return ", ".join(parts) or "generated"
 
 
+def _history_table(hist: list[dict]) -> str:
+    shown = hist[:: max(1, len(hist) // 8)] + ([hist[-1]] if hist else [])
+    seen, rows = set(), []
+    for h in shown:
+        if h["step"] in seen:
+            continue
+        seen.add(h["step"])
+        rows.append([str(h["step"]), f"{h['loss']:.3f}", f"{h['aux']:.3f}",
+                     f"{h['elapsed_s'] / 60:.1f}"])
+    return _table(["step", "train loss (EMA)", "aux loss", "minutes"], rows)
+
+
+def _reproduce_command(train: dict, spec: dict) -> str:
+    """One command that runs both phases from scratch with the settings used here."""
+    main = train.get("command", spec["command"]).strip()
+    bal = train.get("balance")
+    if not bal:
+        return main
+    words = main.split()
+    for flag in ("--balance-minutes", "--balance-steps", "--balance-aux-coef", "--balance-lr"):
+        if flag in words:          # the main run's own balance flags give way to the used ones
+            i = words.index(flag)
+            del words[i:i + 2]
+    return " ".join(words + [
+        "--balance-minutes", f"{bal['budget_minutes']:g}", "--balance-steps",
+        str(bal["budget_steps"]), "--balance-aux-coef", f"{bal['aux_coef']:g}",
+        "--balance-lr", f"{bal['lr']:g}"])
+
+
+def _training_section(results: dict) -> str:
+    spec, train = results["spec"], results["train"]
+    model_spec, train_spec = spec["model"], spec["train"]
+    k = model_spec["num_experts_per_tok"]
+    bal = train.get("balance")
+    main_budget_steps = train.get("budget_steps", train_spec["max_steps"])
+    main_budget_min = train.get("budget_minutes", train_spec["max_minutes"])
+    main_lr = train.get("lr", train_spec["lr"])
+    main_warmup = train.get("warmup_steps", train_spec["warmup_steps"])
+    main_floor = train.get("min_lr_ratio", train_spec["min_lr_ratio"])
+    main_aux = train.get("aux_mode", "pooled")
+    main_coef = train.get("aux_coef", model_spec["router_aux_loss_coef"])
+    aux_desc = {
+        "pooled": "transformers' Mixtral `load_balancing_loss_func` (Switch-style N·Σ f_i·P_i "
+                  "for top-k, with the expert load f and mean router probability P pooled over "
+                  "all layers before the product)",
+        "per-layer": "per-layer Switch-style loss `per_layer_balance_loss`: the mean over layers "
+                     "of each layer's own N·Σ f_i·P_i (f_i = share of tokens with expert i among "
+                     f"their top-{k}, P_i = mean router probability), so every layer is balanced "
+                     "on its own",
+    }
+    text = f"""## Training
+
+"""
+    scratch = ""
+    if bal and "--out" in bal["command"].split():
+        scratch = ("\nwhich wrote to a scratch folder; its weights were checked against the "
+                   "targets below and only then copied here (config and tokenizer unchanged).\n")
+    if bal:
+        text += f"""Two phases, both run by one command from scratch:
+
+```
+{_reproduce_command(train, spec)}
+```
+
+This folder was made in two runs: the main phase by
+
+```
+{train.get('command', spec['command']).strip()}
+```
+
+(written before the balance phase existed, so it trained the main phase only), then the balance
+phase, continuing from the saved weights, by
+
+```
+{bal['command'].strip()}
+```
+{scratch}
+"""
+    else:
+        text += f"""```
+{train.get('command', spec['command']).strip()}
+```
+
+"""
+    text += f"""One command rebuilds the corpus if `.corpus/` is missing, trains the tokenizer and the model,
+saves this folder and measures everything on this card.
+
+| | |
+|---|---|
+| machine | {results['machine']} (shared with other jobs while training) |
+| precision | bf16 autocast on CPU, AdamW (β=0.9/0.95, weight decay {train_spec['weight_decay']}), fp32 master weights, saved as bf16 |
+| batch | {train_spec['batch_size']} sequences × {train_spec['seq_len']} tokens = {train_spec['batch_size'] * train_spec['seq_len']:,d} tokens per step, each sequence from one domain drawn uniformly |
+| seed | {train_spec['seed']} (balance phase: data generator seeded {train_spec['seed']} + 1000) |
+
+### Main phase
+
+| | |
+|---|---|
+| schedule | peak LR {main_lr:g}, {main_warmup} warmup steps, cosine to {main_floor:g}× over the step or wall-clock budget, whichever runs out first |
+| router load-balancing loss | {aux_desc[main_aux]}, coefficient {main_coef:g} |
+| budget | {main_budget_steps:,d} steps or {main_budget_min:g} minutes |
+| steps done | {train['steps']:,d} |
+| tokens seen | {_fmt_int(train['tokens'])} |
+| wall time | {train['wall_s'] / 60:.1f} minutes |
+| throughput | {train['tokens_per_s']:,.0f} tokens/s |
+| final training loss (EMA) | {train['final_loss_ema']:.3f} (aux {train['final_aux_ema']:.3f}; {k}.0 is a perfectly balanced top-{k} router) |
+
+""" + _history_table(train.get("history", [])) + "\n"
+    if bal:
+        text += f"""
+### Balance phase
+
+The pooled loss above sat at its balanced value while single layers stayed unbalanced (one
+layer can overload an expert that another layer under-uses, and the pooled sums still look
+even). The balance phase continues from the main phase's weights with the per-layer loss.
+
+| | |
+|---|---|
+| schedule | constant LR {bal['lr']:g} after {bal['warmup_steps']} linear warmup steps, fresh AdamW state |
+| router load-balancing loss | {aux_desc[bal['aux_mode']]}, coefficient {bal['aux_coef']:g} |
+| budget | {bal['budget_steps']:,d} steps or {bal['budget_minutes']:g} minutes |
+| steps done | {bal['steps']:,d} |
+| tokens seen | {_fmt_int(bal['tokens'])} |
+| wall time | {bal['wall_s'] / 60:.1f} minutes |
+| throughput | {bal['tokens_per_s']:,.0f} tokens/s |
+| final training loss (EMA) | {bal['final_loss_ema']:.3f} (per-layer aux {bal['final_aux_ema']:.3f}; {k}.0 is perfectly balanced) |
+
+""" + _history_table(bal.get("history", [])) + "\n"
+    return text
+
+
 def write_model_card(out: Path, results: dict) -> None:
     """Render README.md (a Hugging Face style card) into `out`."""
     spec, train, params = results["spec"], results["train"], results["params"]
@@ -190,40 +321,7 @@ out.router_logits  # one (tokens, {n_exp}) tensor per layer
                                   "held-out chars"], rows) + "\n")
 
     # ---------------------------------------------------------------- training
-    hist = train.get("history", [])
-    shown = hist[:: max(1, len(hist) // 8)] + ([hist[-1]] if hist else [])
-    seen, hist_rows = set(), []
-    for h in shown:
-        if h["step"] in seen:
-            continue
-        seen.add(h["step"])
-        hist_rows.append([str(h["step"]), f"{h['loss']:.3f}", f"{h['aux']:.3f}",
-                          f"{h['elapsed_s'] / 60:.1f}"])
-    parts.append(f"""## Training
-
-```
-{train.get('command', spec['command']).strip()}
-```
-
-One command rebuilds the corpus if `.corpus/` is missing, trains the tokenizer and the model,
-saves this folder and measures everything on this card.
-
-| | |
-|---|---|
-| machine | {results['machine']} (shared with other jobs while training) |
-| precision | bf16 autocast on CPU, AdamW (β=0.9/0.95, weight decay {train_spec['weight_decay']}), fp32 master weights, saved as bf16 |
-| schedule | peak LR {train_spec['lr']:g}, {train_spec['warmup_steps']} warmup steps, cosine to {train_spec['min_lr_ratio']:g}× over the step or wall-clock budget, whichever runs out first |
-| batch | {train_spec['batch_size']} sequences × {train_spec['seq_len']} tokens = {train_spec['batch_size'] * train_spec['seq_len']:,d} tokens per step, each sequence from one domain |
-| router load-balancing loss | Switch-style auxiliary loss (`output_router_logits=True`), `router_aux_loss_coef` {model_spec['router_aux_loss_coef']:g} |
-| seed | {train_spec['seed']} |
-| budget | {train_spec['max_steps']:,d} steps or {train_spec['max_minutes']:g} minutes |
-| steps done | {train['steps']:,d} |
-| tokens seen | {_fmt_int(train['tokens'])} |
-| wall time | {train['wall_s'] / 60:.1f} minutes |
-| throughput | {train['tokens_per_s']:,.0f} tokens/s |
-| final training loss (EMA) | {train['final_loss_ema']:.3f} (aux {train['final_aux_ema']:.3f}; 2.0 is a perfectly balanced top-2 router) |
-
-""" + _table(["step", "train loss (EMA)", "aux loss", "minutes"], hist_rows) + "\n")
+    parts.append(_training_section(results))
 
     # ---------------------------------------------------------------- evaluation
     rows = []
@@ -254,7 +352,7 @@ is what it learned about order.
     best = max(range(n_layers), key=lambda i: mi[i])
     verdict_mi = "meets" if mi[best] >= MI_TARGET_BITS else "misses"
     verdict_bal = "meets" if avg_busiest <= BALANCE_TARGET else "misses"
-    balance_note = "" if avg_busiest <= BALANCE_TARGET else (
+    balance_note = "" if avg_busiest <= BALANCE_TARGET or "balance" in train else (
         "Why the balance target can be missed while the training aux loss sat at ~2.0 (its "
         "balanced value): transformers' Mixtral `load_balancing_loss_func` adds up the expert "
         "load and the mean router probability over all layers before taking their product, so "

@@ -2,12 +2,21 @@
 
 Steps: build the corpus if missing (scripts/build_corpus.py), train a byte-level BPE
 tokenizer, train a small Mixtral (8 experts, top-2) with the router load-balancing
-loss on CPU, save it as bf16 safetensors with its tokenizer, then evaluate it on the
-held-out split and write the model card (README.md) and DATA_LICENSES.md beside it.
+loss on CPU (main phase), then continue briefly with a per-layer load-balancing loss
+at a larger coefficient and a small constant LR (balance phase), save it as bf16
+safetensors with its tokenizer, then evaluate it on the held-out split and write the
+model card (README.md) and DATA_LICENSES.md beside it.
 
-    python scripts/train_default_model.py                 # the shipped model (~1 h on 2 cores)
+    python scripts/train_default_model.py                 # the shipped model (~70 min on 2 cores)
     python scripts/train_default_model.py --quick --out /tmp/m   # seconds, tiny config
     python scripts/train_default_model.py --eval-only     # re-measure and rewrite the card
+    python scripts/train_default_model.py --init-from assets/moe-viz-mini --skip-main \
+        --out /tmp/balanced                               # balance phase only, from a model
+
+Why a balance phase: transformers' load_balancing_loss_func pools expert load and
+router probability over all layers before combining them, so it balances each expert
+summed across layers; one layer can overuse an expert another layer underuses. The
+per-layer loss (per_layer_balance_loss) balances every layer on its own.
 
 Training stops at --max-steps or after --max-minutes, whichever comes first; the
 learning-rate schedule follows whichever budget is nearer to running out.
@@ -21,6 +30,7 @@ import math
 import os
 import platform
 import random
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -83,6 +93,13 @@ class TrainSpec:
     eval_windows: int = 24           # held-out windows of seq_len per domain
     log_every: int = 25
     threads: int = 2                 # upper bound; see the probing in train_model
+    aux_mode: str = "pooled"         # main phase: "pooled" (transformers) or "per-layer"
+    # Balance phase: continue from the main phase's weights with the per-layer aux loss.
+    balance_steps: int = 600         # 0 skips the phase
+    balance_minutes: float = 8.0
+    balance_lr: float = 2e-4         # constant after balance_warmup_steps
+    balance_warmup_steps: int = 10
+    balance_aux_coef: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "max_steps", "eval_windows", "log_every"):
@@ -93,6 +110,16 @@ class TrainSpec:
             raise ValueError(f"--max-minutes must be positive, got {self.max_minutes}")
         if not 0 < self.lr < 1:
             raise ValueError(f"--lr must be in (0, 1), got {self.lr}")
+        if self.aux_mode not in ("pooled", "per-layer"):
+            raise ValueError(f"--aux-mode must be 'pooled' or 'per-layer', got {self.aux_mode!r}")
+        if self.balance_steps < 0:
+            raise ValueError(f"--balance-steps must be >= 0, got {self.balance_steps}")
+        if self.balance_minutes <= 0:
+            raise ValueError(f"--balance-minutes must be positive, got {self.balance_minutes}")
+        if not 0 < self.balance_lr < 1:
+            raise ValueError(f"--balance-lr must be in (0, 1), got {self.balance_lr}")
+        if self.balance_aux_coef < 0:
+            raise ValueError(f"--balance-aux-coef must be >= 0, got {self.balance_aux_coef}")
 
 
 @dataclass
@@ -107,6 +134,8 @@ class RunSpec:
     tokenizer_chars_per_domain: int = 1_000_000
     quick: bool = False
     command: str = ""
+    init_from: Path | None = None    # start from this model folder instead of from scratch
+    skip_main: bool = False          # with init_from: run only the balance phase
 
 
 def quick_spec(out: Path, command: str) -> RunSpec:
@@ -119,7 +148,8 @@ def quick_spec(out: Path, command: str) -> RunSpec:
                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                         num_local_experts=4),
         train=TrainSpec(seq_len=64, batch_size=4, max_steps=6, max_minutes=2.0,
-                        warmup_steps=2, eval_windows=2, log_every=2),
+                        warmup_steps=2, eval_windows=2, log_every=2,
+                        balance_steps=3, balance_minutes=1.0, balance_warmup_steps=1),
         tokenizer_chars_per_domain=100_000,
         quick=True,
         command=command,
@@ -217,6 +247,29 @@ def build_model(spec: ModelSpec, tokenizer):
     return MixtralForCausalLM(cfg)
 
 
+def per_layer_balance_loss(router_logits, top_k: int) -> torch.Tensor:
+    """Mean over layers of each layer's own Switch-style load-balancing loss.
+
+    For one layer with N experts over T tokens: f_i = (tokens that send one of their
+    top_k picks to expert i) / T, so sum_i f_i = top_k; P_i = mean router probability of
+    expert i. The layer's loss is N * sum_i f_i * P_i, which is top_k for perfectly even
+    routing (f_i = k/N, P_i = 1/N) and grows as load and probability pile onto the same
+    experts. Only P carries a gradient (f comes from an argmax), as in Switch.
+    Unlike transformers' load_balancing_loss_func, nothing is pooled across layers.
+    router_logits: one (T, N) tensor per layer.
+    """
+    losses = []
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)                 # (T, N)
+        n_exp = probs.shape[-1]
+        picks = probs.topk(top_k, dim=-1).indices                     # (T, k)
+        mask = torch.zeros_like(probs).scatter_(1, picks, 1.0)        # (T, N), k ones a row
+        f = mask.mean(0)                                              # (N,), sums to k
+        p = probs.mean(0)                                             # (N,), sums to 1
+        losses.append(n_exp * (f * p).sum())
+    return torch.stack(losses).mean()
+
+
 def lr_at(progress: float, step: int, t: TrainSpec) -> float:
     """Linear warmup, then cosine to min_lr_ratio over the budget's progress (0..1)."""
     if step < t.warmup_steps:
@@ -237,8 +290,22 @@ def sample_batch(streams: dict[str, torch.Tensor], domains: list[str], seq_len: 
     return torch.stack(rows)  # (batch, seq_len)
 
 
-def train_model(model, streams: dict[str, torch.Tensor], t: TrainSpec) -> dict:
-    gen = torch.Generator().manual_seed(t.seed)
+def balance_spec(t: TrainSpec) -> TrainSpec:
+    """The balance phase as a TrainSpec: its own budget, constant small LR, per-layer aux."""
+    return replace(t, max_steps=t.balance_steps, max_minutes=t.balance_minutes,
+                   lr=t.balance_lr, min_lr_ratio=1.0, warmup_steps=t.balance_warmup_steps,
+                   aux_mode="per-layer")
+
+
+def train_model(model, streams: dict[str, torch.Tensor], t: TrainSpec,
+                aux_coef: float | None = None, seed_offset: int = 0, name: str = "train") -> dict:
+    """Train in place. aux_mode "pooled" uses the model's own aux loss (transformers'
+    load_balancing_loss_func, pooled over layers) at router_aux_loss_coef; "per-layer"
+    uses per_layer_balance_loss at aux_coef (default router_aux_loss_coef)."""
+    gen = torch.Generator().manual_seed(t.seed + seed_offset)
+    k = model.config.num_experts_per_tok
+    coef = model.config.router_aux_loss_coef if aux_coef is None else aux_coef
+    per_layer = t.aux_mode == "per-layer"
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
@@ -259,12 +326,12 @@ def train_model(model, streams: dict[str, torch.Tensor], t: TrainSpec) -> dict:
     probe_times: dict[int, list[float]] = {n: [] for n in thread_choices}
     threads = t.threads
     model.train()
-    bar = tqdm(total=t.max_steps, desc="train", mininterval=5, dynamic_ncols=False, ncols=110)
+    bar = tqdm(total=t.max_steps, desc=name, mininterval=5, dynamic_ncols=False, ncols=110)
     step = 0
     while step < t.max_steps:
         elapsed = time.time() - start
         if elapsed >= budget_s:
-            print(f"\n[train] wall-clock budget of {t.max_minutes} min reached at step {step}",
+            print(f"\n[{name}] wall-clock budget of {t.max_minutes} min reached at step {step}",
                   flush=True)
             break
         progress = max(step / t.max_steps, elapsed / budget_s)
@@ -282,16 +349,22 @@ def train_model(model, streams: dict[str, torch.Tensor], t: TrainSpec) -> dict:
         step_start = time.time()
         batch = sample_batch(streams, domains, t.seq_len, t.batch_size, gen)  # (B, T)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(input_ids=batch, labels=batch, output_router_logits=True)
+            out = model(input_ids=batch, output_router_logits=True)
+            # Same shift as transformers' causal-LM loss (labels = inputs).
+            lm = torch.nn.functional.cross_entropy(
+                out.logits[:, :-1].float().reshape(-1, out.logits.shape[-1]),
+                batch[:, 1:].reshape(-1))
+            aux_t = (per_layer_balance_loss(out.router_logits, k) if per_layer
+                     else out.aux_loss.float())
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()  # loss = lm loss + router_aux_loss_coef * aux loss
+        (lm + coef * aux_t).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
         if probing:
             probe_times[threads].append(time.time() - step_start)
         step += 1
-        aux = out.aux_loss.item()
-        lm_loss = out.loss.item() - model.router_aux_loss_coef * aux
+        aux = aux_t.item()
+        lm_loss = lm.item()
         ema_loss = lm_loss if ema_loss is None else 0.95 * ema_loss + 0.05 * lm_loss
         ema_aux = aux if ema_aux is None else 0.95 * ema_aux + 0.05 * aux
         tok_s = step * tokens_per_step / max(time.time() - start, 1e-9)
@@ -301,7 +374,7 @@ def train_model(model, streams: dict[str, torch.Tensor], t: TrainSpec) -> dict:
         if step % t.log_every == 0 or step == 1:
             history.append({"step": step, "loss": round(ema_loss, 4), "aux": round(ema_aux, 4),
                             "lr": lr, "elapsed_s": round(time.time() - start, 1)})
-            print(f"\n[train] step {step} loss {ema_loss:.3f} aux {ema_aux:.3f} lr {lr:.2e} "
+            print(f"\n[{name}] step {step} loss {ema_loss:.3f} aux {ema_aux:.3f} lr {lr:.2e} "
                   f"tok/s {tok_s:,.0f} threads {threads} elapsed {time.time() - start:,.0f}s", flush=True)
     bar.close()
     wall = time.time() - start
@@ -309,7 +382,10 @@ def train_model(model, streams: dict[str, torch.Tensor], t: TrainSpec) -> dict:
     return {"steps": step, "wall_s": round(wall, 1), "tokens": step * tokens_per_step,
             "tokens_per_s": round(step * tokens_per_step / max(wall, 1e-9), 1),
             "final_loss_ema": round(ema_loss or float("nan"), 4),
-            "final_aux_ema": round(ema_aux or float("nan"), 4), "history": history}
+            "final_aux_ema": round(ema_aux or float("nan"), 4), "history": history,
+            "aux_mode": t.aux_mode, "aux_coef": coef, "budget_steps": t.max_steps,
+            "budget_minutes": t.max_minutes, "lr": t.lr, "warmup_steps": t.warmup_steps,
+            "min_lr_ratio": t.min_lr_ratio}
 
 
 def save(model, tokenizer, out: Path) -> None:
@@ -427,7 +503,21 @@ def parse_args(argv: list[str] | None) -> tuple[RunSpec, bool]:
     ap.add_argument("--aux-coef", type=float, default=None, help="router_aux_loss_coef")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--aux-mode", choices=("pooled", "per-layer"), default=None,
+                    help="main phase's load-balancing loss (default pooled, transformers')")
+    ap.add_argument("--balance-steps", type=int, default=None,
+                    help="balance phase step budget (0 skips the phase)")
+    ap.add_argument("--balance-minutes", type=float, default=None)
+    ap.add_argument("--balance-lr", type=float, default=None)
+    ap.add_argument("--balance-aux-coef", type=float, default=None,
+                    help="coefficient of the per-layer aux loss in the balance phase")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="start from this model folder (its tokenizer and weights)")
+    ap.add_argument("--skip-main", action="store_true",
+                    help="with --init-from: run only the balance phase")
     args = ap.parse_args(argv)
+    if args.skip_main and args.init_from is None:
+        raise ValueError("--skip-main needs --init-from")
     command = "python scripts/train_default_model.py " + " ".join(argv if argv is not None
                                                                  else sys.argv[1:])
     out = args.out if args.out is not None else DEFAULT_OUT
@@ -437,7 +527,9 @@ def parse_args(argv: list[str] | None) -> tuple[RunSpec, bool]:
     overrides = {k: v for k, v in {
         "max_steps": args.max_steps, "max_minutes": args.max_minutes,
         "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
-        "seed": args.seed}.items() if v is not None}
+        "seed": args.seed, "aux_mode": args.aux_mode, "balance_steps": args.balance_steps,
+        "balance_minutes": args.balance_minutes, "balance_lr": args.balance_lr,
+        "balance_aux_coef": args.balance_aux_coef}.items() if v is not None}
     spec.train = replace(spec.train, **overrides)  # __post_init__ validates
     if args.aux_coef is not None:
         if args.aux_coef < 0:
@@ -447,7 +539,72 @@ def parse_args(argv: list[str] | None) -> tuple[RunSpec, bool]:
         if args.threads <= 0:
             raise ValueError(f"--threads must be positive, got {args.threads}")
         spec.train = replace(spec.train, threads=args.threads)
+    spec.init_from, spec.skip_main = args.init_from, args.skip_main
+    if args.skip_main and spec.train.balance_steps == 0:
+        raise ValueError("--skip-main with --balance-steps 0 would train nothing")
     return spec, args.eval_only
+
+
+def fill_main_budget(train_info: dict) -> None:
+    """Records from before the balance phase lack the main phase's budget: re-read it from
+    the command that trained it."""
+    if "command" in train_info and "budget_steps" not in train_info:
+        main_t = parse_args(shlex.split(train_info["command"])[2:])[0].train
+        train_info.update(budget_steps=main_t.max_steps, budget_minutes=main_t.max_minutes,
+                          lr=main_t.lr, warmup_steps=main_t.warmup_steps,
+                          min_lr_ratio=main_t.min_lr_ratio, aux_mode=main_t.aux_mode)
+
+
+def train_phases(spec: RunSpec, metrics_path: Path) -> dict:
+    """Main phase (unless --skip-main) then balance phase; saves spec.out, returns metrics.
+
+    The returned dict keeps the main phase's numbers at the top level (as before the
+    balance phase existed) and the balance phase's under "balance"."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    train_text = load_split(spec, "train")
+    if spec.init_from is not None:
+        tokenizer = AutoTokenizer.from_pretrained(spec.init_from)
+        model = AutoModelForCausalLM.from_pretrained(spec.init_from, dtype=torch.float32)
+        print(f"[init] {spec.init_from}: {len(tokenizer)} tokens", flush=True)
+    else:
+        tokenizer = train_tokenizer(train_text, spec)
+        print(f"[tokenizer] {len(tokenizer)} tokens in {time.time() - t0:.0f}s", flush=True)
+    streams = encode_domains(tokenizer, train_text)
+    for d, s in streams.items():
+        print(f"[data] {d:12s} {len(s):>10,d} train tokens", flush=True)
+    if spec.init_from is None:
+        torch.manual_seed(spec.train.seed)
+        model = build_model(spec.model, tokenizer)
+    params = count_params(model)
+    print(f"[model] {params['total']:,d} parameters ({params['active_per_token']:,d} active "
+          f"per token)", flush=True)
+
+    if spec.skip_main:
+        # The main phase happened in an earlier run: carry its record over.
+        prev = spec.corpus / "train_metrics" / f"{spec.init_from.resolve().name}.json"
+        train_info = json.loads(prev.read_text()) if prev.exists() else {}
+        train_info.pop("balance", None)
+        train_info["init_from"] = str(spec.init_from)
+        fill_main_budget(train_info)
+    else:
+        train_info = train_model(model, streams, spec.train, name="main")
+        train_info["command"] = spec.command  # --eval-only must still show how it was trained
+    train_info["train_tokens_per_domain"] = {d: len(s) for d, s in streams.items()}
+    if spec.train.balance_steps > 0:
+        # Continue from the weights as saved (bf16), like a run started with --init-from.
+        model = model.to(torch.bfloat16).to(torch.float32)
+        bal = train_model(model, streams, balance_spec(spec.train),
+                          aux_coef=spec.train.balance_aux_coef, seed_offset=1000,
+                          name="balance")
+        bal["command"] = spec.command
+        train_info["balance"] = bal
+    save(model, tokenizer, spec.out)
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps(train_info, indent=1))
+    print(f"[save] {spec.out}", flush=True)
+    return train_info
 
 
 def run(spec: RunSpec, eval_only: bool = False) -> dict:
@@ -462,26 +619,9 @@ def run(spec: RunSpec, eval_only: bool = False) -> dict:
     metrics_path = spec.corpus / "train_metrics" / f"{spec.out.resolve().name}.json"
     if eval_only:
         train_info = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+        fill_main_budget(train_info)
     else:
-        t0 = time.time()
-        train_text = load_split(spec, "train")
-        tokenizer = train_tokenizer(train_text, spec)
-        print(f"[tokenizer] {len(tokenizer)} tokens in {time.time() - t0:.0f}s", flush=True)
-        streams = encode_domains(tokenizer, train_text)
-        for d, s in streams.items():
-            print(f"[data] {d:12s} {len(s):>10,d} train tokens", flush=True)
-        torch.manual_seed(spec.train.seed)
-        model = build_model(spec.model, tokenizer)
-        params = count_params(model)
-        print(f"[model] {params['total']:,d} parameters ({params['active_per_token']:,d} active "
-              f"per token)", flush=True)
-        train_info = train_model(model, streams, spec.train)
-        train_info["train_tokens_per_domain"] = {d: len(s) for d, s in streams.items()}
-        train_info["command"] = spec.command  # --eval-only must still show how it was trained
-        save(model, tokenizer, spec.out)
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text(json.dumps(train_info, indent=1))
-        print(f"[save] {spec.out}", flush=True)
+        train_info = train_phases(spec, metrics_path)
 
     # Evaluate exactly what users get: the saved folder, loaded the standard way.
     tokenizer = AutoTokenizer.from_pretrained(spec.out)

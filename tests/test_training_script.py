@@ -47,6 +47,7 @@ def test_quick_training_run_writes_a_model_that_plain_transformers_loads(tmp_pat
     assert result.router_logits[0].shape[-1] == model.config.num_local_experts
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "--quick" in card and "MI(domain; top-1 expert)" in card
+    assert "### Balance phase" in card and "per_layer_balance_loss" in card  # both phases ran
 
 
 @pytest.mark.parametrize("argv", [
@@ -103,3 +104,39 @@ def test_routing_stats_give_full_mutual_information_for_perfect_specialisation()
     stats = train_default_model.routing_stats(top1, topk, ["a", "b"], k=2)
     assert stats["mi_bits"][0] == pytest.approx(1.0)
     assert stats["busiest_over_fair"][0] == pytest.approx(2.0)     # expert 1: half of all picks
+
+
+def test_per_layer_balance_loss_is_k_for_even_routing_and_larger_when_skewed():
+    n_tokens, n_exp, k = 64, 8, 2
+    # Even: token t picks experts 2t and 2t+1 (mod 8) with equal logits; every expert
+    # gets exactly k/N of the picks and the same mean probability.
+    even = torch.full((n_tokens, n_exp), -10.0)
+    for t in range(n_tokens):
+        even[t, (2 * t) % n_exp] = even[t, (2 * t + 1) % n_exp] = 5.0
+    # Skewed: every token sends both picks to experts 0 and 1.
+    skewed = torch.full((n_tokens, n_exp), -10.0)
+    skewed[:, 0], skewed[:, 1] = 5.0, 4.0
+    loss = train_default_model.per_layer_balance_loss
+    assert float(loss([even, even], k)) == pytest.approx(k)
+    assert float(loss([skewed], k)) > k + 5          # ~N: all load on 2 of 8 experts
+    # Per layer, not pooled: a skewed layer is not hidden by another skewed the other way,
+    # which the pooled transformers loss cannot tell from even routing.
+    other = torch.full((n_tokens, n_exp), -10.0)
+    other[:, 6], other[:, 7] = 5.0, 4.0
+    assert float(loss([skewed, other], k)) > k + 5
+    # Uniform router probabilities give exactly k whatever the tie-broken picks are.
+    assert float(loss([torch.zeros(n_tokens, n_exp)], k)) == pytest.approx(k)
+
+
+def test_balance_phase_options_are_validated_and_parsed():
+    spec, _ = train_default_model.parse_args(
+        ["--init-from", "x", "--skip-main", "--balance-minutes", "3", "--balance-aux-coef", "0.05"])
+    assert spec.skip_main and spec.init_from == Path("x")
+    bal = train_default_model.balance_spec(spec.train)
+    assert bal.aux_mode == "per-layer" and bal.max_minutes == 3 and bal.min_lr_ratio == 1.0
+    assert train_default_model.lr_at(0.9, 100, bal) == pytest.approx(bal.lr)  # constant
+    for argv in (["--skip-main"], ["--balance-aux-coef", "-1"], ["--balance-steps", "-1"],
+                 ["--balance-minutes", "0"], ["--init-from", "x", "--skip-main",
+                                               "--balance-steps", "0"]):
+        with pytest.raises(ValueError):
+            train_default_model.parse_args(argv)
