@@ -7,10 +7,10 @@
 For each prompt length (32, 256, 2,048 tokens) and repeat, interleaved, it times
 
 * ``forward``: the bare ``model.model(input_ids)`` under ``torch.inference_mode`` (no policy);
-* the page: ``run_prompt`` (tokenize + routed forward + trace), ``metrics`` (balance table and the
-  per-layer statistics the pages show), ``figures`` (every chart of the Explore and Load-balance
-  pages for one layer, plus the coloured text), ``explain`` (every sentence) and ``json`` (the
-  figures serialised as the browser receives them);
+* each page built from scratch, as the app builds it for one layer: ``run_prompt`` (tokenize +
+  routed forward + trace), ``metrics`` (the statistics the page shows), ``figures`` (every chart
+  of the page, plus the coloured text on Explore), ``explain`` (every sentence beside them) and
+  ``json`` (the figures serialised as the browser receives them). Pages: Explore and Load balance;
 
 and prints medians: page / forward (target <= 2.0 at 256 tokens), each stage's share of the page
 and the figures' JSON size.
@@ -59,54 +59,69 @@ def bare_forward(model: moe_viz.MoEModel, input_ids: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
-def page(model: moe_viz.MoEModel, prompt: str, policy: moe_viz.Policy | None) -> tuple[dict[str, float], int]:
-    """Seconds per stage of one page build, and the figures' total JSON size in bytes."""
+def _explore(trace: moe_viz.Trace, layer: int, position: int) -> tuple[Callable[[], Any], ...]:
+    """What the Explore page computes after its trace: (metrics, figures, sentences)."""
+    lt = trace.layer(layer)
+    return (
+        lambda: (lt.load(), lt.dropped_count, explain.run_summary(trace)),
+        lambda: [
+            figures.token_expert_heatmap(trace, layer),
+            figures.token_text_html(trace, layer),
+            figures.router_distribution(trace, layer, position),
+            figures.predictions_bar(trace, position),
+            figures.layer_load_heatmap(trace),
+        ],
+        lambda: (
+            explain.explain_heatmap(trace, layer),
+            explain.explain_token_text(trace, layer),
+            explain.explain_router_distribution(trace, layer, position),
+            explain.explain_predictions(trace, position),
+            explain.explain_load(trace, layer),
+        ),
+    )
+
+
+def _load_balance(trace: moe_viz.Trace, layer: int, position: int) -> tuple[Callable[[], Any], ...]:
+    """What the Load balance page computes after its trace: (metrics, figures, sentences)."""
+    lt = trace.layer(layer)
+    return (
+        lambda: (metrics.balance(lt), metrics.balance_table(trace), metrics.router_entropy(lt),
+                 metrics.topk_margin(lt), metrics.coactivation(lt), metrics.reuse(lt)),
+        lambda: [
+            figures.expert_load_bars(trace, layer),
+            figures.layer_load_heatmap(trace),
+            figures.coactivation_heatmap(trace, layer),
+        ],
+        lambda: (
+            explain.explain_load(trace, layer),
+            explain.explain_capacity(trace),
+            explain.explain_balance_table(trace),
+            explain.explain_coactivation(trace, layer),
+            explain.explain_reuse(trace, layer),
+        ),
+    )  # fmt: skip
+
+
+PAGES = {"explore": _explore, "load balance": _load_balance}
+
+
+def page(
+    model: moe_viz.MoEModel, prompt: str, policy: moe_viz.Policy | None, name: str = "explore"
+) -> tuple[dict[str, float], int]:
+    """Seconds per stage of one build of page ``name`` from scratch, and its figures' JSON bytes."""
     times: dict[str, float] = {}
 
-    def timed(name: str, fn: Callable[[], Any]) -> Any:
+    def timed(stage: str, fn: Callable[[], Any]) -> Any:
         t0 = time.perf_counter()
         out = fn()
-        times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+        times[stage] = times.get(stage, 0.0) + time.perf_counter() - t0
         return out
 
     trace = timed("run", lambda: moe_viz.run_prompt(model, prompt, policy))
     layer = trace.layer_ids[len(trace.layer_ids) // 2]
-    lt = trace.layer(layer)
-    position = trace.num_tokens - 1
-
-    def compute_metrics() -> None:
-        metrics.balance_table(trace)
-        metrics.router_entropy(lt)
-        metrics.topk_margin(lt)
-        metrics.coactivation(lt)
-        metrics.reuse(lt)
-
+    compute_metrics, build_figures, sentences = PAGES[name](trace, layer, trace.num_tokens - 1)
     timed("metrics", compute_metrics)
-
-    def build_figures() -> list[Any]:
-        return [
-            figures.token_expert_heatmap(trace, layer),
-            figures.layer_load_heatmap(trace),
-            figures.expert_load_bars(trace, layer),
-            figures.router_distribution(trace, layer, position),
-            figures.predictions_bar(trace, position),
-            figures.coactivation_heatmap(trace, layer),
-            figures.token_text_html(trace, layer),
-        ]
-
     figs = timed("figures", build_figures)
-
-    def sentences() -> None:
-        explain.explain_heatmap(trace, layer)
-        explain.explain_token_text(trace, layer)
-        explain.explain_load(trace, layer)
-        explain.explain_router_distribution(trace, layer, position)
-        explain.explain_predictions(trace, position)
-        explain.explain_coactivation(trace, layer)
-        explain.explain_reuse(trace, layer)
-        explain.explain_balance_table(trace)
-        explain.explain_capacity(trace)
-
     timed("explain", sentences)
     payload = timed("json", lambda: [f if isinstance(f, str) else f.to_json() for f in figs])
     return times, sum(len(p.encode("utf-8")) for p in payload)
@@ -155,35 +170,40 @@ def main() -> None:
     prompts = {n: make_prompt(model, n) for n in args.lengths}
     for prompt, ids in prompts.values():  # warm-up
         bare_forward(model, ids)
-        page(model, prompt, policy)
+        for name in PAGES:
+            page(model, prompt, policy, name)
     fwd: dict[int, list[float]] = {n: [] for n in args.lengths}
-    stage: dict[int, dict[str, list[float]]] = {n: {s: [] for s in STAGES} for n in args.lengths}
-    total: dict[int, list[float]] = {n: [] for n in args.lengths}
-    size: dict[int, int] = {}
+    stage = {(n, p): {s: [] for s in STAGES} for n in args.lengths for p in PAGES}
+    total: dict[tuple[int, str], list[float]] = {key: [] for key in stage}
+    size: dict[tuple[int, str], int] = {}
     t_start = time.perf_counter()
     for rep in range(args.repeats):
-        for n in args.lengths:  # interleaved: forward then page, length by length, every repeat
+        for n in args.lengths:  # interleaved: forward then each page, length by length, every repeat
             prompt, ids = prompts[n]
             fwd[n].append(bare_forward(model, ids))
-            times, size[n] = page(model, prompt, policy)
-            for s in STAGES:
-                stage[n][s].append(times[s])
-            total[n].append(sum(times.values()))
+            for name in PAGES:
+                times, size[n, name] = page(model, prompt, policy, name)
+                for s in STAGES:
+                    stage[n, name][s].append(times[s])
+                total[n, name].append(sum(times.values()))
         print(f"  repeat {rep + 1}/{args.repeats} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
 
     med = statistics.median
-    header = f"{'tokens':>7} {'forward ms':>11} {'page ms':>9} {'ratio':>6}  " + " ".join(f"{s:>8}" for s in STAGES) + f" {'JSON KB':>8}"
+    header = (f"{'page':<13} {'tokens':>6} {'forward ms':>11} {'page ms':>8} {'ratio':>6}  "
+              + " ".join(f"{s:>8}" for s in STAGES) + f" {'JSON KB':>8}")  # fmt: skip
     print("\nmedians; stage columns are shares of the page time ('run' includes its own routed forward)")
     print(header)
     print("-" * len(header))
-    for n in args.lengths:
-        T = prompts[n][1].shape[1]
-        f, p = med(fwd[n]), med(total[n])
-        shares = " ".join(f"{med(stage[n][s]) / p:>8.0%}" for s in STAGES)
-        print(f"{T:>7} {f * 1e3:>11.1f} {p * 1e3:>9.1f} {p / f:>6.2f}  {shares} {size[n] / 1024:>8.0f}")
+    for name in PAGES:
+        for n in args.lengths:
+            T = prompts[n][1].shape[1]
+            f, p = med(fwd[n]), med(total[n, name])
+            shares = " ".join(f"{med(stage[n, name][s]) / p:>8.0%}" for s in STAGES)
+            print(f"{name:<13} {T:>6} {f * 1e3:>11.1f} {p * 1e3:>8.1f} {p / f:>6.2f}  {shares} {size[n, name] / 1024:>8.0f}")
     if 256 in prompts:
-        r = med(total[256]) / med(fwd[256])
-        print(f"\ntarget page/forward <= 2.0 at 256 tokens: {r:.2f} ({'met' if r <= 2.0 else 'NOT met'})")
+        for name in PAGES:
+            r = med(total[256, name]) / med(fwd[256])
+            print(f"target page/forward <= 2.0 at 256 tokens, {name}: {r:.2f} ({'met' if r <= 2.0 else 'NOT met'})")
 
 
 if __name__ == "__main__":

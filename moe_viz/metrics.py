@@ -249,7 +249,17 @@ TABLE_COLUMNS = [
 
 def balance_table(trace: Trace) -> pd.DataFrame:
     """One row per MoE layer plus an ``"all"`` row; ``df.attrs["conventions"]`` states the
-    conventions (the ``all`` row: sums for counts, pooled HF aux loss, means over layers otherwise)."""
+    conventions (the ``all`` row: sums for counts, pooled HF aux loss, means over layers otherwise).
+
+    Computed once per trace (a trace is not changed after it is made) and returned as a copy.
+    """
+    memo = trace.__dict__.setdefault("_memo", {})
+    if "balance_table" not in memo:
+        memo["balance_table"] = _balance_table(trace)
+    return memo["balance_table"].copy()
+
+
+def _balance_table(trace: Trace) -> pd.DataFrame:
     _check_trace(trace)
     rows = []
     stats = [balance(lt) for lt in trace.layers]

@@ -140,14 +140,18 @@ def _build_layers(model: MoEModel, recorder: Recorder, keep_rows: list[int]) -> 
 
 def _output_trace(tokenizer: Any, logits: torch.Tensor, ids: list[int]) -> OutputTrace:
     """Top-K predictions, log-prob of the actual next token and entropy at every position."""
-    logprobs = logits.float().log_softmax(dim=-1).cpu()  # (T, V)
+    # Few full-size (T, V) temporaries: each fresh one costs page faults comparable to the maths.
+    logprobs = logits.log_softmax(dim=-1, dtype=torch.float32).cpu()  # (T, V)
     T, V = logprobs.shape
     top = logprobs.topk(min(TOP_PREDICTIONS, V), dim=-1)  # (T, K)
     target = torch.full((T,), float("nan"))
     if T > 1:
         target[:-1] = logprobs[:-1].gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
-    finite = logprobs.clamp(min=torch.finfo(logprobs.dtype).min)  # -inf (masked tokens) -> 0 * min = 0
-    entropy = -torch.bmm(logprobs.exp().unsqueeze(1), finite.unsqueeze(2)).view(T)  # (T,)
+    entropy = -torch.bmm(logprobs.exp().unsqueeze(1), logprobs.unsqueeze(2)).view(T)  # (T,)
+    bad = entropy.isnan()  # rows with -inf log-probs (masked tokens): 0 * -inf; redo them with 0 log 0 = 0
+    if bad.any():
+        rows = logprobs[bad]  # (n, V)
+        entropy[bad] = -(rows.exp() * rows.clamp(min=torch.finfo(rows.dtype).min)).sum(dim=-1)
     unique = top.indices.unique().tolist()
     vocab_tokens = dict(zip(unique, _token_texts(tokenizer, unique)))
     return OutputTrace(
