@@ -17,9 +17,9 @@ from typing import Iterator
 import plotly.graph_objects as go
 import streamlit as st
 
-from moe_viz import Trace
+from moe_viz import MoEModel, Trace
 
-from app.resources import Keys, config, current_prompt
+from app.resources import Keys, config, current_prompt, get_trace
 from app.sidebar import PageContext, page_context
 
 FIGURES_KEY = "_page_figures"  # figures drawn by the current page run, for the HTML download
@@ -76,6 +76,22 @@ def start_figures() -> None:
     st.session_state[FIGURES_KEY] = {}
 
 
+def traced_page(title: str, page: str) -> tuple[MoEModel, int, Trace]:
+    """The common start of a page that shows one trace: title, the sidebar's model and layer, the
+    prompt form, and this session's trace of the prompt under the sidebar's policy (errors stop
+    the page with a message)."""
+    st.title(title)
+    ctx = require_model()
+    model, layer = ctx.model, ctx.layer
+    assert model is not None and layer is not None
+    prompt = prompt_form(page)
+    require_policy(ctx)
+    start_figures()
+    with shows_errors():
+        trace = get_trace(model, prompt, ctx.policy)
+    return model, layer, trace
+
+
 def chart(fig: go.Figure, explanation: str, key: str, title: str | None = None, ratio: tuple[int, int] = (3, 2)) -> None:
     """A plotly figure with its explanation beside it; remembered for the page's HTML download."""
     st.session_state.setdefault(FIGURES_KEY, {})[title or key] = fig
@@ -124,38 +140,22 @@ def downloads(trace: Trace, page: str) -> None:
     figures = dict(st.session_state.get(FIGURES_KEY, {}))
     name = f"moe-viz-{slug(trace.policy)}"
     st.markdown("**Download**")
-    cols = st.columns(4)
-    cols[0].download_button(
-        "Trace (JSON)",
-        data=lambda: trace.to_json(),
-        file_name=f"{name}.json",
-        mime="application/json",
-        key=f"dl_json_{page}",
-        on_click="ignore",
-    )
-    cols[1].download_button(
-        "Trace (Parquet)",
-        data=lambda: _parquet_bytes(trace),
-        file_name=f"{name}.parquet",
-        mime="application/vnd.apache.parquet",
-        key=f"dl_parquet_{page}",
-        on_click="ignore",
-    )
-    cols[2].download_button(
-        "Trace (CSV, zip)",
-        data=lambda: _csv_zip(trace),
-        file_name=f"{name}-csv.zip",
-        mime="application/zip",
-        key=f"dl_csv_{page}",
-        on_click="ignore",
-    )
-    cols[3].download_button(
-        "Figures (HTML)",
-        data=lambda: figures_html(figures, f"moe-viz · {page} · {trace.policy}"),
-        file_name=f"moe-viz-{page}-figures.html",
-        mime="text/html",
-        key=f"dl_html_{page}",
-        on_click="ignore",
-        disabled=not figures,
-        help="All charts of this page in one file that opens offline (plotly.js embedded).",
-    )
+    files = [
+        ("Trace (JSON)", lambda: trace.to_json(), f"{name}.json", "application/json", "json"),
+        ("Trace (Parquet)", lambda: _parquet_bytes(trace), f"{name}.parquet", "application/vnd.apache.parquet", "parquet"),
+        ("Trace (CSV, zip)", lambda: _csv_zip(trace), f"{name}-csv.zip", "application/zip", "csv"),
+        ("Figures (HTML)", lambda: figures_html(figures, f"moe-viz · {page} · {trace.policy}"),
+         f"moe-viz-{page}-figures.html", "text/html", "html"),
+    ]  # fmt: skip
+    for col, (label, data, file_name, mime, kind) in zip(st.columns(len(files)), files):
+        is_html = kind == "html"
+        col.download_button(
+            label,
+            data=data,
+            file_name=file_name,
+            mime=mime,
+            key=f"dl_{kind}_{page}",
+            on_click="ignore",
+            disabled=is_html and not figures,
+            help="All charts of this page in one file that opens offline (plotly.js embedded)." if is_html else None,
+        )

@@ -6,19 +6,10 @@ import streamlit as st
 
 from moe_viz import explain, figures
 
-from app.resources import Keys, display_name, get_trace
-from app.ui import chart, downloads, prompt_form, require_model, require_policy, shows_errors, start_figures
+from app.resources import Keys, display_name
+from app.ui import chart, downloads, traced_page
 
-st.title("Explore routing")
-ctx = require_model()
-model, layer = ctx.model, ctx.layer
-assert model is not None and layer is not None
-prompt = prompt_form("explore")
-require_policy(ctx)
-start_figures()
-
-with shows_errors():
-    trace = get_trace(model, prompt, ctx.policy)
+model, layer, trace = traced_page("Explore routing", "explore")
 lt = trace.layer(layer)
 
 st.markdown(f"Routing: `{trace.policy}` on **{display_name(model.model_id)}** ({trace.device}, {trace.dtype})")

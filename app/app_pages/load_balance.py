@@ -7,19 +7,9 @@ import streamlit as st
 
 from moe_viz import explain, figures, metrics
 
-from app.resources import get_trace
-from app.ui import chart, downloads, prompt_form, require_model, require_policy, shows_errors, start_figures
+from app.ui import chart, downloads, traced_page
 
-st.title("Load balance")
-ctx = require_model()
-model, layer = ctx.model, ctx.layer
-assert model is not None and layer is not None
-prompt = prompt_form("balance")
-require_policy(ctx)
-start_figures()
-
-with shows_errors():
-    trace = get_trace(model, prompt, ctx.policy)
+model, layer, trace = traced_page("Load balance", "balance")
 lt = trace.layer(layer)
 b = metrics.balance(lt)
 E = b.num_experts
