@@ -70,7 +70,8 @@ def _text_color(background: str) -> str:
 def display_token(token: str) -> str:
     """A token as visible, HTML-escaped text: spaces as '␣', newlines as '↵', tabs as '⇥'."""
     shown = token.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥").replace("\r", "")
-    return html.escape(shown or "∅", quote=True)
+    # quote=False: plotly's SVG text decodes &amp; &lt; &gt; but shows &quot; literally
+    return html.escape(shown or "∅", quote=False)
 
 
 def token_bins(num_tokens: int) -> int:

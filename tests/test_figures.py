@@ -260,3 +260,7 @@ def test_long_titles_wrap_instead_of_being_cut_off(tiny_model) -> None:
 def test_prediction_labels_stay_categorical_even_when_they_look_like_numbers(tiny_model) -> None:
     trace = moe_viz.run_prompt(tiny_model, "1 2 3 4", None)
     assert figures.predictions_bar(trace).layout.yaxis.type == "category"
+
+
+def test_token_labels_escape_markup_but_keep_quotes_readable() -> None:
+    assert figures.display_token('<b>"x"</b> & y') == '&lt;b&gt;"x"&lt;/b&gt;␣&amp;␣y'
