@@ -30,6 +30,7 @@ import os
 from dataclasses import dataclass
 
 from moe_viz import DEFAULT_MODEL, Limits
+from moe_viz.models import looks_like_local_path
 
 DEFAULT_PROMPT = "The router sends each token to two of eight experts, and the experts add up their answers."
 
@@ -69,11 +70,6 @@ def _env_float(name: str, default: float | None, low: float = 0.0) -> float | No
     if not value > low or value != value or value == float("inf"):
         raise ValueError(f"{name} must be a finite number > {low:g}; got {raw!r}")
     return value
-
-
-def looks_like_local_path(name: str) -> bool:
-    """A folder rather than a hub id ("org/name"): absolute, relative, home, or more than one slash."""
-    return name.startswith(("/", ".", "~", "\\")) or ":" in name or name.count("/") > 1 or os.path.exists(name)
 
 
 @dataclass(frozen=True)

@@ -91,8 +91,10 @@ def default_dtype(device: torch.device, checkpoint_dtype: torch.dtype | None) ->
     return torch.float32
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1 or Path(name).exists()
+def looks_like_local_path(name: str) -> bool:
+    """A folder rather than a hub id ("org/name"): absolute, relative, home, more than one slash,
+    a drive or scheme colon, or something that exists on disk."""
+    return name.startswith(("/", ".", "~", "\\")) or ":" in name or name.count("/") > 1 or os.path.exists(name)
 
 
 def load_model(
@@ -116,7 +118,7 @@ def load_model(
         raise ValueError(f"model must be a hub id or a local folder; got {name_or_path!r}")
     name_or_path = name_or_path.strip()
     expanded = os.path.expanduser(name_or_path)
-    if _looks_like_path(name_or_path) and not Path(expanded).is_dir():
+    if looks_like_local_path(name_or_path) and not Path(expanded).is_dir():
         raise ValueError(f"model folder {name_or_path!r} does not exist (expected a folder with config.json)")
     source = expanded if Path(expanded).is_dir() else name_or_path
     try:
