@@ -70,6 +70,17 @@ def submit(at, label: str = "Run"):
     return button.click().run()
 
 
+def load_custom_model(app, name: str):
+    """Pick "Hub id or local folder" in the sidebar, type ``name`` and press Load model."""
+    at = app.run()
+    at.sidebar.radio(key="model_source").set_value("custom")
+    at.run()
+    at.sidebar.text_input(key="custom_model").input(name)
+    submit(at, "Load model")
+    no_exception(at)
+    return at
+
+
 # ----------------------------------------------------------------------------- Explore
 def test_explore_shows_heatmap_coloured_text_router_distribution_and_predictions(app, model):
     at = app.run()
@@ -187,12 +198,7 @@ def test_prompt_over_the_token_limit_shows_an_error(app, monkeypatch):
     [("/no/such/moe/folder", "does not exist"), ("no-such-org/no-such-moe-model", "could not load model")],
 )
 def test_bad_model_id_shows_an_error_and_keeps_the_loaded_model(app, name, message):
-    at = app.run()
-    at.sidebar.radio(key="model_source").set_value("custom")
-    at.run()
-    at.sidebar.text_input(key="custom_model").input(name)
-    submit(at, "Load model")
-    no_exception(at)
+    at = load_custom_model(app, name)
     assert any(message in e.value for e in at.sidebar.error)
     assert len(at.get("plotly_chart")) == 4  # the page still shows the previous model's trace
 
@@ -206,12 +212,7 @@ def test_dense_model_folder_shows_an_error(app, model, tmp_path):
     )  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(tmp_path)
     model.tokenizer.save_pretrained(tmp_path)
-    at = app.run()
-    at.sidebar.radio(key="model_source").set_value("custom")
-    at.run()
-    at.sidebar.text_input(key="custom_model").input(str(tmp_path))
-    submit(at, "Load model")
-    no_exception(at)
+    at = load_custom_model(app, str(tmp_path))
     assert any("no MoE layers" in e.value for e in at.sidebar.error)
 
 
@@ -225,12 +226,7 @@ def test_a_local_checkpoint_folder_gets_the_same_views(app, model, tmp_path, mod
     config.vocab_size = len(model.tokenizer)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     model.tokenizer.save_pretrained(tmp_path)
-    at = app.run()
-    at.sidebar.radio(key="model_source").set_value("custom")
-    at.run()
-    at.sidebar.text_input(key="custom_model").input(str(tmp_path))
-    submit(at, "Load model")
-    no_exception(at)
+    at = load_custom_model(app, str(tmp_path))
     assert not at.sidebar.error
     assert any(model_type in c.value for c in at.sidebar.caption)
     assert len(at.get("plotly_chart")) == 4
