@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, TypeVar
 
 import pandas as pd
 import torch
@@ -253,10 +254,22 @@ def balance_table(trace: Trace) -> pd.DataFrame:
 
     Computed once per trace (a trace is not changed after it is made) and returned as a copy.
     """
+    return _memoized(trace, "balance_table", None, lambda: _balance_table(trace)).copy()
+
+
+T_ = TypeVar("T_")
+
+
+def _memoized(trace: Trace, name: str, partner: Trace | None, compute: Callable[[], T_]) -> T_:
+    """``compute()`` once per trace (and partner trace): pages, figures and explanations all ask
+    for the same statistics, and a trace is not changed after it is made. The memo lives on the
+    trace itself, so it is per session and goes away with the trace."""
     memo = trace.__dict__.setdefault("_memo", {})
-    if "balance_table" not in memo:
-        memo["balance_table"] = _balance_table(trace)
-    return memo["balance_table"].copy()
+    key = (name, id(partner))
+    entry = memo.get(key)
+    if entry is None or entry[0] is not partner:  # identity check: an id can be reused after GC
+        entry = memo[key] = (partner, compute())
+    return entry[1]
 
 
 def _balance_table(trace: Trace) -> pd.DataFrame:
@@ -478,7 +491,12 @@ def _same_tokens(reference: Trace, other: Trace) -> None:
 
 def mode_effect(reference: Trace, other: Trace) -> ModeEffect:
     """KL(reference || other) per position from the full next-token log-distributions, top-1 flips
-    and the change in log-prob of the actual next token (other - reference)."""
+    and the change in log-prob of the actual next token (other - reference). Computed once per
+    pair of traces."""
+    return _memoized(other, "mode_effect", reference, lambda: _mode_effect(reference, other))
+
+
+def _mode_effect(reference: Trace, other: Trace) -> ModeEffect:
     _same_tokens(reference, other)
     for name, tr in (("reference", reference), ("other", other)):
         if tr.output.vocab_logprobs is None:

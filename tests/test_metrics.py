@@ -274,3 +274,14 @@ def test_routing_diff_rejects_an_unknown_layer() -> None:
     tr = make_trace([make_layer(SKEWED, 4)])
     with pytest.raises(ValueError, match=r"layer must be one of the MoE layers \[0\]; got 7"):
         metrics.routing_diff(tr, tr, 7)
+
+
+def test_mode_effect_is_computed_once_per_pair_and_again_for_a_new_reference(tiny_model) -> None:
+    native = moe_viz.run_prompt(tiny_model, "memo check", None)
+    other = moe_viz.run_prompt(tiny_model, "memo check", moe_viz.TopK(1))
+    first = metrics.mode_effect(native, other)
+    assert metrics.mode_effect(native, other) is first
+    fresh = moe_viz.run_prompt(tiny_model, "memo check", None)
+    again = metrics.mode_effect(fresh, other)
+    assert again is not first and torch.equal(again.kl, first.kl)
+    assert metrics.balance_table(other).equals(metrics.balance_table(other))
