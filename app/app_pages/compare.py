@@ -34,24 +34,24 @@ with shows_errors():  # the prompt's own errors (empty, too long) once, before a
     native = get_trace(model, prompt, None)
 
 policies: list[tuple[str, Policy | None]] = []
+traces: list[Trace] = []
 errors = []
 for i, spec in enumerate(specs):
     if not spec.strip():
         continue
     try:
         policy = parse_policy(spec)
-        get_trace(model, prompt, policy)  # runs once here; also checks k against the model
+        trace = get_trace(model, prompt, policy)  # also checks k against the model
     except ValueError as err:
         errors.append(f"Policy {i + 1} ({spec!r}): {err}")
         continue
     policies.append((policy_spec(policy), policy))
+    traces.append(trace)
 for message in errors:
     st.error(message)
 if not policies:
     st.warning("Enter at least one valid policy to compare.")
     st.stop()
-
-traces: list[Trace] = [get_trace(model, prompt, policy) for _, policy in policies]
 
 st.subheader("Summary")
 cols = st.columns(len(traces))
