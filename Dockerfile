@@ -7,10 +7,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     HF_HUB_OFFLINE=1 \
-    MOE_VIZ_HOSTED=1
+    MOE_VIZ_HOSTED=1 \
+    MOE_VIZ_DEFAULT_MODEL=/srv/moe-viz/assets/moe-viz-mini
 
 WORKDIR /srv/moe-viz
-# CPU torch first, pinned, from PyTorch's CPU index so no CUDA wheels are pulled; then the rest.
+# CPU torch first, pinned, from PyTorch's CPU index so no CUDA wheels are pulled; then the rest
+# (requirements.txt pins the engine and the app), then the package with its [app] extra.
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 COPY requirements.txt pyproject.toml README.md ./
 RUN pip install -r requirements.txt
@@ -18,7 +20,7 @@ COPY moe_viz ./moe_viz
 COPY app ./app
 COPY assets ./assets
 COPY scripts ./scripts
-RUN pip install --no-deps -e . && useradd --create-home --uid 1000 moeviz
+RUN pip install --no-deps -e ".[app]" && useradd --create-home --uid 1000 moeviz
 USER moeviz
 
 EXPOSE 8501

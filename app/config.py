@@ -8,7 +8,7 @@ request is bounded. Any single setting below can still be overridden by its own 
 | setting | env var | local default | hosted default |
 |---|---|---|---|
 | hosted mode | ``MOE_VIZ_HOSTED`` | ``0`` | ``1`` |
-| model shown at start | ``MOE_VIZ_MODEL`` | the model shipped in ``assets/`` | same |
+| model shown at start | ``MOE_VIZ_MODEL`` | ``$MOE_VIZ_DEFAULT_MODEL``, else the model shipped in ``assets/`` | same |
 | other models allowed (hosted: hub ids only) | ``MOE_VIZ_ALLOW_CUSTOM_MODELS`` | ``1`` | ``1`` if an allow-list is set |
 | allow-list of hub ids (comma-separated) | ``MOE_VIZ_ALLOWED_MODELS`` | any | none: the default model only |
 | max prompt tokens | ``MOE_VIZ_MAX_PROMPT_TOKENS`` | 2048 | 512 |
@@ -30,6 +30,7 @@ import os
 from dataclasses import dataclass
 
 from moe_viz import DEFAULT_MODEL, Limits
+from moe_viz.models import default_model_location
 from moe_viz.models import looks_like_local_path
 
 DEFAULT_PROMPT = "The router sends each token to two of eight experts, and the experts add up their answers."
@@ -154,7 +155,7 @@ def load_config() -> AppConfig:
     else:
         torch_threads = None
     return AppConfig(
-        default_model=os.environ.get("MOE_VIZ_MODEL", "").strip() or DEFAULT_MODEL,
+        default_model=os.environ.get("MOE_VIZ_MODEL", "").strip() or str(default_model_location()),
         allow_custom_models=_env_bool("MOE_VIZ_ALLOW_CUSTOM_MODELS", bool(allowed) or not hosted),
         max_prompt_tokens=_env_int("MOE_VIZ_MAX_PROMPT_TOKENS", 512 if hosted else 2048),
         max_prompt_chars=_env_int("MOE_VIZ_MAX_PROMPT_CHARS", 4_000 if hosted else 20_000),

@@ -30,7 +30,7 @@ from moe_viz import (
     policy_spec,
     run_prompt,
 )
-from moe_viz.runner import Generation, Sampling
+from moe_viz import Generation, Sampling
 
 from app.config import AppConfig, load_config
 
@@ -223,7 +223,7 @@ def get_trace(model: MoEModel, prompt: str, policy: Policy | None) -> Trace:
         cache.move_to_end(key)
         return cache[key]
     cfg = config()
-    cfg.limits.check_policy(policy, model.num_experts)
+    cfg.limits.check_policy(policy, model.num_experts, model.top_k)
     trace = compute(
         lambda: run_prompt(model, prompt, policy, max_tokens=cfg.max_prompt_tokens, time_budget_s=cfg.time_budget_s)
     )
@@ -243,7 +243,7 @@ def get_generation(
     """This session's greedy generation under ``policy`` (computed once per settings)."""
     cfg = config()
     cfg.limits.check_new_tokens(max_new_tokens)
-    cfg.limits.check_policy(policy, model.num_experts)
+    cfg.limits.check_policy(policy, model.num_experts, model.top_k)
     cache: dict[tuple[str, str, str, int], Generation] = st.session_state.setdefault(Keys.GENERATIONS, {})
     key = (model.model_id, prompt, policy_spec(policy), max_new_tokens)
     if key not in cache:

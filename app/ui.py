@@ -1,7 +1,7 @@
-"""Page building blocks: prompt form, chart + explanation, downloads, error display.
+"""Page building blocks: prompt form, a view (chart + explanation), downloads, error display.
 
-No model maths here: numbers come from ``moe_viz`` (traces, metrics, explanations), this module
-only lays them out.
+No model maths here: numbers come from ``moe_viz`` (traces, metrics, views), this module only
+lays them out.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from moe_viz import MoEModel, Trace
+from moe_viz import MoEModel, Trace, trace_io
+from moe_viz.views import View
 
 from app.resources import Keys, config, current_prompt, get_trace
 from app.sidebar import PageContext, page_context
@@ -92,14 +94,23 @@ def traced_page(title: str, page: str) -> tuple[MoEModel, int, Trace]:
     return model, layer, trace
 
 
-def chart(fig: go.Figure, explanation: str, key: str, title: str | None = None, ratio: tuple[int, int] = (3, 2)) -> None:
-    """A plotly figure with its explanation beside it; remembered for the page's HTML download."""
-    st.session_state.setdefault(FIGURES_KEY, {})[title or key] = fig
+def show(view: View, key: str | None = None, ratio: tuple[int, int] = (3, 2), heading: bool = True) -> None:
+    """A view: its title as a subheading, the picture (chart, table or HTML) with its explanation
+    beside it. Charts are remembered for the page's HTML download."""
+    if heading:
+        st.subheader(view.title)
     left, right = st.columns(list(ratio), vertical_alignment="center")
     with left:
-        st.plotly_chart(fig, key=key, width="stretch", config={"displaylogo": False})
+        if view.figure is not None:
+            st.session_state.setdefault(FIGURES_KEY, {})[view.title] = view.figure
+            st.plotly_chart(view.figure, key=key or view.name, width="stretch", config={"displaylogo": False})
+        elif view.html is not None:
+            with st.container(height=320 if view.html.count("moe-tok") > 200 else "content", border=False):
+                st.html(view.html)  # long texts scroll
+        else:
+            st.dataframe(view.table, hide_index=isinstance(view.table.index, pd.RangeIndex), width="stretch")
     with right:
-        st.markdown(explanation)
+        st.markdown(view.explanation)
 
 
 def figures_html(figures: dict[str, go.Figure], title: str) -> str:
@@ -119,14 +130,14 @@ def figures_html(figures: dict[str, go.Figure], title: str) -> str:
 def _parquet_bytes(trace: Trace) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trace.parquet"
-        trace.to_parquet(path)
+        trace_io.save_parquet(trace, path)
         return path.read_bytes()
 
 
 def _csv_zip(trace: Trace) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, frame in trace.to_frames().items():
+        for name, frame in trace_io.to_frames(trace).items():
             archive.writestr(f"{name}.csv", frame.to_csv(index=False))
     return buffer.getvalue()
 
@@ -141,7 +152,7 @@ def downloads(trace: Trace, page: str) -> None:
     name = f"moe-viz-{slug(trace.policy)}"
     st.markdown("**Download**")
     files = [
-        ("Trace (JSON)", lambda: trace.to_json(), f"{name}.json", "application/json", "json"),
+        ("Trace (JSON)", lambda: trace_io.to_json_text(trace), f"{name}.json", "application/json", "json"),
         ("Trace (Parquet)", lambda: _parquet_bytes(trace), f"{name}.parquet", "application/vnd.apache.parquet", "parquet"),
         ("Trace (CSV, zip)", lambda: _csv_zip(trace), f"{name}-csv.zip", "application/zip", "csv"),
         ("Figures (HTML)", lambda: figures_html(figures, f"moe-viz · {page} · {trace.policy}"),

@@ -5,7 +5,7 @@ every variant alike (median ms over rounds):
 
 * ``plain``: the model's forward on a never-instrumented copy with the same weights;
 * ``traced``: moe-viz's native-routing forward with every router recorded, plus building the
-  per-layer routing trace (``routing(None)`` + ``_build_layers``) — what the app needs;
+  per-layer routing trace (``active_call(None)`` + ``build_layers``) — what the app needs;
 * ``run_prompt``: the whole ``run_prompt`` (also tokenises and builds next-token predictions);
 * ``router_logits``: the plain model with ``output_router_logits=True``;
 * ``nnsight``: nnsight tracing that saves every router's output (optional; ``pip install nnsight``).
@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from tiny_models import TINY_CONFIGS, ByteTokenizer  # noqa: E402
 
 from moe_viz import run_prompt, wrap_model  # noqa: E402
-from moe_viz.patching import routing  # noqa: E402
-from moe_viz.runner import _build_layers  # noqa: E402
+from moe_viz._hooks import active_call  # noqa: E402
+from moe_viz._trace_build import Part, build_layers  # noqa: E402
 
 SIZE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
 MODELS = ("mixtral", "olmoe", "deepseek_v3")
@@ -82,10 +82,9 @@ def bench(model_type: str, tokens: int, rounds: int) -> dict[str, float]:
     prompt = bytes(ids[0].tolist()).decode()
 
     def traced() -> object:
-        with routing(None) as recorder:
-            recorder.start_forward()
+        with active_call(None) as recorder:
             traced_model.model(input_ids=ids, use_cache=False)
-        return _build_layers(traced_model, recorder, [tokens])
+        return build_layers(traced_model, [Part(recorder.forwards[0], slice(None))])
 
     variants: dict[str, Callable[[], object]] = {
         "plain": lambda: plain(input_ids=ids, use_cache=False),

@@ -1,4 +1,4 @@
-"""Page bench: prompt -> trace -> metrics -> all figures of a page, against the bare model forward.
+"""Page bench: prompt -> trace -> every view of a page (statistics, figures, explanations), against the bare forward.
 
     python bench/page.py                                  # the default model in assets/
     python bench/page.py --model /tmp/quick-model         # any local MoE checkpoint
@@ -8,9 +8,9 @@ For each prompt length (32, 256, 2,048 tokens) and repeat, interleaved, it times
 
 * ``forward``: the bare ``model.model(input_ids)`` under ``torch.inference_mode`` (no policy);
 * each page built from scratch, as the app builds it for one layer: ``run_prompt`` (tokenize +
-  routed forward + trace), ``metrics`` (the statistics the page shows), ``figures`` (every chart
-  of the page, plus the coloured text on Explore), ``explain`` (every sentence beside them) and
-  ``json`` (the figures serialised as the browser receives them). Pages: Explore and Load balance;
+  routed forward + trace), ``views`` (every view of the page from ``moe_viz.views``: statistics,
+  figure and explanation together) and ``json`` (the figures serialised as the browser receives
+  them). Pages: Explore and Load balance;
 
 and prints medians: page / forward (target <= 2.0 at 256 tokens), each stage's share of the page
 and the figures' JSON size.
@@ -29,9 +29,9 @@ from typing import Any
 import torch
 
 import moe_viz
-from moe_viz import explain, figures, metrics
+from moe_viz import views
 
-STAGES = ("run", "metrics", "figures", "explain", "json")
+STAGES = ("run", "views", "json")
 
 
 def make_prompt(model: moe_viz.MoEModel, n_tokens: int) -> tuple[str, torch.Tensor]:
@@ -59,47 +59,16 @@ def bare_forward(model: moe_viz.MoEModel, input_ids: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
-def _explore(trace: moe_viz.Trace, layer: int, position: int) -> tuple[Callable[[], Any], ...]:
-    """What the Explore page computes after its trace: (metrics, figures, sentences)."""
-    lt = trace.layer(layer)
-    return (
-        lambda: (lt.load(), lt.dropped_count, explain.run_summary(trace)),
-        lambda: [
-            figures.token_expert_heatmap(trace, layer),
-            figures.token_text_html(trace, layer),
-            figures.router_distribution(trace, layer, position),
-            figures.predictions_bar(trace, position),
-            figures.layer_load_heatmap(trace),
-        ],
-        lambda: (
-            explain.explain_heatmap(trace, layer),
-            explain.explain_token_text(trace, layer),
-            explain.explain_router_distribution(trace, layer, position),
-            explain.explain_predictions(trace, position),
-            explain.explain_load(trace, layer),
-        ),
-    )
+def _explore(trace: moe_viz.Trace, layer: int, position: int) -> list[views.View]:
+    """Every view of the Explore page, as the page builds them (the run summary line included)."""
+    views.run_summary(trace)
+    return views.explore_views(trace, layer) + views.token_views(trace, layer, position)
 
 
-def _load_balance(trace: moe_viz.Trace, layer: int, position: int) -> tuple[Callable[[], Any], ...]:
-    """What the Load balance page computes after its trace: (metrics, figures, sentences)."""
-    lt = trace.layer(layer)
-    return (
-        lambda: (metrics.balance(lt), metrics.balance_table(trace), metrics.router_entropy(lt),
-                 metrics.topk_margin(lt), metrics.coactivation(lt), metrics.reuse(lt)),
-        lambda: [
-            figures.expert_load_bars(trace, layer),
-            figures.layer_load_heatmap(trace),
-            figures.coactivation_heatmap(trace, layer),
-        ],
-        lambda: (
-            explain.explain_load(trace, layer),
-            explain.explain_capacity(trace),
-            explain.explain_balance_table(trace),
-            explain.explain_coactivation(trace, layer),
-            explain.explain_reuse(trace, layer),
-        ),
-    )  # fmt: skip
+def _load_balance(trace: moe_viz.Trace, layer: int, position: int) -> list[views.View]:
+    """Every view of the Load balance page, its metric cards included."""
+    views.metric_cards(trace, layer)
+    return views.balance_views(trace, layer)
 
 
 PAGES = {"explore": _explore, "load balance": _load_balance}
@@ -119,11 +88,11 @@ def page(
 
     trace = timed("run", lambda: moe_viz.run_prompt(model, prompt, policy))
     layer = trace.layer_ids[len(trace.layer_ids) // 2]
-    compute_metrics, build_figures, sentences = PAGES[name](trace, layer, trace.num_tokens - 1)
-    timed("metrics", compute_metrics)
-    figs = timed("figures", build_figures)
-    timed("explain", sentences)
-    payload = timed("json", lambda: [f if isinstance(f, str) else f.to_json() for f in figs])
+    shown = timed("views", lambda: PAGES[name](trace, layer, trace.num_tokens - 1))
+    payload = timed(
+        "json",
+        lambda: [v.figure.to_json() if v.figure is not None else v.html or v.table.to_json() for v in shown],
+    )
     return times, sum(len(p.encode("utf-8")) for p in payload)
 
 

@@ -6,15 +6,30 @@ Load a model, run a prompt under a routing policy, get a trace::
     model = load_model()                      # the default model shipped in assets/
     trace = run_prompt(model, "def add(a, b):", Capacity(1.0))
     trace.layer(0).dropped_count
+
+Modules: ``policies`` (the routing-policy protocol and the built-in policies), ``trace`` (the
+data of a run), ``trace_io`` (its file formats), ``metrics`` (balance and comparison
+statistics), ``views`` (figure + explanation per chart; needs plotly), ``serving`` (request
+limits and a fair compute gate). Modules starting with ``_`` are implementation.
 """
 
-from .adapters import RouterSite, RouterSpec
-from .models import DEFAULT_MODEL, MoEModel, load_model, wrap_model
-from .patching import TimeBudgetExceeded, routing
-from .policies import Capacity, Ensemble, Policy, TopK, parse_policy, policy_spec
-from .routing import Routing, route
+from ._hooks import TimeBudgetExceeded
+from ._routers import RouterSite, RouterSpec
+from ._runs import Generation, Recording, Sampling, generate, record, run_batch, run_prompt
+from .models import DEFAULT_MODEL, MoEModel, default_model_path, load_model, wrap_model
+from .policies import (
+    Capacity,
+    Ensemble,
+    Policy,
+    RouterCall,
+    RoutingDecision,
+    TopK,
+    parse_policy,
+    policy_spec,
+    register_policy,
+    route,
+)
 from .serving import Busy, ComputeGate, Limits
-from .runner import Generation, Sampling, generate, run_prompt
 from .trace import LayerTrace, OutputTrace, Trace
 
 __all__ = [
@@ -29,19 +44,24 @@ __all__ = [
     "MoEModel",
     "OutputTrace",
     "Policy",
+    "Recording",
+    "RouterCall",
     "RouterSite",
     "RouterSpec",
-    "Routing",
+    "RoutingDecision",
     "Sampling",
     "TimeBudgetExceeded",
     "TopK",
     "Trace",
+    "default_model_path",
     "generate",
     "load_model",
     "parse_policy",
     "policy_spec",
+    "record",
+    "register_policy",
     "route",
-    "routing",
+    "run_batch",
     "run_prompt",
     "wrap_model",
 ]

@@ -8,7 +8,6 @@ exit with status 2 and a one-line message.
 from __future__ import annotations
 
 import argparse
-import runpy
 import sys
 from pathlib import Path
 
@@ -39,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_parser(
         "train-default",
-        help="retrain the default model (passes the remaining arguments to scripts/train_default_model.py)",
+        help="retrain the default model (the remaining arguments go to moe_viz.training.train_default; see --help)",
         add_help=False,
     )
     return parser
@@ -58,7 +57,8 @@ def _summary(trace: object) -> str:
 
 def _trace_command(args: argparse.Namespace) -> int:
     from .models import DEFAULT_MODEL, load_model
-    from .runner import generate, run_prompt
+    from ._runs import generate, run_prompt
+    from .trace_io import save_json, save_parquet
 
     if args.generate < 0:
         raise ValueError(f"--generate must be >= 0; got {args.generate}")
@@ -84,9 +84,9 @@ def _trace_command(args: argparse.Namespace) -> int:
     print(f"next token: {top}")
     if args.out is not None:
         if args.out.suffix == ".json":
-            trace.to_json(args.out)
+            save_json(trace, args.out)
         else:
-            trace.to_parquet(args.out)
+            save_parquet(trace, args.out)
         print(f"wrote {args.out}")
     return 0
 
@@ -94,9 +94,13 @@ def _trace_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train-default"]:
-        script = Path(__file__).resolve().parent.parent / "scripts" / "train_default_model.py"
-        sys.argv = [str(script), *argv[1:]]
-        runpy.run_path(str(script), run_name="__main__")
+        from .training.train_default import main as train_default
+
+        try:
+            train_default(argv[1:], prog="moe-viz train-default")
+        except ValueError as err:
+            print(f"moe-viz train-default: error: {err}", file=sys.stderr)
+            return 2
         return 0
     args = _parser().parse_args(argv)
     try:

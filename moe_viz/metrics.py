@@ -20,34 +20,74 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from collections.abc import Callable
-from typing import Literal, TypeVar
+from typing import Literal
 
 import pandas as pd
 import torch
 
+from ._cache import STATS
 from .trace import LayerTrace, Trace
 
 SetKind = Literal["routed", "kept", "native"]
 SET_KINDS = ("routed", "kept", "native")
+
+
+
+@dataclass(frozen=True)
+class MetricDefinition:
+    """One balance metric, written once: ``balance_table``'s column, the app's help text and the
+    README's table of metrics all read it."""
+
+    name: str  # the column in ``balance_table`` and the field of ``Balance``
+    label: str  # a short label for a metric card
+    definition: str  # what it is, as a formula in words
+    balanced: str  # its value under perfectly even routing (in terms of E and k)
+
+
+METRICS: tuple[MetricDefinition, ...] = (
+    MetricDefinition("cv", "CV", "population std of the routed load per expert / its mean", "0"),
+    MetricDefinition("max_vio", "MaxVio", "busiest expert's routed load / the mean load − 1", "0"),
+    MetricDefinition("load_entropy", "Load entropy", "H(routed load shares), nats", "log E"),
+    MetricDefinition("load_entropy_norm", "Load entropy (norm.)", "H(routed load shares) / log E", "1"),
+    MetricDefinition("effective_experts", "Effective experts", "exp(H): how many equally used experts behave alike", "E"),
+    MetricDefinition("diversity", "Diversity", "exp(H) / E", "1"),
+    MetricDefinition(
+        "gini", "Gini", "Σ_i (2i − E − 1) c_(i) / (E Σ c), loads sorted ascending; at most (E − 1)/E", "0"
+    ),
+    MetricDefinition("dead_fraction", "Dead experts", "share of experts with routed load 0", "0"),
+    MetricDefinition("max_share", "Max share", "busiest expert's routed load / assignments", "1/E"),
+    MetricDefinition(
+        "aux_loss_hf",
+        "Aux loss (HF)",
+        "transformers' load_balancing_loss_func: E · Σ_i f_i P_i, f = share of tokens whose softmax top-k "
+        "(native k) holds i, P = mean softmax probability",
+        "k",
+    ),
+    MetricDefinition("aux_loss_norm", "Aux loss (normalised)", "aux_loss_hf / k (Switch / Megatron convention)", "1"),
+    MetricDefinition("z_loss", "Router z-loss", "mean over tokens of logsumexp(router logits)² (ST-MoE)", "—"),
+    MetricDefinition("dropped", "Dropped", "assignments over their expert's capacity (capacity mode only)", "0"),
+    MetricDefinition("drop_rate", "Drop rate", "dropped assignments / assignments", "0"),
+    MetricDefinition(
+        "fully_dropped_tokens", "Fully dropped tokens", "tokens that lost every routed expert in the layer", "0"
+    ),
+)
+METRIC_BY_NAME = {m.name: m for m in METRICS}
 
 CONVENTIONS: dict[str, str] = {
     "assignments": "(token, expert) pairs the policy routed, kept + dropped (T * k')",
     "fair_share": "assignments / E",
     "load": "kept assignments per expert (what each expert processed)",
     "imbalance": "cv, max_vio, load entropy, gini, dead_fraction, max_share use the routed load (kept + dropped)",
-    "cv": "population std of the routed load / its mean; 0 = perfectly balanced",
-    "max_vio": "max routed load / mean - 1 (MaxVio)",
-    "load_entropy": "H(c / sum c) in nats; _norm divides by log E; effective_experts = exp(H); diversity = exp(H) / E",
-    "gini": "sum_i (2i - E - 1) c_(i) / (E sum c), loads sorted ascending",
-    "dead_fraction": "share of experts with routed load 0",
-    "max_share": "max routed load / assignments",
-    "aux_loss_hf": "transformers load_balancing_loss_func: E * sum f_i P_i, softmax top-k with native k; optimum k",
-    "aux_loss_norm": "aux_loss_hf / k; optimum 1",
-    "z_loss": "mean over tokens of logsumexp(router logits)^2",
-    "drop_rate": "dropped assignments / assignments",
+    **{m.name: f"{m.definition}; perfect balance: {m.balanced}" for m in METRICS},
     "all_row": "the 'all' row: sums for counts, pooled aux loss, mean over layers for the other ratios",
 }
+
+
+def metrics_markdown_table() -> str:
+    """The README's table of balance metrics (``python -m moe_viz.metrics`` prints it)."""
+    rows = ["| metric | column | definition | perfect balance |", "| --- | --- | --- | --- |"]
+    rows += [f"| {m.label} | `{m.name}` | {m.definition} | {m.balanced} |" for m in METRICS]
+    return "\n".join(rows)
 
 
 # ----------------------------------------------------------------------------- validation helpers
@@ -85,6 +125,12 @@ def membership(layer: LayerTrace, which: SetKind = "routed") -> torch.Tensor:
     sets = torch.zeros(T, E, dtype=torch.bool)  # (T, E)
     sets[torch.arange(T).unsqueeze(1).expand_as(index)[keep], index[keep]] = True
     return sets
+
+
+def first_choice(layer: LayerTrace, which: SetKind = "routed") -> torch.Tensor:
+    """(T,) each token's first-choice expert: the highest router score among the experts in its set."""
+    sets = membership(layer, which)  # (T, E)
+    return layer.router_probs.float().masked_fill(~sets, -1.0).argmax(dim=-1)
 
 
 # ----------------------------------------------------------------------------- load and balance
@@ -254,22 +300,7 @@ def balance_table(trace: Trace) -> pd.DataFrame:
 
     Computed once per trace (a trace is not changed after it is made) and returned as a copy.
     """
-    return _memoized(trace, "balance_table", None, lambda: _balance_table(trace)).copy()
-
-
-T_ = TypeVar("T_")
-
-
-def _memoized(trace: Trace, name: str, partner: Trace | None, compute: Callable[[], T_]) -> T_:
-    """``compute()`` once per trace (and partner trace): pages, figures and explanations all ask
-    for the same statistics, and a trace is not changed after it is made. The memo lives on the
-    trace itself, so it is per session and goes away with the trace."""
-    memo = trace.__dict__.setdefault("_memo", {})
-    key = (name, id(partner))
-    entry = memo.get(key)
-    if entry is None or entry[0] is not partner:  # identity check: an id can be reused after GC
-        entry = memo[key] = (partner, compute())
-    return entry[1]
+    return STATS.get(trace, "balance_table", lambda: _balance_table(trace)).copy()
 
 
 def _balance_table(trace: Trace) -> pd.DataFrame:
@@ -339,7 +370,7 @@ def capacity_check(layer: LayerTrace, factor: float) -> CapacityCheck:
     _check_layer(layer)
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
         raise ValueError(f"factor must be a finite number > 0; got {factor!r}")
-    from .routing import capacity_for
+    from ._router_math import capacity_for
 
     load = expert_load(layer, "native")
     C = capacity_for(float(factor), layer.num_tokens, layer.top_k, layer.num_experts)
@@ -443,8 +474,7 @@ def reuse(layer: LayerTrace, which: SetKind = "routed") -> Reuse:
     sets = membership(layer, which)  # (T, E)
     E, T = layer.num_experts, layer.num_tokens
     k = int(layer.native_index.shape[1]) if which == "native" else int(layer.index.shape[1])
-    masked = layer.router_probs.float().masked_fill(~sets, -1.0)  # (T, E)
-    first = masked.argmax(dim=-1)  # (T,)
+    first = first_choice(layer, which)  # (T,)
     b1, bk, bo = reuse_baselines(E, k)
     if T < 2:
         nan = float("nan")
@@ -493,7 +523,7 @@ def mode_effect(reference: Trace, other: Trace) -> ModeEffect:
     """KL(reference || other) per position from the full next-token log-distributions, top-1 flips
     and the change in log-prob of the actual next token (other - reference). Computed once per
     pair of traces."""
-    return _memoized(other, "mode_effect", reference, lambda: _mode_effect(reference, other))
+    return STATS.get(other, "mode_effect", lambda: _mode_effect(reference, other), partner=reference)
 
 
 def _mode_effect(reference: Trace, other: Trace) -> ModeEffect:
@@ -558,3 +588,7 @@ def routing_diff(reference: Trace, other: Trace, layer: int) -> RoutingDiff:
         reference_dropped=ref_lt.dropped.sum(dim=-1),
         other_dropped=oth_lt.dropped.sum(dim=-1),
     )
+
+
+if __name__ == "__main__":
+    print(metrics_markdown_table())

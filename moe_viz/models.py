@@ -1,6 +1,7 @@
 """Load a tokenizer + MoE causal LM with transformers' own classes, and instrument its routers.
 
-``load_model`` accepts a hub id or a local folder (default: the model shipped in ``assets/``),
+``load_model`` accepts a hub id or a local folder (default: ``$MOE_VIZ_DEFAULT_MODEL``, else the model
+shipped in ``assets/``; see ``default_model_path``),
 picks CUDA when present, puts the model in eval mode, keeps ``trust_remote_code`` off unless asked
 and hub kernels off always, and installs the router hooks once. The result, a ``MoEModel``, is
 safe to share between threads: nothing on it changes per call.
@@ -16,11 +17,50 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import CAPTURE_ONLY_ROUTERS, SUPPORTED_ROUTERS, RouterSite
-from .patching import Instrumentation, instrument
+from ._routers import CAPTURE_ONLY_ROUTERS, SUPPORTED_ROUTERS, RouterSite
+from ._hooks import Instrumentation, instrument
 
+# The default model: the folder named by MOE_VIZ_DEFAULT_MODEL, else the one shipped in assets/
+# beside the package (present in a source checkout / editable install; a wheel does not carry it).
+DEFAULT_MODEL_ENV = "MOE_VIZ_DEFAULT_MODEL"
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
-DEFAULT_MODEL = str(ASSETS_DIR / "moe-viz-mini")
+SHIPPED_MODEL_DIR = ASSETS_DIR / "moe-viz-mini"
+
+
+def default_model_location() -> Path:
+    """Where the default model should be (``$MOE_VIZ_DEFAULT_MODEL`` or the shipped folder); not checked."""
+    raw = os.environ.get(DEFAULT_MODEL_ENV, "").strip()
+    return Path(os.path.expanduser(raw)).absolute() if raw else SHIPPED_MODEL_DIR
+
+
+def default_model_path() -> str:
+    """The default model's folder, read from the environment now; ValueError, saying where it
+    looked and how to fix it, when that folder is missing or holds no config.json."""
+    return _checked_default(default_model_location(), bool(os.environ.get(DEFAULT_MODEL_ENV, "").strip()))
+
+
+def _checked_default(path: Path, from_env: bool) -> str:
+    if from_env:
+        where = f"{path} (from {DEFAULT_MODEL_ENV})"
+        fix = f"point {DEFAULT_MODEL_ENV} at a model folder with config.json"
+    else:
+        where = f"{path} (the assets/ folder beside the moe_viz package; {DEFAULT_MODEL_ENV} is not set)"
+        fix = (
+            f"set {DEFAULT_MODEL_ENV}=/path/to/moe-viz-mini (a folder with config.json, e.g. the assets/ folder "
+            "of a source checkout, or one written by `moe-viz train-default --out DIR`), or pass a model to "
+            "load_model()"
+        )
+    if not path.is_dir():
+        raise ValueError(f"default model not found: no folder at {where}. To fix: {fix}")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"default model folder {where} has no config.json. To fix: {fix}")
+    return str(path)
+
+
+# Resolved once, at import (the library's and the app's default). Never raises: a missing
+# folder is reported by default_model_path() / load_model() when the default is actually used.
+_DEFAULT_FROM_ENV = bool(os.environ.get(DEFAULT_MODEL_ENV, "").strip())
+DEFAULT_MODEL = str(default_model_location())
 
 
 @dataclass(frozen=True)
@@ -98,7 +138,7 @@ def looks_like_local_path(name: str) -> bool:
 
 
 def load_model(
-    name_or_path: str = DEFAULT_MODEL,
+    name_or_path: str | None = None,
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
@@ -114,6 +154,10 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if name_or_path is None:  # the default model: $MOE_VIZ_DEFAULT_MODEL or the shipped one
+        name_or_path = default_model_path()
+    elif name_or_path == DEFAULT_MODEL and not Path(DEFAULT_MODEL).is_dir():
+        _checked_default(Path(DEFAULT_MODEL), _DEFAULT_FROM_ENV)  # raises, saying how to set it
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise ValueError(f"model must be a hub id or a local folder; got {name_or_path!r}")
     name_or_path = name_or_path.strip()

@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from .policies import Capacity, Ensemble, Policy, TopK, check_policy
+from ._routers import RouterSpec
+from .policies import Policy, check_policy
 
 
 class Busy(RuntimeError):
@@ -35,28 +36,35 @@ class Limits:
     max_ensemble_experts: int | None = None
     time_budget_s: float | None = None
 
-    def check_policy(self, policy: Policy | None, num_experts: int) -> None:
-        """Raise ValueError if ``policy`` is outside these limits (or invalid for ``num_experts``)."""
-        check_policy(policy, num_experts)
-        k = getattr(policy, "k", None)
-        if isinstance(policy, (TopK, Capacity)) and k is not None and self.max_k is not None and k > self.max_k:
-            raise ValueError(f"k must satisfy 1 <= k <= {self.max_k} on this server; got {k}")
-        if isinstance(policy, Capacity):
+    def check_policy(self, policy: Policy | None, num_experts: int, top_k: int | None = None) -> None:
+        """Raise ValueError if ``policy`` is outside these limits or cannot run on a layer of
+        ``num_experts`` experts whose own k is ``top_k`` (the model's own k is always allowed).
+
+        Reads only the policy protocol (``experts_per_token``, ``runs_every_expert``,
+        ``capacity_factor``), so a new kind of policy is bounded like the built-in ones.
+        """
+        router = RouterSpec("softmax", num_experts=num_experts, top_k=top_k if top_k is not None else 1)
+        check_policy(policy, router)
+        if policy is None:
+            return
+        if policy.runs_every_expert:
+            if self.max_ensemble_experts is not None and num_experts > self.max_ensemble_experts:
+                raise ValueError(
+                    f"{policy.spec} runs every expert for every token; this server allows that for models with at "
+                    f"most {self.max_ensemble_experts} experts per layer, and this model has {num_experts}"
+                )
+        else:
+            k = policy.experts_per_token(router)
+            if self.max_k is not None and k > self.max_k and k != router.top_k:
+                raise ValueError(f"k must satisfy 1 <= k <= {self.max_k} on this server; got {k}")
+        factor = policy.capacity_factor
+        if factor is not None:
             low = self.min_capacity_factor if self.min_capacity_factor is not None else 0.0
             high = self.max_capacity_factor if self.max_capacity_factor is not None else float("inf")
-            if not low <= policy.factor <= high:
+            if not low <= factor <= high:
                 raise ValueError(
-                    f"capacity factor must satisfy {low:g} <= factor <= {high:g} on this server; got {policy.factor:g}"
+                    f"capacity factor must satisfy {low:g} <= factor <= {high:g} on this server; got {factor:g}"
                 )
-        if (
-            isinstance(policy, Ensemble)
-            and self.max_ensemble_experts is not None
-            and num_experts > self.max_ensemble_experts
-        ):
-            raise ValueError(
-                f"ensemble mode runs every expert for every token; this server allows it for models with at most "
-                f"{self.max_ensemble_experts} experts per layer, and this model has {num_experts}"
-            )
 
     def check_new_tokens(self, max_new_tokens: int) -> None:
         if self.max_new_tokens is not None and not 1 <= max_new_tokens <= self.max_new_tokens:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine: CPU torch first (pinned, so pip never pulls CUDA wheels), then the
-# pinned stack and this package in editable mode. `--dev` adds the test tools and Debian's chromium
-# for the browser tests.
+# pinned stack (requirements.txt: engine + app) and this package in editable mode with its [app]
+# extra (--no-deps: requirements.txt already holds every pin; pyproject.toml only gives ranges).
+# `--dev` adds the test and lint tools (requirements-dev.txt) and Debian's chromium for the
+# browser tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
@@ -10,7 +12,7 @@ dev=0
 
 "$py" -m pip install -q torch==2.13.0
 "$py" -m pip install -q -r requirements.txt
-"$py" -m pip install -q --no-deps -e .
+"$py" -m pip install -q --no-deps -e ".[app]"
 if [ "$dev" = 1 ]; then
   "$py" -m pip install -q -r requirements-dev.txt
   if ! command -v chromium >/dev/null 2>&1; then

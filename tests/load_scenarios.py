@@ -8,7 +8,7 @@ from urllib.parse import urlencode
 import torch
 
 from moe_viz import DEFAULT_MODEL, load_model, parse_policy, run_prompt
-from moe_viz.explain import run_summary
+from moe_viz.views import run_summary
 
 POLICIES = ["top-k:1", "top-k:2", "capacity:0.5:position", "capacity:1:probs", "ensemble:gate", "ensemble:uniform",
             "top-k:3", "capacity:1.25:position"]  # fmt: skip

@@ -7,6 +7,7 @@ Runs against the default model in ``assets/`` (or ``MOE_VIZ_MODEL``, e.g. a quic
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -22,7 +23,8 @@ APP = ROOT / "app" / "streamlit_app.py"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from moe_viz import DEFAULT_MODEL, Capacity, TopK, load_model, run_prompt  # noqa: E402
+from moe_viz import DEFAULT_MODEL, Capacity, TopK, load_model, parse_policy, run_prompt  # noqa: E402
+from moe_viz import views  # noqa: E402
 
 MODEL = os.environ.get("MOE_VIZ_MODEL") or DEFAULT_MODEL
 PROMPT = "def add(a, b):\n    return a + b\n\nprint(add(2, 3))"
@@ -130,14 +132,39 @@ def test_each_mode_and_k_change_the_policy_shown(app, model):
     assert metric(at, "Dropped (all layers)") == "0"
 
 
+def router_explanation(at) -> str:
+    """The one "Token `...` (position N) in layer L ..." explanation beside the router-distribution chart."""
+    found = [m.value for m in at.markdown if re.match(r"Token `[^`]*` \(position \d+\) in layer \d+\b", m.value)]
+    assert len(found) == 1, f"expected one router-distribution explanation; got {found}"
+    return found[0]
+
+
+def router_chart_titles(at) -> list[str]:
+    """The titles of the router-distribution charts on the page ("Router distribution of token N ...")."""
+    titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]
+    return [t for t in titles if t.startswith("Router distribution of token ")]
+
+
 def test_selecting_a_token_updates_the_router_distribution(app, model):
     at = app.run()
-    at.selectbox(key="position").set_value(0)
-    at.run()
     no_exception(at)
-    texts = " ".join(m.value for m in at.markdown)
-    first = run_prompt(model, PROMPT).tokens[0]
-    assert repr(first) in texts or first.strip() in texts
+    layer = at.sidebar.selectbox(key="layer").value
+    trace = run_prompt(model, PROMPT, parse_policy(routing_shown(at)))  # the trace the page shows
+    default = router_explanation(at)
+    last = trace.num_tokens - 1  # preselected
+    assert re.match(rf"Token `[^`]*` \(position {last}\) in layer {layer}\b", default), default
+    shown = {}
+    for position in (0, 1):
+        at.selectbox(key="position").set_value(position)
+        at.run()
+        no_exception(at)
+        text = router_explanation(at)
+        assert text == views.router_distribution(trace, layer, position).explanation
+        assert re.match(rf"Token `[^`]*` \(position {position}\) in layer {layer}\b", text), text
+        [title] = router_chart_titles(at)
+        assert title.startswith(f"Router distribution of token {position} "), title
+        shown[position] = text
+    assert len({default, shown[0], shown[1]}) == 3  # each selection changed the explanation
 
 
 def test_every_page_runs_in_every_mode(app):
@@ -262,8 +289,28 @@ def test_load_balance_page_shows_metrics_tables_and_charts(app, model):
     assert metric(at, "Dropped").startswith(f"{expected.dropped_count} (")
     labels = {m.label for m in at.metric}
     assert {"CV", "MaxVio", "Gini", "Aux loss (HF)", "Aux loss (normalised)", "Router z-loss"} <= labels
-    assert len(at.get("plotly_chart")) == 3  # load bars, layer load, co-activation
+    assert len(at.get("plotly_chart")) == 4  # load bars, layer load, router confidence, co-activation
     assert at.dataframe and len(at.dataframe[0].value) == len(model.moe_layers) + 1  # + the "all" row
+
+
+def test_each_page_shows_every_view_of_its_list_with_that_views_explanation(app, model):
+    from moe_viz import views
+
+    at = app.run()
+    at.sidebar.radio(key="mode").set_value("capacity")
+    at.run()
+    layer = model.moe_layers[0]
+    trace = run_prompt(model, PROMPT, Capacity(1.0))  # the sidebar's capacity mode at the model's own k
+    expected = {
+        "explore": views.explore_views(trace, layer) + views.token_views(trace, layer, trace.num_tokens - 1),
+        "load_balance": views.balance_views(trace, layer),
+    }
+    for page, page_views in expected.items():
+        at.switch_page(f"app_pages/{page}.py").run()
+        no_exception(at)
+        shown = [m.value for m in at.markdown]
+        for view in page_views:
+            assert view.explanation in shown, (page, view.name)
 
 
 def test_compare_page_shows_each_policy_and_its_dropped_tokens(app, model):
@@ -323,13 +370,13 @@ def test_trace_and_figure_downloads_are_complete_and_offline(model):
     import plotly.graph_objects as go
 
     from app.ui import _csv_zip, _parquet_bytes, figures_html
-    from moe_viz import Trace
+    from moe_viz import trace_io
 
     trace = run_prompt(model, PROMPT, Capacity(1.0))
     names = zipfile.ZipFile(BytesIO(_csv_zip(trace))).namelist()
     assert sorted(names) == ["predictions.csv", "probs.csv", "routing.csv", "tokens.csv"]
     assert _parquet_bytes(trace)[:4] == b"PAR1"
-    assert Trace.from_json(trace.to_json()).token_ids == trace.token_ids
+    assert trace_io.from_json_text(trace_io.to_json_text(trace)).token_ids == trace.token_ids
     page = figures_html({"a": go.Figure(go.Bar(y=[1])), "b": go.Figure(go.Bar(y=[2]))}, "t")
     assert page.count("<section>") == 2
     assert "<script src=" not in page.replace("<script src=\"data:", "")  # no script fetched from a CDN
@@ -360,6 +407,6 @@ def test_app_holds_no_model_maths():
 
 
 def test_moe_viz_does_not_import_streamlit():
-    code = "import sys, moe_viz, moe_viz.figures, moe_viz.metrics; print('streamlit' in sys.modules)"
+    code = "import sys, moe_viz, moe_viz.views, moe_viz.metrics; print('streamlit' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

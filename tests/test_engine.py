@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 
 import moe_viz
-from moe_viz import Capacity, Ensemble, Sampling, TopK, Trace, generate, load_model, parse_policy, run_prompt
-from moe_viz.patching import routing
-from tiny_models import ByteTokenizer, build, build_model
+from moe_viz import Capacity, Ensemble, Sampling, TopK, generate, load_model, parse_policy, run_prompt
+from moe_viz import record, trace_io
+from moe_viz._hooks import active_call
+from tiny_models import ByteTokenizer, build, build_model, save_byte_tokenizer
 
 TEXT = "Routing tokens to experts, one layer at a time."
 
@@ -80,7 +81,7 @@ def test_one_expert_per_token_uses_only_the_best_expert(mixtral):
 
 def test_capacity_by_position_keeps_earlier_first_choices():
     """GShard order: all first choices in token order before any second choice."""
-    from moe_viz.routing import apply_capacity
+    from moe_viz._router_math import apply_capacity
 
     index = torch.tensor([[0, 1], [0, 1], [0, 2]])  # three tokens all prefer expert 0
     gates = torch.tensor([[0.6, 0.4], [0.9, 0.1], [0.7, 0.3]])
@@ -125,7 +126,7 @@ def test_threads_with_different_policies_never_see_each_others_routing(mixtral):
 
 def test_hooks_do_nothing_outside_a_routing_block(mixtral):
     ids = mixtral.tokenizer(TEXT)["input_ids"]
-    with routing(TopK(1)):
+    with active_call(TopK(1)):
         pass
     plain = build_model("mixtral")
     with torch.inference_mode():
@@ -158,9 +159,9 @@ def test_capacity_generation_recomputes_capacity_over_the_sequence_so_far(mixtra
         assert lt.capacity == expected
     # The recorded routing of the last fed token equals a fresh forward over the same tokens.
     ids = torch.tensor([trace.token_ids])
-    with torch.inference_mode(), routing(Capacity(factor)) as recorder:
+    with record(mixtral, Capacity(factor)) as rec:
         mixtral.model(input_ids=ids, use_cache=False)
-    for got, want in zip(trace.layers, recorder.forwards[0]):
+    for got, want in zip(trace.layers, rec.trace().layers, strict=True):
         assert torch.equal(got.dropped[-1], want.dropped[-1])
         assert torch.equal(got.index[-1], want.index[-1])
     assert sum(lt.dropped_count for lt in trace.layers) > 0
@@ -171,19 +172,21 @@ def test_trace_round_trips_through_json_and_parquet_losslessly(mixtral, tmp_path
     for include_vocab in (False, True):
         for path in (tmp_path / "t.json", tmp_path / "t.parquet"):
             if path.suffix == ".json":
-                trace.to_json(path, include_vocab=include_vocab)
-                back = Trace.from_json(path)
+                trace_io.save_json(trace, path, include_vocab=include_vocab)
+                back = trace_io.load_json(path)
             else:
-                trace.to_parquet(path, include_vocab=include_vocab)
-                back = Trace.from_parquet(path)
-            assert back.to_dict(include_vocab=True) == trace.to_dict(include_vocab=include_vocab)
+                trace_io.save_parquet(trace, path, include_vocab=include_vocab)
+                back = trace_io.load_parquet(path)
+            assert trace_io.to_dict(back, include_vocab=True) == trace_io.to_dict(trace, include_vocab=include_vocab)
             for a, b in zip(back.layers, trace.layers):
                 assert torch.equal(a.router_logits, b.router_logits) and torch.equal(a.dropped, b.dropped)
+        text = trace_io.to_json_text(trace, include_vocab=include_vocab)
+        assert trace_io.to_dict(trace_io.from_json_text(text)) == trace_io.to_dict(trace)
 
 
 def test_trace_frames_have_one_row_per_assignment(mixtral):
     trace = run_prompt(mixtral, TEXT, Capacity(0.5))
-    frames = trace.to_frames()
+    frames = trace_io.to_frames(trace)
     routing_frame = frames["routing"]
     assert len(routing_frame) == sum(lt.index.numel() for lt in trace.layers)
     assert int(routing_frame["dropped"].sum()) == sum(lt.dropped_count for lt in trace.layers)
@@ -193,7 +196,9 @@ def test_trace_frames_have_one_row_per_assignment(mixtral):
 
 def test_foreign_json_is_refused_with_a_message():
     with pytest.raises(ValueError, match="not a moe-viz trace"):
-        Trace.from_json('{"schema": "other"}')
+        trace_io.from_json_text('{"schema": "other"}')
+    with pytest.raises(ValueError, match="not JSON"):
+        trace_io.from_json_text("not json at all")
 
 
 @pytest.mark.parametrize(
@@ -247,24 +252,14 @@ def test_load_model_refuses_missing_folders_unknown_ids_and_dense_models(tmp_pat
 
     dense = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
     dense.save_pretrained(tmp_path / "dense")
-    _save_byte_tokenizer(tmp_path / "dense")
+    save_byte_tokenizer(tmp_path / "dense")
     with pytest.raises(ValueError, match="has no MoE layers"):
         load_model(str(tmp_path / "dense"))
 
 
-def _save_byte_tokenizer(folder) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {chr(i): i for i in range(32, 96)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=" "))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=" ").save_pretrained(folder)
-
-
 def test_load_model_from_a_local_folder_runs_every_policy(tmp_path):
     build_model("qwen2_moe").save_pretrained(tmp_path / "m")
-    _save_byte_tokenizer(tmp_path / "m")
+    save_byte_tokenizer(tmp_path / "m")
     model = load_model(str(tmp_path / "m"), device="cpu")
     assert not model.model.training and model.num_experts == 8 and model.top_k == 2
     assert model.model.config._experts_implementation in ("grouped_mm", "eager", "batched_mm")
@@ -274,20 +269,20 @@ def test_load_model_from_a_local_folder_runs_every_policy(tmp_path):
 
 def test_cli_writes_a_trace_and_rejects_bad_values(tmp_path):
     build_model("olmoe").save_pretrained(tmp_path / "m")
-    _save_byte_tokenizer(tmp_path / "m")
+    save_byte_tokenizer(tmp_path / "m")
     out = tmp_path / "t.json"
     cmd = [sys.executable, "-m", "moe_viz.cli", "trace", str(tmp_path / "m"), "--prompt", "ABC DEF", "--policy", "capacity:0.5", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "dropped" in done.stdout and out.exists()
-    assert Trace.from_json(out).policy == "capacity:0.5:position"
+    assert trace_io.load_json(out).policy == "capacity:0.5:position"
     bad = subprocess.run(cmd[:-4] + ["--policy", "top-k:0"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "k must satisfy" in bad.stderr
 
 
 def test_public_api_is_sorted_and_free_of_streamlit():
     assert moe_viz.__all__ == sorted(moe_viz.__all__)
-    code = "import sys, moe_viz, moe_viz.cli; import moe_viz.runner; print('streamlit' in sys.modules)"
+    code = "import sys, moe_viz, moe_viz.cli; import moe_viz._runs, moe_viz.trace_io; print('streamlit' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False"
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from moe_viz import Capacity, Ensemble, TopK, generate, run_prompt
-from moe_viz.routing import capacity_for, gate_weights, select_topk
+from moe_viz._router_math import capacity_for, gate_weights, select_topk
 from tiny_models import CAPTURE_ONLY_CONFIGS, TINY_CONFIGS, build
 
 TOL = 1e-5

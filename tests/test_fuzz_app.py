@@ -17,7 +17,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from moe_viz import DEFAULT_MODEL  # noqa: E402
-from test_fuzz_library import HOSTILE  # noqa: E402
+from hostile_inputs import HOSTILE  # noqa: E402
 
 MODEL = os.environ.get("MOE_VIZ_MODEL") or DEFAULT_MODEL
 pytestmark = [

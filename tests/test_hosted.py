@@ -15,8 +15,8 @@ APP = ROOT / "app" / "streamlit_app.py"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from moe_viz import DEFAULT_MODEL, load_model, parse_policy, run_prompt  # noqa: E402
-from moe_viz.explain import run_summary  # noqa: E402
+from moe_viz import DEFAULT_MODEL, load_model, parse_policy, run_prompt, trace_io  # noqa: E402
+from moe_viz.views import run_summary  # noqa: E402
 
 MODEL = os.environ.get("MOE_VIZ_MODEL") or DEFAULT_MODEL
 TIMEOUT = 120
@@ -141,7 +141,7 @@ def test_two_sessions_never_see_each_others_prompt_policy_trace_or_downloads(hos
     a_traces, b_traces = a.session_state["traces"], b.session_state["traces"]
     assert [key[1:] for key in a_traces] == [(a_prompt, parse_policy(a_policy).spec)]
     assert [key[1:] for key in b_traces] == [(b_prompt, parse_policy(b_policy).spec)]
-    assert json.loads(next(iter(a_traces.values())).to_json())["meta"]["prompt"] == a_prompt
+    assert json.loads(trace_io.to_json_text(next(iter(a_traces.values()))))["meta"]["prompt"] == a_prompt
     assert a.session_state["prompt"] == a_prompt and b.session_state["prompt"] == b_prompt
 
 

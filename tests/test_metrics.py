@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
+import pandas as pd
 import pytest
 import torch
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 import moe_viz
 import tiny_models
-from moe_viz import metrics
+from moe_viz import metrics, trace_io
 from moe_viz.trace import LayerTrace, OutputTrace, Trace
 
 
@@ -251,8 +254,8 @@ def test_mode_effect_of_a_run_with_itself_is_zero(tiny_model: moe_viz.MoEModel) 
 def test_mode_effect_requires_vocab_logprobs_and_same_tokens() -> None:
     lt = make_layer([[0, 1], [1, 2]], 4)
     ref = make_trace([lt])
-    missing = make_trace([lt])
-    missing.output.vocab_logprobs = None
+    full = make_trace([lt])
+    missing = dataclasses.replace(full, output=dataclasses.replace(full.output, vocab_logprobs=None))
     with pytest.raises(ValueError, match="other has no vocab_logprobs"):
         metrics.mode_effect(ref, missing)
     with pytest.raises(ValueError, match="reference has no vocab_logprobs"):
@@ -284,4 +287,35 @@ def test_mode_effect_is_computed_once_per_pair_and_again_for_a_new_reference(tin
     fresh = moe_viz.run_prompt(tiny_model, "memo check", None)
     again = metrics.mode_effect(fresh, other)
     assert again is not first and torch.equal(again.kl, first.kl)
-    assert metrics.balance_table(other).equals(metrics.balance_table(other))
+
+
+def test_balance_table_cached_on_a_trace_equals_a_fresh_computation_and_is_returned_as_a_copy(tiny_model) -> None:
+    trace = moe_viz.run_prompt(tiny_model, "memo check", moe_viz.Capacity(0.5))
+    cached = metrics.balance_table(trace)
+    cached_again = metrics.balance_table(trace)  # served from the statistics cache
+    rebuilt = trace_io.from_dict(trace_io.to_dict(trace))  # a new trace object with the same data and no cache
+    independent = metrics.balance_table(rebuilt)
+    assert len(independent) == len(trace.layers) + 1 and independent["dropped"].iloc[-1] > 0
+    pd.testing.assert_frame_equal(cached, independent)
+    pd.testing.assert_frame_equal(cached_again, independent)
+    assert cached.attrs == independent.attrs and cached.attrs["conventions"]
+    assert cached_again is not cached
+    native = metrics.balance_table(moe_viz.run_prompt(tiny_model, "memo check"))  # another trace, its own entry
+    assert native["dropped"].iloc[-1] == 0 and not native.equals(cached)
+
+    # Mutating a returned table (cells and attrs) must not leak into the next call's result.
+    cached.loc[:, "cv"] = -1.0
+    cached.loc[cached.index[0], "dropped"] = 10**6
+    cached.attrs["conventions"] = "changed"
+    after = metrics.balance_table(trace)
+    pd.testing.assert_frame_equal(after, independent)
+    assert after.attrs == independent.attrs
+
+
+def test_readme_table_of_metrics_is_the_one_the_code_defines() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert metrics.metrics_markdown_table() in readme
+    assert set(metrics.CONVENTIONS) >= {m.name for m in metrics.METRICS}
+    assert all(m.name in metrics.TABLE_COLUMNS for m in metrics.METRICS)

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from moe_viz import Capacity, Ensemble, TopK, load_model, run_prompt
-from test_engine import _save_byte_tokenizer
-from tiny_models import build_model
+from tiny_models import build_model, save_byte_tokenizer
 
 DEVICE_MAP = {
     "model.embed_tokens": "cpu",
@@ -23,7 +22,7 @@ DEVICE_MAP = {
 def checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpt") / "mixtral"
     build_model("mixtral").save_pretrained(folder)
-    _save_byte_tokenizer(folder)
+    save_byte_tokenizer(folder)
     return folder
 
 

@@ -1,5 +1,6 @@
-"""scripts/train_default_model.py reproduces a loadable model end to end (--quick), and its
-building blocks (corpus split, schedule, CLI validation) behave."""
+"""scripts/train_default_model.py (a shim over moe_viz.training.train_default) reproduces a
+loadable model end to end (--quick), and its building blocks (corpus split, schedule, CLI
+validation) behave."""
 
 from __future__ import annotations
 
@@ -12,11 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-sys.path.insert(0, str(SCRIPTS))
+from moe_viz.training import corpus as build_corpus
+from moe_viz.training import train_default as train_default_model
 
-import build_corpus  # noqa: E402
-import train_default_model  # noqa: E402
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
 @pytest.mark.slow

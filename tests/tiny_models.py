@@ -170,6 +170,18 @@ class ByteTokenizer:
         return bytes(ids).decode("utf-8", errors="replace")
 
 
+def save_byte_tokenizer(folder: Any) -> None:
+    """Save a Hugging Face fast tokenizer to ``folder`` for checkpoints saved from ``build_model``:
+    one token per printable ASCII character (ids 32-95; anything else becomes the space token)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i for i in range(32, 96)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=" "))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=" ").save_pretrained(folder)
+
+
 def _redraw_routers(model: nn.Module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

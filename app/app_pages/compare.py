@@ -7,12 +7,13 @@ import math
 import pandas as pd
 import streamlit as st
 
-from moe_viz import Policy, Trace, explain, figures, metrics, parse_policy, policy_spec
+from moe_viz import Policy, Trace, metrics, parse_policy, policy_spec, views
+from moe_viz.policies import POLICY_SYNTAX
 
 from app.resources import config, get_generation, get_trace, has_generation
-from app.ui import chart, downloads, prompt_form, require_model, shows_errors, start_figures
+from app.ui import downloads, prompt_form, require_model, show, shows_errors, start_figures
 
-POLICY_HELP = "`native`, `top-k:K`, `capacity:FACTOR[:position|probs][:k=K]`, `ensemble:gate` or `ensemble:uniform`."
+POLICY_HELP = f"Write {POLICY_SYNTAX}."
 
 st.title("Compare modes")
 ctx = require_model()
@@ -76,30 +77,12 @@ for col, trace in zip(cols, traces):
 if effect_error:
     st.warning(f"Prediction changes are not available: {effect_error}")
 
-st.subheader(f"Routing differences from native, layer {layer}")
+st.subheader(f"Routing differences from native, and the effect on the predictions, layer {layer}")
 for i, trace in enumerate(traces):
-    diff = metrics.routing_diff(native, trace, layer)
-    chart(
-        figures.routing_diff_heatmap(native, trace, layer),
-        f"Under `{trace.policy}`, **{diff.num_changed} of {trace.num_tokens}** tokens are processed by a different "
-        f"set of experts than under native routing in layer {layer}: {int(diff.added.sum())} expert assignments "
-        f"gained, {int(diff.removed.sum())} lost, and {int(diff.other_dropped.sum())} assignments dropped for lack "
-        "of capacity.",
-        f"compare_diff_{i}",
-        f"Routing diff, {trace.policy}, layer {layer}",
-    )
-
-st.subheader("Effect on the next-token predictions")
-for i, (trace, effect) in enumerate(zip(traces, effects)):
-    if effect is None:
-        st.info(f"`{trace.policy}`: not available for this run.")
-        continue
-    chart(
-        figures.mode_effect_figure(native, trace),
-        explain.explain_mode_effect(native, trace),
-        f"compare_effect_{i}",
-        f"Mode effect, {trace.policy}",
-    )
+    for view in views.compare_views(native, trace, layer):
+        show(view, key=f"compare_{view.name}_{i}")
+    if effects[i] is None:
+        st.info(f"`{trace.policy}`: the effect on the predictions is not available for this run.")
 
 st.subheader("Next token after the prompt")
 cols = st.columns(len(traces) + 1)

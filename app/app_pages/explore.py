@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import streamlit as st
 
-from moe_viz import explain, figures
+from moe_viz import views
 
 from app.resources import Keys, display_name
-from app.ui import chart, downloads, traced_page
+from app.ui import downloads, show, traced_page
 
 model, layer, trace = traced_page("Explore routing", "explore")
 lt = trace.layer(layer)
@@ -23,18 +23,11 @@ c[1].metric(
 c[2].metric(f"Dropped (layer {layer})", lt.dropped_count, help="Assignments over an expert's capacity in this layer.")
 c[3].metric("Dropped (all layers)", sum(item.dropped_count for item in trace.layers))
 c[4].metric("Forward", f"{trace.timings_ms.get('forward_ms', float('nan')):.0f} ms")
-st.caption(explain.run_summary(trace))
+st.caption(views.run_summary(trace))
 
-st.subheader(f"Token × expert routing, layer {layer}")
-chart(figures.token_expert_heatmap(trace, layer), explain.explain_heatmap(trace, layer), "explore_heatmap", "Token × expert heatmap")
-
-st.subheader(f"The text, coloured by each token's first-choice expert (layer {layer})")
-left, right = st.columns([3, 2], vertical_alignment="center")
-with left:
-    with st.container(height=320 if trace.num_tokens > 200 else "content", border=False):  # long prompts scroll
-        st.html(figures.token_text_html(trace, layer))
-with right:
-    st.markdown(explain.explain_token_text(trace, layer))
+heatmap, text, layer_load = views.explore_views(trace, layer)
+show(heatmap)
+show(text)
 
 
 @st.fragment
@@ -50,23 +43,11 @@ def token_close_up() -> None:
         key=Keys.POSITION,
         format_func=lambda i: f"{i}: {trace.tokens[i]!r}",
     )
-    chart(
-        figures.router_distribution(trace, layer, position),
-        explain.explain_router_distribution(trace, layer, position),
-        "explore_router_distribution",
-        "Router distribution of the selected token",
-    )
-    chart(
-        figures.predictions_bar(trace, position),
-        explain.explain_predictions(trace, position),
-        "explore_predictions",
-        "Next-token predictions after the selected token",
-    )
+    for view in views.token_views(trace, layer, position):
+        show(view, key=f"explore_{view.name}", heading=False)
 
 
 token_close_up()
-
-st.subheader("Load across layers")
-chart(figures.layer_load_heatmap(trace), explain.explain_load(trace, layer), "explore_layer_load", "Layer × expert load")
+show(layer_load, key="explore_layer_load")
 
 downloads(trace, "explore")

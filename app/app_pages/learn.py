@@ -5,10 +5,10 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from moe_viz import Capacity, Ensemble, TopK, explain, figures, metrics
+from moe_viz import Capacity, Ensemble, TopK, metrics, views
 
 from app.resources import Keys, get_trace
-from app.ui import chart, prompt_form, require_model, shows_errors, start_figures
+from app.ui import prompt_form, require_model, show, shows_errors, start_figures
 
 st.title("Learn: how a Mixture-of-Experts layer routes tokens")
 ctx = require_model()
@@ -38,12 +38,7 @@ st.markdown(
     "Each MoE layer starts with a **router**: a small linear layer that gives every expert a score (a logit) for the "
     "current token. A softmax turns the scores into probabilities."
 )
-chart(
-    figures.router_distribution(native, layer, position),
-    explain.explain_router_distribution(native, layer, position),
-    "learn_router",
-    "Router distribution",
-)
+show(views.router_distribution(native, layer, position), key="learn_router", heading=False)
 
 st.header("2 · The output is a gate-weighted sum of experts")
 chosen = lt.index[position].tolist()
@@ -93,7 +88,7 @@ else:
     section_top_k()
 
 st.header("4 · Load balancing: keep every expert busy")
-chart(figures.expert_load_bars(native, layer), explain.explain_load(native, layer), "learn_load", "Expert load")
+show(views.expert_load(native, layer), key="learn_load", heading=False)
 b = metrics.balance(lt)
 st.markdown(
     f"During training an **auxiliary loss** pushes the router towards equal loads. Here it is "
@@ -110,7 +105,7 @@ else:
     )
     with shows_errors():
         capped = get_trace(model, prompt, Capacity(factor))
-    chart(figures.expert_load_bars(capped, layer), explain.explain_capacity(capped), "learn_capacity", f"Expert load at capacity {factor:g}")
+    show(views.expert_load(capped, layer), key="learn_capacity", heading=False)
     clt = capped.layer(layer)
     st.markdown(
         f"With a fixed buffer of **C = {clt.capacity[0] if clt.capacity else '—'}** slots per expert, the busy experts "
@@ -126,12 +121,7 @@ else:
     with shows_errors():
         ensemble = get_trace(model, prompt, Ensemble("gate"))
     try:
-        chart(
-            figures.mode_effect_figure(native, ensemble),
-            explain.explain_mode_effect(native, ensemble),
-            "learn_ensemble",
-            "Ensemble vs native",
-        )
+        show(views.mode_effect(native, ensemble), key="learn_ensemble", heading=False)
     except ValueError as err:
         st.warning(str(err))
 st.markdown(

@@ -1,4 +1,4 @@
-"""Teaching sentences cite the right numbers for hand-built traces."""
+"""Each view's explanation cites the right numbers for hand-built traces."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from moe_viz import explain
+from moe_viz import views
 from moe_viz.trace import LayerTrace, OutputTrace, Trace
 
 
@@ -50,105 +50,106 @@ def make_trace(layers: list[LayerTrace], vocab_probs: list[list[float]] | None =
 SKEWED = [[0, 1], [0, 2], [1, 0], [3, 0]]  # routed load [4, 2, 1, 1]; fair share 2
 
 
-def test_explain_load_cites_share_fair_share_and_counterfactual_drops() -> None:
-    text = explain.explain_load(make_trace([make_layer(SKEWED, 4)]), 0)
+def test_view_load_cites_share_fair_share_and_counterfactual_drops() -> None:
+    text = views.expert_load(make_trace([make_layer(SKEWED, 4)]), 0).explanation
     assert "Expert 0 took 50% of assignments in layer 0 (4 of 8)" in text
-    assert "2.0× its fair share of 2.0" in text
-    assert "at capacity factor 1.0 (C = 2 per expert) it would drop 2 of 4" in text
+    assert "2× its fair share of 2 (= 8 assignments / 4 experts)" in text
+    assert "At capacity factor 1.0 (C = 2 per expert), counted on the model's own top-2 routing" in text
+    assert "expert 0 would drop 2 of 4" in text
 
 
-def test_explain_load_under_capacity_cites_actual_drops() -> None:
+def test_view_load_under_capacity_cites_actual_drops() -> None:
     lt = make_layer(SKEWED, 4, dropped=[[False, False], [False, False], [False, True], [False, True]], capacity=[2])
-    text = explain.explain_load(make_trace([lt], policy="capacity:1:position"), 0)
+    text = views.expert_load(make_trace([lt], policy="capacity:1:position"), 0).explanation
     assert "with capacity 2 per expert it dropped 2 of its 4" in text
     assert "the layer dropped 2 of 8 (25%)" in text
 
 
-def test_explain_load_counts_dead_experts() -> None:
-    text = explain.explain_load(make_trace([make_layer([[0, 1], [0, 1]], 4)]), 0)
+def test_view_load_counts_dead_experts() -> None:
+    text = views.expert_load(make_trace([make_layer([[0, 1], [0, 1]], 4)]), 0).explanation
     assert "2 of 4 experts got no token at all" in text
 
 
-def test_explain_heatmap_cites_confident_token_and_fragile_margins() -> None:
+def test_view_heatmap_cites_confident_token_and_fragile_margins() -> None:
     probs = torch.tensor([[0.6, 0.3, 0.07, 0.03], [0.4, 0.3, 0.28, 0.02]])
     lt = make_layer([[0, 1], [0, 1]], 4, probs=probs)
-    text = explain.explain_heatmap(make_trace([lt], tokens=["a", "b"]), 0)
+    text = views.routing_heatmap(make_trace([lt], tokens=["a", "b"]), 0).explanation
     assert "`a` (position 0), giving 0.60 to expert 0" in text
     assert "1 of 2 tokens have a top-2 margin below 0.05" in text  # 0.3 - 0.28
 
 
-def test_explain_token_text_cites_first_choice_reuse() -> None:
-    text = explain.explain_token_text(make_trace([make_layer(SKEWED, 4)]), 0)
+def test_view_token_text_cites_first_choice_reuse() -> None:
+    text = views.coloured_text(make_trace([make_layer(SKEWED, 4)]), 0).explanation
     assert "Expert 0 is the most common first choice (2 of 4 tokens)" in text  # first choices 0, 0, 1, 3
     assert "same first choice 33% of the time; random routing would give 25%" in text
 
 
-def test_explain_router_distribution_cites_chosen_experts_and_margin() -> None:
+def test_view_router_distribution_cites_chosen_experts_and_margin() -> None:
     probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
     lt = make_layer([[1, 3]], 4, probs=probs, dropped=[[False, True]])
-    text = explain.explain_router_distribution(make_trace([lt], tokens=["x`y"]), 0, 0)
+    text = views.router_distribution(make_trace([lt], tokens=["x`y"]), 0, 0).explanation
     assert "`xˋy`" in text
     assert "expert 1 (0.50), expert 3 (0.30), carrying 80%" in text
-    assert "first rejected expert is 2 (0.15), a margin of 0.15" in text
+    assert "best expert it was not sent to is 2 (0.15)" in text
     assert "dropped 1 of its 2 assignments (expert 3)" in text
 
 
-def test_explain_router_distribution_rejects_bad_position() -> None:
+def test_view_router_distribution_rejects_bad_position() -> None:
     with pytest.raises(ValueError, match=r"position must be an integer with -4 <= position < 4; got 4"):
-        explain.explain_router_distribution(make_trace([make_layer(SKEWED, 4)]), 0, 4)
+        views.router_distribution(make_trace([make_layer(SKEWED, 4)]), 0, 4)
 
 
-def test_explain_predictions_cites_top_token_and_actual_next_token() -> None:
+def test_view_predictions_cites_top_token_and_actual_next_token() -> None:
     lt = make_layer([[0, 1], [1, 2]], 4)
     trace = make_trace([lt], vocab_probs=[[0.7, 0.2, 0.1], [0.5, 0.25, 0.25]], tokens=["the", " cat"],
                        target=[math.log(0.2), float("nan")])  # fmt: skip
-    text = explain.explain_predictions(trace, 0)
+    text = views.predictions(trace, 0).explanation
     assert "After `the` (position 0) the model predicts `w0` with 70%, then `w1` 20%, `w2` 10%" in text
     assert "The actual next token `␣cat` got 20%" in text
-    assert "actual" not in explain.explain_predictions(trace, -1)
+    assert "actual" not in views.predictions(trace, -1).explanation
 
 
-def test_explain_coactivation_cites_pair_and_baseline() -> None:
-    text = explain.explain_coactivation(make_trace([make_layer([[0, 1], [0, 2], [1, 0], [2, 3]], 4)]), 0)
+def test_view_coactivation_cites_pair_and_baseline() -> None:
+    text = views.coactivation(make_trace([make_layer([[0, 1], [0, 2], [1, 0], [2, 3]], 4)]), 0).explanation
     assert "when expert 1 is chosen, expert 0 is chosen too 100% of the time (2 of 2 tokens)" in text
     assert "3.0× the 33% expected" in text
 
 
-def test_explain_reuse_cites_rates_and_baselines() -> None:
-    text = explain.explain_reuse(make_trace([make_layer([[0, 1], [0, 2], [1, 0], [2, 3]], 4)]), 0)
+def test_view_reuse_cites_rates_and_baselines() -> None:
+    text = views.reuse(make_trace([make_layer([[0, 1], [0, 2], [1, 0], [2, 3]], 4)]), 0).explanation
     assert "same first-choice expert 33% of the time (random: 25%)" in text
     assert "67% of the time (random: 83%)" in text
     assert "0.67 experts on average (random: 1.00), over 3 pairs" in text
 
 
-def test_explain_balance_table_cites_cv_range_and_aux_loss() -> None:
+def test_view_balance_table_cites_cv_range_and_aux_loss() -> None:
     balanced = make_layer([[0, 1], [2, 3]], 4, layer=0)
     skewed = make_layer(SKEWED, 4, layer=1)
-    text = explain.explain_balance_table(make_trace([balanced, skewed]))
+    text = views.balance_table(make_trace([balanced, skewed])).explanation
     assert "from 0.00 (layer 0) to 0.61 (layer 1)" in text
-    assert "2.0× the mean load (MaxVio 1.00)" in text
-    assert "(optimum 2)" in text and "(optimum 1)" in text
+    assert "2× the mean load (MaxVio 1.00)" in text
+    assert "(2 under perfectly even routing)" in text and "(1 under even routing)" in text
 
 
-def test_explain_capacity_of_a_capacity_run_cites_drops() -> None:
+def test_view_capacity_of_a_capacity_run_cites_drops() -> None:
     lt = make_layer(SKEWED, 4, dropped=[[False, False], [False, False], [True, True], [False, True]], capacity=[2])
-    text = explain.explain_capacity(make_trace([lt], policy="capacity:1:position"))
+    text = views.layer_load(make_trace([lt], policy="capacity:1:position")).explanation
     assert "= 2 assignments per layer (T = 4, k = 2, E = 4)" in text
     assert "3 of 8 assignments were dropped over all layers (38%)" in text
-    assert "1 token-layers lost every expert" in text and "1 lost some" in text
+    assert "1 token-layers lost every routed expert" in text and "1 lost some" in text
 
 
-def test_explain_capacity_of_a_dropless_run_is_counterfactual() -> None:
-    text = explain.explain_capacity(make_trace([make_layer(SKEWED, 4)]))
-    assert "dropless" in text and "layer 0 would drop 2 of 8 assignments (25%)" in text
+def test_view_capacity_of_a_dropless_run_is_counterfactual() -> None:
+    text = views.layer_load(make_trace([make_layer(SKEWED, 4)])).explanation
+    assert "dropless" in text and "would overflow most in layer 0: 2 of 8 assignments (25%)" in text
 
 
-def test_explain_mode_effect_cites_flips_kl_and_delta() -> None:
+def test_view_mode_effect_cites_flips_kl_and_delta() -> None:
     lt = make_layer([[0, 1], [1, 2]], 4)
     ref = make_trace([lt], vocab_probs=[[0.5, 0.5], [0.6, 0.4]], target=[math.log(0.5), float("nan")])
     oth = make_trace([lt], vocab_probs=[[0.9, 0.1], [0.2, 0.8]], target=[math.log(0.1), float("nan")],
                      policy="top-k:1")  # fmt: skip
-    text = explain.explain_mode_effect(ref, oth)
+    text = views.mode_effect(ref, oth).explanation
     kl1 = 0.6 * math.log(3) + 0.4 * math.log(0.5)
     kl0 = 0.5 * math.log(25 / 9)
     assert "at 1 of 2 positions (50%)" in text
@@ -161,18 +162,18 @@ def test_every_explanation_handles_an_ensemble_trace() -> None:
     lt = make_layer([[0, 1, 2, 3]] * 3, 4, probs=torch.tensor([[0.4, 0.3, 0.2, 0.1]] * 3))
     trace = make_trace([lt], policy="ensemble:gate")
     texts = [
-        explain.explain_load(trace, 0), explain.explain_heatmap(trace, 0), explain.explain_token_text(trace, 0),
-        explain.explain_router_distribution(trace, 0, 1), explain.explain_predictions(trace),
-        explain.explain_coactivation(trace, 0), explain.explain_reuse(trace, 0),
-        explain.explain_balance_table(trace), explain.explain_capacity(trace), explain.explain_mode_effect(trace, trace),
+        views.expert_load(trace, 0).explanation, views.routing_heatmap(trace, 0).explanation, views.coloured_text(trace, 0).explanation,
+        views.router_distribution(trace, 0, 1).explanation, views.predictions(trace).explanation,
+        views.coactivation(trace, 0).explanation, views.reuse(trace, 0).explanation,
+        views.balance_table(trace).explanation, views.layer_load(trace).explanation, views.mode_effect(trace, trace).explanation,
     ]  # fmt: skip
     assert all(isinstance(t, str) and t for t in texts)
-    assert "ensemble mode every expert processes every token" in texts[0]
+    assert "every expert processes every token in this mode" in texts[0]
 
 
 def test_run_summary_names_policy_drops_and_a_fingerprint_that_changes_with_routing():
     from moe_viz import Capacity, TopK, run_prompt
-    from moe_viz.explain import run_summary
+    from moe_viz.views import run_summary
     from tiny_models import build
 
     model = build("mixtral")
@@ -186,16 +187,16 @@ def test_run_summary_names_policy_drops_and_a_fingerprint_that_changes_with_rout
 
 
 def test_heatmap_explanation_of_a_long_prompt_speaks_of_token_groups_not_dots(monkeypatch):
-    from moe_viz import figures, run_prompt
-    from moe_viz.explain import explain_heatmap
-    from moe_viz.figures import token_bins
+    from moe_viz import run_prompt
+    from moe_viz.views import _display, routing
+    from moe_viz.views import token_bins
     from tiny_models import build
 
-    monkeypatch.setattr(figures, "BIN_THRESHOLD", 64)  # the tiny model has only 512 positions
-    monkeypatch.setattr(figures, "MAX_BINS", 50)
+    monkeypatch.setattr(_display, "BIN_THRESHOLD", 64)  # the tiny model has only 512 positions
+    monkeypatch.setattr(_display, "MAX_BINS", 50)
     model = build("mixtral")
     long = run_prompt(model, "ab" * 100, None)
     assert token_bins(long.num_tokens) > 1
-    text = explain_heatmap(long, 0)
+    text = routing.routing_heatmap(long, 0).explanation
     assert f"group of {token_bins(long.num_tokens)} consecutive tokens" in text and "dots" not in text
-    assert "dots mark" in explain_heatmap(run_prompt(model, "short", None), 0)
+    assert "dots mark" in routing.routing_heatmap(run_prompt(model, "short", None), 0).explanation

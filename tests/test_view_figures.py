@@ -1,6 +1,8 @@
-"""Figures build for tiny and long traces, with consistent colours, escaping and bounded JSON."""
+"""Views' figures build for tiny and long traces, with consistent colours, escaping and bounded JSON."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import plotly.graph_objects as go
 import pytest
@@ -8,7 +10,8 @@ import torch
 
 import moe_viz
 import tiny_models
-from moe_viz import figures, metrics
+from moe_viz import metrics, views
+from moe_viz.views import _plotly
 from moe_viz.trace import LayerTrace, OutputTrace, Trace
 
 
@@ -20,7 +23,7 @@ PROMPT = "Hi <script>alert('x')</script> & the quick brown fox."
 @pytest.fixture(autouse=True)
 def validated_figures(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests build figures with plotly's property validation on, so a wrong property fails here."""
-    monkeypatch.setattr(figures, "VALIDATE", True)
+    monkeypatch.setattr(_plotly, "VALIDATE", True)
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +71,14 @@ def synthetic_trace(T: int, E: int, L: int, k: int = 8, seed: int = 0) -> Trace:
 
 def all_figures(trace: Trace, other: Trace, layer: int) -> dict[str, go.Figure]:
     return {
-        "heatmap": figures.token_expert_heatmap(trace, layer),
-        "layer_load": figures.layer_load_heatmap(trace),
-        "bars": figures.expert_load_bars(trace, layer),
-        "router": figures.router_distribution(trace, layer, 3),
-        "predictions": figures.predictions_bar(trace),
-        "coactivation": figures.coactivation_heatmap(trace, layer),
-        "mode_effect": figures.mode_effect_figure(other, trace),
-        "diff": figures.routing_diff_heatmap(other, trace, layer),
+        "heatmap": views.routing_heatmap(trace, layer).figure,
+        "layer_load": views.layer_load(trace).figure,
+        "bars": views.expert_load(trace, layer).figure,
+        "router": views.router_distribution(trace, layer, 3).figure,
+        "predictions": views.predictions(trace).figure,
+        "coactivation": views.coactivation(trace, layer).figure,
+        "mode_effect": views.mode_effect(other, trace).figure,
+        "diff": views.routing_diff(other, trace, layer).figure,
     }
 
 
@@ -85,21 +88,21 @@ def _trace_named(fig: go.Figure, name: str) -> go.BaseTraceType:
 
 # ----------------------------------------------------------------------------- colours
 def test_expert_colors_are_okabe_ito_up_to_eight_and_distinct_beyond() -> None:
-    assert figures.expert_colors(8) == figures.OKABE_ITO
-    assert figures.expert_colors(3) == figures.OKABE_ITO[:3]
+    assert views.expert_colors(8) == _plotly.OKABE_ITO
+    assert views.expert_colors(3) == _plotly.OKABE_ITO[:3]
     for n in (18, 60, 64, 128):
-        assert len(set(figures.expert_colors(n))) == n
+        assert len(set(views.expert_colors(n))) == n
     with pytest.raises(ValueError, match="num_experts must be an integer >= 1; got 0"):
-        figures.expert_colors(0)
+        views.expert_colors(0)
 
 
 def test_expert_colours_are_the_same_in_bars_router_distribution_and_text(capped: Trace) -> None:
-    colors = figures.expert_colors(8)
-    bars = figures.expert_load_bars(capped, 0)
+    colors = views.expert_colors(8)
+    bars = views.expert_load(capped, 0).figure
     assert list(_trace_named(bars, "kept").marker.color) == colors
-    assert list(figures.router_distribution(capped, 0, 0).data[0].marker.color) == colors
-    html_text = figures.token_text_html(capped, 0)
-    top1 = figures.first_choice(capped, 0)[0].item()
+    assert list(views.router_distribution(capped, 0, 0).figure.data[0].marker.color) == colors
+    html_text = views.coloured_text(capped, 0).html
+    top1 = metrics.first_choice(capped.layer(0))[0].item()
     assert f"background:{colors[top1]}" in html_text.split('class="moe-tok"')[1]
 
 
@@ -108,12 +111,12 @@ def test_every_figure_builds_for_a_tiny_trace(native: Trace, capped: Trace) -> N
     for name, fig in all_figures(capped, native, 1).items():
         assert isinstance(fig, go.Figure), name
         assert fig.layout.title.text, name
-    assert "<span" in figures.token_text_html(native, 1)
+    assert "<span" in views.coloured_text(native, 1).html
 
 
 def test_heatmap_dropped_markers_count_equals_the_trace_dropped_count(capped: Trace) -> None:
     for layer in capped.layer_ids:
-        fig = figures.token_expert_heatmap(capped, layer)
+        fig = views.routing_heatmap(capped, layer).figure
         lt = capped.layer(layer)
         assert lt.dropped_count > 0
         assert len(_trace_named(fig, "dropped").x) == lt.dropped_count
@@ -122,12 +125,12 @@ def test_heatmap_dropped_markers_count_equals_the_trace_dropped_count(capped: Tr
 
 
 def test_heatmap_of_a_native_run_has_no_dropped_markers(native: Trace) -> None:
-    names = [t.name for t in figures.token_expert_heatmap(native, 0).data]
+    names = [t.name for t in views.routing_heatmap(native, 0).figure.data]
     assert "dropped" not in names and "chosen" in names
 
 
 def test_load_bars_stack_dropped_on_kept_with_a_fair_share_line(capped: Trace) -> None:
-    fig = figures.expert_load_bars(capped, 0)
+    fig = views.expert_load(capped, 0).figure
     lt = capped.layer(0)
     kept, dropped = _trace_named(fig, "kept"), _trace_named(fig, "dropped")
     assert list(kept.y) == lt.load().tolist()
@@ -138,7 +141,7 @@ def test_load_bars_stack_dropped_on_kept_with_a_fair_share_line(capped: Trace) -
 
 
 def test_layer_load_heatmap_is_relative_to_fair_share(capped: Trace) -> None:
-    fig = figures.layer_load_heatmap(capped)
+    fig = views.layer_load(capped).figure
     z = fig.data[0].z
     assert z.shape == (2, 8)
     assert z.mean() == pytest.approx(1.0, rel=1e-5)
@@ -146,37 +149,37 @@ def test_layer_load_heatmap_is_relative_to_fair_share(capped: Trace) -> None:
 
 
 def test_router_distribution_marks_chosen_experts(native: Trace) -> None:
-    fig = figures.router_distribution(native, 0, 2)
+    fig = views.router_distribution(native, 0, 2).figure
     widths = list(fig.data[0].marker.line.width)
     chosen = set(native.layer(0).index[2].tolist())
     assert {e for e, w in enumerate(widths) if w == 3} == chosen
     assert list(fig.data[0].y) == pytest.approx(native.layer(0).router_probs[2].tolist())
     with pytest.raises(ValueError, match="position must be an integer with"):
-        figures.router_distribution(native, 0, 999)
+        views.router_distribution(native, 0, 999).figure
 
 
 def test_predictions_bar_shows_the_top_ten_escaped(native: Trace) -> None:
-    fig = figures.predictions_bar(native, position=0)
+    fig = views.predictions(native, position=0).figure
     assert len(fig.data[0].x) == 10
     assert list(fig.data[0].x) == pytest.approx([p for _, p in native.predictions(0)])
 
 
 def test_coactivation_heatmap_states_the_baseline(native: Trace) -> None:
-    fig = figures.coactivation_heatmap(native, 0)
+    fig = views.coactivation(native, 0).figure
     assert "0.14" in fig.layout.title.text  # (2 - 1) / (8 - 1)
     assert fig.data[0].z.shape == (8, 8)
 
 
 def test_mode_effect_figure_marks_every_flip(native: Trace, tiny_model: moe_viz.MoEModel) -> None:
     top1 = moe_viz.run_prompt(tiny_model, PROMPT, moe_viz.TopK(1))
-    fig = figures.mode_effect_figure(native, top1)
+    fig = views.mode_effect(native, top1).figure
     flips = metrics.mode_effect(native, top1).flipped_positions
     assert list(_trace_named(fig, "top-1 flip").x) == flips
     assert len(_trace_named(fig, "KL").y) == native.num_tokens
 
 
 def test_routing_diff_heatmap_codes_each_cell(native: Trace, capped: Trace) -> None:
-    fig = figures.routing_diff_heatmap(native, capped, 0)
+    fig = views.routing_diff(native, capped, 0).figure
     z = fig.data[0].z  # (E, T): 0 neither, 1 both, 2 reference only, 3 other only
     d = metrics.routing_diff(native, capped, 0)
     assert int((z == 1).sum()) == int((d.reference_sets & d.other_sets).sum())
@@ -186,7 +189,7 @@ def test_routing_diff_heatmap_codes_each_cell(native: Trace, capped: Trace) -> N
 
 # ----------------------------------------------------------------------------- untrusted text
 def test_token_text_html_escapes_script_tags(native: Trace) -> None:
-    out = figures.token_text_html(native, 0)
+    out = views.coloured_text(native, 0).html
     assert "<script" not in out.lower()
     assert "&lt;" in out and "&#x27;" in out and "&amp;" in out
     assert out.count('class="moe-tok"') == native.num_tokens
@@ -195,20 +198,20 @@ def test_token_text_html_escapes_script_tags(native: Trace) -> None:
 
 def test_token_text_html_escapes_tokens_inside_titles() -> None:
     trace = synthetic_trace(4, 8, 1, k=2)
-    trace.tokens = ['"><script>x</script>', "a", "b", "c"]
-    out = figures.token_text_html(trace, 0)
+    trace = dataclasses.replace(trace, tokens=['"><script>x</script>', "a", "b", "c"])
+    out = views.coloured_text(trace, 0).html
     assert "<script" not in out
     assert '&quot;&gt;&lt;script&gt;' in out  # in the span text and in the title attribute
     assert 'title="#0 &#x27;&quot;&gt;' in out
 
 
 def test_axis_labels_escape_tokens(native: Trace) -> None:
-    fig = figures.token_expert_heatmap(native, 0)
+    fig = views.routing_heatmap(native, 0).figure
     assert not any("<script" in t for t in fig.layout.xaxis.ticktext)
 
 
 def test_text_marks_dropped_tokens(capped: Trace) -> None:
-    out = figures.token_text_html(capped, 0)
+    out = views.coloured_text(capped, 0).html
     lt = capped.layer(0)
     per_token = lt.dropped.sum(dim=1)
     assert out.count("line-through") == int((per_token == 2).sum())
@@ -222,7 +225,7 @@ LONG_JSON_LIMIT = 600_000  # bytes per figure for 2,000 tokens x 64 experts x 16
 def test_long_prompt_figures_are_binned_webgl_and_small() -> None:
     long = synthetic_trace(2000, 64, 16)
     other = synthetic_trace(2000, 64, 16, seed=1)
-    other.token_ids = list(long.token_ids)
+    other = dataclasses.replace(other, token_ids=list(long.token_ids))
     figs = all_figures(long, other, 5)
     sizes = {name: len(fig.to_json()) for name, fig in figs.items()}
     assert all(size < LONG_JSON_LIMIT for size in sizes.values()), sizes
@@ -234,16 +237,16 @@ def test_long_prompt_figures_are_binned_webgl_and_small() -> None:
     assert isinstance(figs["mode_effect"].data[0], go.Scattergl)
     assert figs["layer_load"].data[0].text is None
     assert "bins of 8" in figs["diff"].layout.title.text
-    assert len(figures.token_text_html(long, 5)) < 2_000_000
+    assert len(views.coloured_text(long, 5).html) < 2_000_000
 
 
 def test_unvalidated_figures_serialise_like_validated_ones(capped: Trace, monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
-    monkeypatch.setattr(figures, "VALIDATE", False)
-    fast = figures.expert_load_bars(capped, 0)
-    monkeypatch.setattr(figures, "VALIDATE", True)
-    checked = figures.expert_load_bars(capped, 0)
+    monkeypatch.setattr(_plotly, "VALIDATE", False)
+    fast = views.expert_load(capped, 0).figure
+    monkeypatch.setattr(_plotly, "VALIDATE", True)
+    checked = views.expert_load(capped, 0).figure
     assert json.loads(fast.to_json())["layout"]["title"] == json.loads(checked.to_json())["layout"]["title"]
     assert list(fast.data[0].marker.color) == list(checked.data[0].marker.color)
     assert len(fast.data) == len(checked.data)
@@ -252,15 +255,15 @@ def test_unvalidated_figures_serialise_like_validated_ones(capped: Trace, monkey
 def test_long_titles_wrap_instead_of_being_cut_off(tiny_model) -> None:
     reference = moe_viz.run_prompt(tiny_model, "a fairly long prompt for a title", None)
     other = moe_viz.run_prompt(tiny_model, "a fairly long prompt for a title", moe_viz.Capacity(0.5, priority="probs"))
-    fig = figures.routing_diff_heatmap(reference, other, 0)
+    fig = views.routing_diff(reference, other, 0).figure
     assert "<br>" in fig.layout.title.text
     assert all(len(line) <= 72 for line in fig.layout.title.text.split("<br>"))
 
 
 def test_prediction_labels_stay_categorical_even_when_they_look_like_numbers(tiny_model) -> None:
     trace = moe_viz.run_prompt(tiny_model, "1 2 3 4", None)
-    assert figures.predictions_bar(trace).layout.yaxis.type == "category"
+    assert views.predictions(trace).figure.layout.yaxis.type == "category"
 
 
 def test_token_labels_escape_markup_but_keep_quotes_readable() -> None:
-    assert figures.display_token('<b>"x"</b> & y') == '&lt;b&gt;"x"&lt;/b&gt;␣&amp;␣y'
+    assert views.display_token('<b>"x"</b> & y') == '&lt;b&gt;"x"&lt;/b&gt;␣&amp;␣y'

@@ -1,33 +1,17 @@
-"""Pure routing maths: router logits + spec + policy -> which experts, with which weights.
+"""Router maths: router logits + a ``RouterSpec`` -> scores, expert choices, gate weights, capacity.
 
-No model, no hooks, no I/O: tensors in, tensors out. ``patching`` calls ``route`` from inside a
-router's forward hook; tests call it directly.
+Pure functions: tensors in, tensors out; no model, no hooks, no policy. Policies (``policies.py``)
+compose them; the router hooks (``_hooks.py``) call the policies.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
 
-from .adapters import RouterSpec
-from .policies import Capacity, Ensemble, Policy, TopK
-
-
-@dataclass(frozen=True)
-class Routing:
-    """The applied decision for T tokens of one layer.
-
-    ``index`` (T, k') long, ``weights`` (T, k') float32 with the architecture's scaling applied and
-    0 where an assignment was dropped, ``dropped`` (T, k') bool, ``capacity`` per expert or None.
-    """
-
-    index: torch.Tensor
-    weights: torch.Tensor
-    dropped: torch.Tensor
-    capacity: int | None = None
+from ._routers import RouterSpec
 
 
 def router_scores(spec: RouterSpec, logits: torch.Tensor) -> torch.Tensor:
@@ -114,33 +98,3 @@ def apply_capacity(index: torch.Tensor, gates: torch.Tensor, capacity: int, prio
     dropped = torch.empty_like(dropped_sorted)
     dropped[order] = dropped_sorted
     return dropped.view(k, T).t().contiguous()  # (T, k)
-
-
-def route(
-    spec: RouterSpec,
-    logits: torch.Tensor,
-    policy: Policy,
-    selection_bias: torch.Tensor | None = None,
-) -> Routing:
-    """Apply ``policy`` to one layer's router ``logits`` (T, E)."""
-    if not spec.substitutable:
-        raise ValueError("this router is capture-only: routing policies cannot be applied to it")
-    T, E = logits.shape
-    if isinstance(policy, Ensemble):
-        index = torch.arange(E, device=logits.device).expand(T, E)  # (T, E)
-        if policy.weighting == "uniform":
-            weights = torch.full((T, E), spec.scale / E, device=logits.device)
-        else:
-            weights = gate_weights(spec, logits, index)
-        return Routing(index, weights, torch.zeros(T, E, dtype=torch.bool, device=logits.device))
-    k = policy.k if policy.k is not None else spec.top_k
-    if not 1 <= k <= E:
-        raise ValueError(f"k must satisfy 1 <= k <= {E} (the number of experts); got {k}")
-    index = select_topk(spec, logits, k, selection_bias)  # (T, k)
-    weights = gate_weights(spec, logits, index)  # (T, k)
-    if isinstance(policy, TopK):
-        return Routing(index, weights, torch.zeros_like(index, dtype=torch.bool))
-    assert isinstance(policy, Capacity)
-    capacity = capacity_for(policy.factor, T, k, E)
-    dropped = apply_capacity(index, weights, capacity, policy.priority)  # (T, k)
-    return Routing(index, weights.masked_fill(dropped, 0.0), dropped, capacity)

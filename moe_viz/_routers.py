@@ -1,4 +1,6 @@
-"""Architecture adapters: the one place that knows router classes, module paths and router maths.
+"""Router discovery: which modules of a model are routers, and how each one routes (``RouterSpec``).
+
+The one place that knows router classes and module paths.
 
 transformers 5.x MoE blocks call ``logits, weights, index = router(h)`` and then
 ``experts(h, index, weights)``. We find every router module, read its layer index from the module

@@ -1,0 +1,156 @@
+"""Turn what the hooks recorded (``Recorder``) into public ``Trace`` data.
+
+Each recorded ``Forward`` holds one ``LayerCall`` per router with ``N = B*T`` token rows. A trace
+is one sequence: it takes, from each forward, the rows of that sequence it needs (all rows of a
+prompt; only the new row of a KV-cache decode step; the real tokens of a padded batch row).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ._hooks import Forward, LayerCall
+from ._router_math import router_scores
+from .models import MoEModel
+from .policies import Policy, policy_spec
+from .trace import LayerTrace, OutputTrace, Trace
+
+# Keep the full (T, V) log-distribution (needed for KL between modes) up to this many floats:
+# 2,048 tokens x 16k vocabulary, 134 MB.
+VOCAB_KEEP_LIMIT = 34_000_000
+TOP_PREDICTIONS = 10
+
+Rows = slice | torch.Tensor  # token rows of a forward: a slice, or a (n,) long tensor of row indices
+
+
+@dataclass(frozen=True)
+class Part:
+    """The rows of one forward that belong to the sequence being traced."""
+
+    forward: Forward
+    rows: Rows
+    sequence: int = 0  # which sequence of the forward (for its capacity)
+
+
+def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Each token as the text it contributes (byte-level BPE markers turned into spaces)."""
+    if hasattr(tokenizer, "batch_decode"):  # one call into the fast tokenizer instead of T
+        return list(
+            tokenizer.batch_decode(
+                [[i] for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False
+            )
+        )
+    return [tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False) for i in ids]
+
+
+def _take(t: torch.Tensor | None, rows: Rows) -> torch.Tensor | None:
+    return None if t is None else t[rows]
+
+
+def _layer_trace(model: MoEModel, layer: int, parts: list[tuple[LayerCall, Rows, int]]) -> LayerTrace:
+    site = next(s for s in model.sites if s.layer == layer)
+    spec = site.spec
+    logits = torch.cat([c.logits[rows].float().cpu() for c, rows, _ in parts])  # (T, E)
+    probs = router_scores(spec, logits) if spec.substitutable else logits.softmax(dim=-1)  # (T, E)
+    first = parts[0][0]
+    if first.native_index is not None:
+        native_index = torch.cat([_take(c.native_index, r).cpu() for c, r, _ in parts]).long()  # (T, k)
+        native_weights = torch.cat([_take(c.native_weights, r).float().cpu() for c, r, _ in parts])  # (T, k)
+    else:  # layouts that expose only logits: the native choice is the top-k of the logits
+        native_index = logits.topk(spec.top_k, dim=-1).indices
+        native_weights = probs.gather(1, native_index)
+    if first.index is not None:
+        index = torch.cat([_take(c.index, r).cpu() for c, r, _ in parts]).long()  # (T, k')
+        weights = torch.cat([_take(c.weights, r).float().cpu() for c, r, _ in parts])  # (T, k')
+        dropped = torch.cat([_take(c.dropped, r).cpu() for c, r, _ in parts])  # (T, k')
+    else:
+        index, weights = native_index, native_weights
+        dropped = torch.zeros_like(index, dtype=torch.bool)
+    capacity = [c.capacity[seq] for c, _, seq in parts if c.capacity is not None]
+    return LayerTrace(
+        layer=site.layer,
+        num_experts=spec.num_experts,
+        top_k=spec.top_k,
+        router_logits=logits,
+        router_probs=probs,
+        native_index=native_index,
+        native_weights=native_weights,
+        index=index,
+        weights=weights,
+        dropped=dropped,
+        capacity=capacity or None,
+        capture_only=not spec.substitutable,
+    )
+
+
+def build_layers(model: MoEModel, parts: Sequence[Part]) -> list[LayerTrace]:
+    """Per-layer traces of one sequence from the given rows of the recorded forwards."""
+    by_layer: dict[int, list[tuple[LayerCall, Rows, int]]] = {}
+    for part in parts:
+        for call in part.forward.layers:
+            by_layer.setdefault(call.layer, []).append((call, part.rows, part.sequence))
+    return [_layer_trace(model, layer, calls) for layer, calls in sorted(by_layer.items())]
+
+
+def output_trace(tokenizer: Any, logits: torch.Tensor, ids: list[int]) -> OutputTrace:
+    """Top-K predictions, log-prob of the actual next token and entropy at every position."""
+    # Few full-size (T, V) temporaries: each fresh one costs page faults comparable to the maths.
+    logprobs = logits.log_softmax(dim=-1, dtype=torch.float32).cpu()  # (T, V)
+    T, V = logprobs.shape
+    top = logprobs.topk(min(TOP_PREDICTIONS, V), dim=-1)  # (T, K)
+    target = torch.full((T,), float("nan"))
+    if T > 1:
+        target[:-1] = logprobs[:-1].gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
+    entropy = -torch.bmm(logprobs.exp().unsqueeze(1), logprobs.unsqueeze(2)).view(T)  # (T,)
+    bad = entropy.isnan()  # rows with -inf log-probs (masked tokens): 0 * -inf; redo them with 0 log 0 = 0
+    if bad.any():
+        rows = logprobs[bad]  # (n, V)
+        entropy[bad] = -(rows.exp() * rows.clamp(min=torch.finfo(rows.dtype).min)).sum(dim=-1)
+    unique = top.indices.unique().tolist()
+    vocab_tokens = dict(zip(unique, token_texts(tokenizer, unique), strict=True))
+    return OutputTrace(
+        top_ids=top.indices,
+        top_logprobs=top.values,
+        top_tokens=[[vocab_tokens[i] for i in row] for row in top.indices.tolist()],
+        target_logprob=target,
+        entropy=entropy,
+        vocab_logprobs=logprobs if T * V <= VOCAB_KEEP_LIMIT else None,
+    )
+
+
+def make_trace(
+    model: MoEModel,
+    policy: Policy | None,
+    prompt: str,
+    ids: list[int],
+    step: list[int],
+    layers: list[LayerTrace],
+    logits: torch.Tensor,
+    timings: dict[str, float],
+    generated_text: str | None = None,
+) -> Trace:
+    """The finished trace; ``logits`` (T, V) are the model's next-token logits at every position."""
+    t0 = time.perf_counter()
+    output = output_trace(model.tokenizer, logits, ids)
+    trace = Trace(
+        model_id=model.model_id,
+        architecture=model.architecture,
+        policy=policy_spec(policy),
+        device=str(model.device),
+        dtype=str(model.dtype).replace("torch.", ""),
+        prompt=prompt,
+        token_ids=ids,
+        tokens=token_texts(model.tokenizer, ids),
+        step=step,
+        layers=layers,
+        output=output,
+        generated_text=generated_text,
+        timings_ms=timings,
+    )
+    timings["trace_ms"] = timings.get("trace_ms", 0.0) + (time.perf_counter() - t0) * 1e3
+    return trace

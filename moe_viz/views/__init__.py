@@ -1,0 +1,103 @@
+"""Views: each chart of the app as one unit — figure, explanation and title computed together.
+
+A view is a function of a trace (or a pair of traces) and its own arguments that returns a
+``View``. The explanation cites numbers of its own figure: both are built from the same
+statistics. Pages, ``bench/page.py`` and the HTML download all iterate the page lists below, so
+a chart and its sentence can never be paired by hand. Needs plotly (the ``app`` extra).
+
+    from moe_viz import views
+    for view in views.explore_views(trace, layer=0):
+        view.figure or view.html, view.explanation
+"""
+
+from __future__ import annotations
+
+from ..trace import Trace
+from ._display import code_token, display_token, pct, token_bins
+from ._plotly import expert_colors
+from ._view import View
+from .balance import (
+    Card,
+    balance_table,
+    coactivation,
+    expert_load,
+    layer_load,
+    metric_cards,
+    reuse,
+    router_confidence,
+)
+from .compare import mode_effect, routing_diff
+from .routing import coloured_text, predictions, router_distribution, routing_heatmap
+
+
+def explore_views(trace: Trace, layer: int) -> list[View]:
+    """The Explore page, top to bottom (the token close-up is ``token_views``)."""
+    return [routing_heatmap(trace, layer), coloured_text(trace, layer), layer_load(trace)]
+
+
+def token_views(trace: Trace, layer: int, position: int) -> list[View]:
+    """One token up close: its router distribution and the next-token predictions after it."""
+    return [router_distribution(trace, layer, position), predictions(trace, position)]
+
+
+def balance_views(trace: Trace, layer: int) -> list[View]:
+    """The Load balance page, top to bottom (the metric cards are ``metric_cards``)."""
+    return [
+        expert_load(trace, layer),
+        layer_load(trace),
+        balance_table(trace),
+        router_confidence(trace, layer),
+        coactivation(trace, layer),
+        reuse(trace, layer),
+    ]
+
+
+def compare_views(reference: Trace, other: Trace, layer: int) -> list[View]:
+    """Compare modes, for one policy against the reference: routing diff and prediction effect
+    (the effect needs both traces' full next-token distributions)."""
+    views = [routing_diff(reference, other, layer)]
+    if reference.output.vocab_logprobs is not None and other.output.vocab_logprobs is not None:
+        views.append(mode_effect(reference, other))
+    return views
+
+
+def run_summary(trace: Trace) -> str:
+    """One line that identifies a run: policy, tokens, drops per layer, top next token, fingerprint.
+
+    The load test reads it back from the page to check that every session got its own result.
+    """
+    dropped = ", ".join(str(lt.dropped_count) for lt in trace.layers)
+    top_id = int(trace.output.top_ids[-1, 0])
+    return (
+        f"Run summary: `{trace.policy}` · {trace.num_tokens} tokens · dropped per layer {dropped} · "
+        f"top next token id {top_id} · routing fingerprint `{trace.fingerprint()}`"
+    )
+
+
+__all__ = [
+    "Card",
+    "View",
+    "balance_table",
+    "balance_views",
+    "code_token",
+    "coactivation",
+    "coloured_text",
+    "compare_views",
+    "display_token",
+    "expert_colors",
+    "expert_load",
+    "explore_views",
+    "layer_load",
+    "metric_cards",
+    "mode_effect",
+    "pct",
+    "predictions",
+    "reuse",
+    "router_confidence",
+    "router_distribution",
+    "routing_diff",
+    "routing_heatmap",
+    "run_summary",
+    "token_bins",
+    "token_views",
+]

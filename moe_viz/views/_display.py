@@ -1,0 +1,75 @@
+"""How tokens and numbers are shown: token text for charts (HTML) and for sentences (Markdown),
+percentages and short numbers, and the token bins that keep long prompts readable.
+
+Token text is untrusted: ``display_token`` HTML-escapes it for chart labels, ``code_token`` puts
+it in a Markdown code span (backticks replaced) so it cannot inject Markdown, HTML or LaTeX.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+
+import torch
+
+BIN_THRESHOLD = 512  # tokens above which token axes are aggregated into bins
+MAX_BINS = 256
+
+
+def _visible(token: str) -> str:
+    return token.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥").replace("\r", "")
+
+
+def display_token(token: str) -> str:
+    """A token as visible, HTML-escaped text: spaces as '␣', newlines as '↵', tabs as '⇥'."""
+    # quote=False: plotly's SVG text decodes &amp; &lt; &gt; but shows &quot; literally
+    return html.escape(_visible(token) or "∅", quote=False)
+
+
+def code_token(token: str) -> str:
+    """A token as an inline Markdown code span with visible whitespace."""
+    return f"`{_visible(token.replace('`', 'ˋ')) or '∅'}`"
+
+
+def pct(x: float) -> str:
+    """A share as a percentage: whole percent from 9.5%, one decimal below (0 stays 0%)."""
+    return "n/a" if math.isnan(x) else f"{x:.0%}" if abs(x) >= 0.095 or x == 0 else f"{x:.1%}"
+
+
+def num(x: float) -> str:
+    """Three decimals, or three significant digits for small values."""
+    return f"{x:.3f}" if x == 0 or abs(x) >= 0.01 else f"{x:.2g}"
+
+
+def token_bins(num_tokens: int) -> int:
+    """Tokens per bin on token axes: 1 up to ``BIN_THRESHOLD`` tokens, else enough for ``MAX_BINS``."""
+    return 1 if num_tokens <= BIN_THRESHOLD else math.ceil(num_tokens / MAX_BINS)
+
+
+def bin_note(size: int, num_tokens: int) -> str:
+    """The title suffix that says a token axis is binned ('' when it is not)."""
+    return "" if size == 1 else f" — {num_tokens} tokens aggregated into {math.ceil(num_tokens / size)} bins of {size}"
+
+
+def bin_mean(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Mean over consecutive groups of ``size`` rows of (T, ...) -> (ceil(T/size), ...)."""
+    if size == 1:
+        return x
+    T = x.shape[0]
+    n = math.ceil(T / size)
+    pad = n * size - T
+    xs = torch.cat([x.double(), torch.zeros((pad, *x.shape[1:]), dtype=torch.float64)])
+    sums = xs.reshape(n, size, *x.shape[1:]).sum(dim=1)
+    counts = torch.full((n,), float(size), dtype=torch.float64)
+    counts[-1] = size - pad
+    return sums / counts.reshape(n, *([1] * (x.dim() - 1)))
+
+
+def bin_sum(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Sum over consecutive groups of ``size`` rows of (T, ...) -> (ceil(T/size), ...)."""
+    if size == 1:
+        return x
+    T = x.shape[0]
+    n = math.ceil(T / size)
+    xs = torch.cat([x, torch.zeros((n * size - T, *x.shape[1:]), dtype=x.dtype)])
+    return xs.reshape(n, size, *x.shape[1:]).sum(dim=1)

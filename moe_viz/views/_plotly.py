@@ -1,0 +1,193 @@
+"""Plotly plumbing shared by the views: expert colours, a fast figure builder, token and expert axes.
+
+* Expert ``e`` has the same colour in every chart: ``expert_colors(E)[e]`` (Okabe-Ito up to 8
+  experts, then Paul Tol's muted palette, then spread samples of viridis).
+* Continuous scales are colour-blind safe (cividis); dropped assignments are vermillion crosses.
+* Long line charts use WebGL (``Scattergl``); big heatmaps carry no per-cell text.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+
+from ..trace import Trace
+from ._display import display_token
+
+WEBGL_THRESHOLD = 1000  # points above which scatter traces use WebGL
+CELL_TEXT_LIMIT = 300  # heatmaps with more cells carry no per-cell text
+TICK_TEXT_LIMIT = 64  # tokens up to which the token axis shows the token text
+
+OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000"]
+TOL_MUTED = ["#CC6677", "#332288", "#DDCC77", "#117733", "#88CCEE", "#882255", "#44AA99", "#999933", "#AA4499", "#DDDDDD"]
+SEQUENTIAL = "Cividis"
+DROPPED_COLOR = "#D55E00"  # vermillion
+KEPT_MARK_COLOR = "#FFFFFF"
+FLIP_COLOR = "#D55E00"
+
+
+def expert_colors(num_experts: int) -> list[str]:
+    """One colour-blind-safe colour per expert, the same for an expert in every chart.
+
+    Up to 8: Okabe-Ito; up to 18: plus Tol's muted; more: viridis samples in a strided order so
+    that neighbouring expert ids get distant colours (beyond 18 colours cannot all be told apart)."""
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be an integer >= 1; got {num_experts!r}")
+    base = OKABE_ITO + TOL_MUTED
+    if num_experts <= len(base):
+        return base[:num_experts]
+    from plotly.colors import sample_colorscale
+
+    samples = sample_colorscale("Viridis", [i / (num_experts - 1) for i in range(num_experts)], colortype="rgb")
+    stride = next(s for s in range(int(math.sqrt(num_experts)) or 1, num_experts + 1) if math.gcd(s, num_experts) == 1)
+    order = [(i * stride) % num_experts for i in range(num_experts)]
+    return [rgb_to_hex(samples[j]) for j in order]
+
+
+def rgb_to_hex(rgb: str) -> str:
+    parts = [int(round(float(v))) for v in rgb[rgb.index("(") + 1 : rgb.index(")")].split(",")[:3]]
+    return "#{:02X}{:02X}{:02X}".format(*parts)
+
+
+def text_color(background: str) -> str:
+    """Black or white, whichever reads better on ``background`` (#RRGGBB)."""
+    r, g, b = (int(background[i : i + 2], 16) / 255 for i in (1, 3, 5))
+    return "#000000" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "#FFFFFF"
+
+
+VALIDATE = False  # plotly property validation: off for speed (about 2x); tests switch it on
+
+
+def merge(target: dict[str, Any], updates: dict[str, Any]) -> None:
+    """Deep-merge ``updates`` into ``target`` (plotly's update semantics for nested dicts)."""
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            merge(target[key], value)
+        else:
+            target[key] = value
+
+
+def expand(props: dict[str, Any]) -> dict[str, Any]:
+    """Plotly's "magic underscore" names we use (``title_text``, ``xaxis_title``) as nested dicts."""
+    out: dict[str, Any] = {}
+    for key, value in props.items():
+        if key == "title_text":
+            merge(out, {"title": {"text": value}})
+        elif key in ("xaxis_title", "yaxis_title"):
+            merge(out, {key.split("_")[0]: {"title": {"text": value}}})
+        else:
+            merge(out, {key: value})
+    return out
+
+
+class FigureBuilder:
+    """Collects a single-panel figure as plain dicts and builds the ``go.Figure`` once at the end.
+
+    It offers the few ``go.Figure`` methods our figures use. Every ``update_*`` call on a real
+    ``go.Figure`` walks plotly's property tree (about 5 ms a figure here); building from one dict
+    costs a fraction of that, which keeps a page's figures cheap next to the model's forward.
+    """
+
+    def __init__(self, data: Any = None) -> None:
+        self.data: list[Any] = [] if data is None else [data]
+        self.layout: dict[str, Any] = {}
+
+    def add_trace(self, trace: Any, row: int | None = None, col: int | None = None) -> None:
+        self.data.append(trace)
+
+    def update_layout(self, props: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        merge(self.layout, expand({**(props or {}), **kwargs}))
+
+    def update_xaxes(self, row: int | None = None, col: int | None = None, **kwargs: Any) -> None:
+        merge(self.layout, {"xaxis": expand(kwargs)})
+
+    def update_yaxes(self, row: int | None = None, col: int | None = None, **kwargs: Any) -> None:
+        merge(self.layout, {"yaxis": expand(kwargs)})
+
+    def add_hline(
+        self,
+        y: float,
+        line: dict[str, Any] | None = None,
+        annotation_text: str | None = None,
+        annotation_position: str = "top right",
+        row: int | None = None,
+        col: int | None = None,
+    ) -> None:
+        """A horizontal line across the plot, with an optional label at its left or right end."""
+        shape = {"type": "line", "xref": "x domain", "x0": 0, "x1": 1, "yref": "y", "y0": y, "y1": y}
+        self.layout.setdefault("shapes", []).append({**shape, "line": line or {}})
+        if annotation_text is not None:
+            right = annotation_position.endswith("right")
+            self.layout.setdefault("annotations", []).append(
+                {"text": annotation_text, "showarrow": False, "xref": "x domain", "x": 1 if right else 0,
+                 "xanchor": "right" if right else "left", "yref": "y", "y": y, "yanchor": "bottom"}
+            )  # fmt: skip
+
+
+def wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split(" "):
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return [*lines, line]
+
+
+def finish(fig: FigureBuilder | go.Figure, width: int = 72) -> go.Figure:
+    """The finished ``go.Figure``; a long title wraps onto several lines so that it is not cut
+    off in a half-width column."""
+    if isinstance(fig, go.Figure):
+        text = fig.layout.title.text
+        if text and len(text) > width and "<br>" not in text:
+            lines = wrap(text, width)
+            fig.update_layout(title={"text": "<br>".join(lines), "font": {"size": 13}}, margin={"t": 40 + 18 * len(lines)})
+        return fig
+    text = fig.layout.get("title", {}).get("text")
+    if text and len(text) > width and "<br>" not in text:
+        lines = wrap(text, width)
+        merge(fig.layout, {"title": {"text": "<br>".join(lines), "font": {"size": 13}}, "margin": {"t": 40 + 18 * len(lines)}})
+    return go.Figure({"data": fig.data, "layout": fig.layout}, _validate=VALIDATE)
+
+
+def plotly_trace(cls: type, **kwargs: object) -> dict[str, Any]:
+    """A plotly trace as a dict (``go.Heatmap`` -> ``{"type": "heatmap", ...}``); ``go.Figure``
+    validates it when ``VALIDATE`` is on."""
+    return {"type": cls.__name__.lower(), **kwargs}
+
+
+def token_axis(fig: go.Figure, trace: Trace, size: int, row: int | None = None, col: int | None = None) -> None:
+    """Token x-axis: token text as ticks for short prompts, positions (or bin starts) otherwise."""
+    kwargs = {} if row is None else {"row": row, "col": col}
+    T = trace.num_tokens
+    if size == 1 and T <= TICK_TEXT_LIMIT:
+        fig.update_xaxes(
+            tickmode="array", tickvals=list(range(T)), ticktext=[display_token(t) for t in trace.tokens],
+            tickangle=-60, title_text="token", **kwargs,
+        )  # fmt: skip
+    else:
+        title = "token position" if size == 1 else f"token position (bins of {size})"
+        fig.update_xaxes(title_text=title, **kwargs)
+
+
+def f32(x: torch.Tensor) -> np.ndarray:
+    return x.detach().to(torch.float32).numpy()
+
+
+def scatter(n_points: int) -> type:
+    return go.Scattergl if n_points > WEBGL_THRESHOLD else go.Scatter
+
+
+def expert_axis(fig: go.Figure, E: int, axis: str = "y") -> None:
+    update = fig.update_yaxes if axis == "y" else fig.update_xaxes
+    if E <= 32:
+        update(tickmode="array", tickvals=list(range(E)), ticktext=[str(e) for e in range(E)], title_text="expert")
+    else:
+        update(title_text="expert")
+
+

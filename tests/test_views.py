@@ -1,0 +1,185 @@
+"""Each view's explanation cites numbers of its own figure (or table), in every mode.
+
+The views are built once per policy on the default model; each test reads a number from the
+sentence and finds the same number in the figure's data, so a chart and its sentence cannot
+drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+import moe_viz
+from moe_viz import Capacity, Ensemble, TopK, views
+from moe_viz.views import View
+
+PROMPT = "def add(a, b):\n    return a + b\n\nprint(add(2, 3))"
+POLICIES = {
+    "native": None,
+    "top-k:1": TopK(1),
+    "top-k:3": TopK(3),
+    "capacity:0.5": Capacity(0.5),
+    "capacity:0.75:probs": Capacity(0.75, priority="probs"),
+    "ensemble:gate": Ensemble("gate"),
+}
+LAYER = 1
+
+
+@pytest.fixture(scope="module")
+def model() -> moe_viz.MoEModel:
+    return moe_viz.load_model()
+
+
+@pytest.fixture(scope="module")
+def native(model):
+    return moe_viz.run_prompt(model, PROMPT)
+
+
+@pytest.fixture(scope="module", params=list(POLICIES))
+def trace(request, model):
+    return moe_viz.run_prompt(model, PROMPT, POLICIES[request.param])
+
+
+def _ints(pattern: str, text: str) -> tuple[int, ...]:
+    match = re.search(pattern, text)
+    assert match, (pattern, text)
+    return tuple(int(g) for g in match.groups())
+
+
+def test_every_view_holds_one_picture_and_an_explanation(trace, native):
+    shown = (
+        views.explore_views(trace, LAYER)
+        + views.token_views(trace, LAYER, 3)
+        + views.balance_views(trace, LAYER)
+        + views.compare_views(native, trace, LAYER)
+    )
+    assert len({v.name for v in shown}) == len(shown) - 1  # layer_load is on both Explore and Load balance
+    for view in shown:
+        assert isinstance(view, View) and view.title and view.explanation
+        assert sum(x is not None for x in (view.figure, view.html, view.table)) == 1
+
+
+def test_expert_load_text_names_the_tallest_bar(trace):
+    view = views.expert_load(trace, LAYER)
+    expert, routed, assignments = _ints(r"Expert (\d+) took \S+ of assignments in layer \d+ \((\d+) of (\d+)\)", view.explanation)
+    stacked = sum(np.asarray(bar["y"], dtype=float) for bar in view.figure.data)  # kept + dropped per expert
+    assert int(stacked.argmax()) == expert and int(stacked.max()) == routed
+    assert int(stacked.sum()) == assignments
+
+
+def test_layer_load_text_names_the_hottest_cell_of_the_map(trace):
+    view = views.layer_load(trace)
+    expert, layer, count, total = _ints(
+        r"hottest cell is expert (\d+) in layer (\d+): (\d+) of (\d+) assignments", view.explanation
+    )
+    heat = view.figure.data[0]
+    z = np.asarray(heat["z"], dtype=float)
+    row, col = np.unravel_index(z.argmax(), z.shape)
+    assert (col, int(heat["y"][row])) == (expert, layer)
+    counts = np.asarray(heat["customdata"])
+    assert counts[row, col] == count and counts[row].sum() == total
+
+
+def test_routing_heatmap_text_counts_the_marks_it_draws(trace):
+    view = views.routing_heatmap(trace, LAYER)
+    lt = trace.layer(LAYER)
+    marks = {d["name"]: len(d["x"]) for d in view.figure.data[1:]}
+    if lt.index.shape[1] < lt.num_experts:
+        (k,) = _ints(r"dots mark the (\d+) experts", view.explanation)
+        assert k == lt.index.shape[1]
+        assert marks["chosen"] == lt.num_tokens * k - lt.dropped_count
+    else:
+        assert "chosen" not in marks and "nothing is marked" in view.explanation
+    if lt.dropped_count:
+        (n,) = _ints(r"Crosses mark the (\d+) assignments", view.explanation)
+        assert n == marks["dropped"] == lt.dropped_count
+    position, = _ints(r"\(position (\d+)\), giving", view.explanation)
+    p, expert = re.search(r"giving (\d\.\d\d) to expert (\d+)", view.explanation).groups()
+    z = np.asarray(view.figure.data[0]["z"], dtype=float)  # (E, T)
+    assert int(z[:, position].argmax()) == int(expert) and f"{z[:, position].max():.2f}" == p
+
+
+def test_coloured_text_names_the_commonest_colour(trace):
+    view = views.coloured_text(trace, LAYER)
+    expert, count, total = _ints(r"Expert (\d+) is the most common first choice \((\d+) of (\d+) tokens\)", view.explanation)
+    colour = views.expert_colors(trace.layer(LAYER).num_experts)[expert]
+    assert view.html.count(f"background:{colour};") == count + 1  # + its legend chip
+    assert view.html.count('class="moe-tok"') == total
+
+
+def test_router_distribution_names_exactly_the_outlined_experts(trace):
+    for position in (0, 5, trace.num_tokens - 1):
+        view = views.router_distribution(trace, LAYER, position)
+        bars = view.figure.data[0]
+        outlined = {e for e, w in enumerate(bars["marker"]["line"]["width"]) if w == 3}
+        named = {int(e) for e in re.findall(r"expert (\d+) \(\d\.\d\d\)", view.explanation.split(" The best")[0])}
+        lt = trace.layer(LAYER)
+        if lt.index.shape[1] >= lt.num_experts:
+            assert not outlined and "every one of the" in view.explanation
+        else:
+            assert named == outlined == set(lt.index[position].tolist())
+            for e in named:
+                assert f"expert {e} ({float(bars['y'][e]):.2f})" in view.explanation
+
+
+def test_predictions_text_names_the_first_bar(trace):
+    view = views.predictions(trace, 4)
+    bars = view.figure.data[0]
+    share = re.search(r"predicts `[^`]*` with (\S+?)(,|;)", view.explanation).group(1)
+    assert share == views.pct(float(bars["x"][0]))
+
+
+def test_balance_table_text_cites_the_table(trace):
+    view = views.balance_table(trace)
+    rows = view.table[view.table["layer"] != "all"]
+    low, low_layer, high, high_layer = re.search(
+        r"CV ranges from (\S+) \(layer (\d+)\) to (\S+) \(layer (\d+)\)", view.explanation
+    ).groups()
+    assert f"{rows['cv'].min():.2f}" == low and f"{rows['cv'].max():.2f}" == high
+    assert rows.loc[rows["cv"].idxmin(), "layer"] == low_layer and rows.loc[rows["cv"].idxmax(), "layer"] == high_layer
+
+
+def test_router_confidence_text_names_the_lowest_point_of_the_margin_line(trace):
+    view = views.router_confidence(trace, LAYER)
+    (position,) = _ints(r"the smallest is token (\d+)", view.explanation)
+    margin = np.asarray(view.figure.data[1]["y"], dtype=float)
+    assert int(margin.argmin()) == position
+
+
+def test_coactivation_text_names_the_brightest_off_diagonal_cell(trace):
+    view = views.coactivation(trace, LAYER)
+    z = np.asarray(view.figure.data[0]["z"], dtype=float)
+    if "no pairs" in view.explanation:
+        assert trace.layer(LAYER).index.shape[1] == 1
+        return
+    a, b = _ints(r"when expert (\d+) is chosen, expert (\d+) is chosen too", view.explanation)
+    assert np.nanmax(z) == z[a, b]
+
+
+def test_reuse_text_cites_the_table_cells(trace):
+    view = views.reuse(trace, LAYER)
+    observed = view.table["observed"].tolist()
+    assert f"expert {observed[0]} of" not in view.explanation  # sanity: cells are percentages, not ids
+    assert view.table.loc["mean overlap |S_t ∩ S_t+1|", "observed"] in view.explanation
+
+
+def test_routing_diff_text_counts_the_columns_that_changed(trace, native):
+    view = views.routing_diff(native, trace, LAYER)
+    changed, total = _ints(r"\*\*(\d+) of (\d+)\*\* tokens", view.explanation)
+    code = np.asarray(view.figure.data[0]["z"])  # (E, T): 2 = reference only, 3 = other only
+    assert int(((code == 2) | (code == 3)).any(axis=0).sum()) == changed and code.shape[1] == total
+
+
+def test_mode_effect_text_counts_the_flip_marks(trace, native):
+    view = views.mode_effect(native, trace)
+    flips, total = _ints(r"prediction at (\d+) of (\d+) positions", view.explanation)
+    assert len(view.figure.data[1]["x"]) == flips and len(view.figure.data[0]["y"]) == total
+
+
+def test_metric_cards_take_their_help_from_the_metric_definitions(trace):
+    cards = views.metric_cards(trace, LAYER)
+    definitions = {m.definition for m in moe_viz.metrics.METRICS}
+    assert cards and all(any(card.help.startswith(d) for d in definitions) for card in cards)
