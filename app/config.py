@@ -30,8 +30,7 @@ import os
 from dataclasses import dataclass
 
 from moe_viz import DEFAULT_MODEL, Limits
-from moe_viz.models import default_model_location
-from moe_viz.models import looks_like_local_path
+from moe_viz.models import default_model_location, looks_like_local_path
 
 DEFAULT_PROMPT = "The router sends each token to two of eight experts, and the experts add up their answers."
 
@@ -129,24 +128,35 @@ class AppConfig:
         unlimited = "no limit"
         return [
             ("mode", "hosted" if self.hosted else "local"),
-            ("models", "default only" if not self.allow_custom_models else
-             ("allow-list: " + (", ".join(self.allowed_models) or "default only")) if self.hosted else "any hub id or folder"),
+            (
+                "models",
+                "default only"
+                if not self.allow_custom_models
+                else ("allow-list: " + (", ".join(self.allowed_models) or "default only"))
+                if self.hosted
+                else "any hub id or folder",
+            ),
             ("prompt tokens", str(self.max_prompt_tokens)),
             ("new tokens", str(self.max_new_tokens)),
             ("k", f"1 .. {self.max_k}" if self.max_k else "1 .. number of experts"),
             ("capacity factor", f"{self.min_capacity_factor:g} .. {self.max_capacity_factor:g}"),
-            ("ensemble mode", f"models with at most {self.max_ensemble_experts} experts" if self.max_ensemble_experts else unlimited),
+            (
+                "ensemble mode",
+                f"models with at most {self.max_ensemble_experts} experts" if self.max_ensemble_experts else unlimited,
+            ),
             ("time per request", f"{self.time_budget_s:g} s" if self.time_budget_s else unlimited),
             ("computations at once", str(self.compute_slots) if self.compute_slots else unlimited),
             ("traces kept per session", str(self.traces_per_session)),
-        ]  # fmt: skip
+        ]
 
 
 def load_config() -> AppConfig:
     """The config for this process, read from the environment (see the module docstring)."""
     hosted = _env_bool("MOE_VIZ_HOSTED", False)
     allowed = tuple(m.strip() for m in os.environ.get("MOE_VIZ_ALLOWED_MODELS", "").split(",") if m.strip())
-    slots = _env_int("MOE_VIZ_COMPUTE_SLOTS", 2) if hosted or os.environ.get("MOE_VIZ_COMPUTE_SLOTS", "").strip() else None
+    slots = (
+        _env_int("MOE_VIZ_COMPUTE_SLOTS", 2) if hosted or os.environ.get("MOE_VIZ_COMPUTE_SLOTS", "").strip() else None
+    )
     threads = os.environ.get("MOE_VIZ_TORCH_THREADS", "").strip()
     if threads:
         torch_threads: int | None = _env_int("MOE_VIZ_TORCH_THREADS", 1)

@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import streamlit as st
 import torch
 
+from app.config import AppConfig, load_config
 from moe_viz import (
     Busy,
     Capacity,
     ComputeGate,
     Ensemble,
+    Generation,
     MoEModel,
     Policy,
+    Sampling,
     TimeBudgetExceeded,
     TopK,
     Trace,
@@ -30,9 +34,6 @@ from moe_viz import (
     policy_spec,
     run_prompt,
 )
-from moe_viz import Generation, Sampling
-
-from app.config import AppConfig, load_config
 
 
 class Keys:
@@ -68,6 +69,7 @@ T = TypeVar("T")
 
 class RequestRefused(ValueError):
     """The server was too busy or the request ran past its time budget; shown like bad input."""
+
 
 _threads_lock = threading.Lock()
 _threads_set = False
@@ -173,6 +175,9 @@ def apply_query_params() -> None:
         st.warning(f"Ignored the link's policy: {err}")
         return
     if policy is None:
+        return
+    if not isinstance(policy, (TopK, Capacity, Ensemble)):  # the sidebar's three modes; others live on Compare
+        st.warning(f"The sidebar has no control for the link's policy `{policy.spec}`; type it on the Compare page.")
         return
     if isinstance(policy, Ensemble):
         st.session_state[Keys.MODE], st.session_state[Keys.WEIGHTING] = "ensemble", policy.weighting

@@ -10,20 +10,19 @@ from dataclasses import dataclass
 
 import streamlit as st
 
-from moe_viz import MoEModel, Policy
-
 from app.resources import (
     MODES,
-    apply_query_params,
     PRIORITIES,
     WEIGHTINGS,
     Keys,
     active_model_id,
+    apply_query_params,
     config,
     display_name,
     get_model,
     policy_from_state,
 )
+from moe_viz import MoEModel, Policy
 
 CONTEXT_KEY = "_page_context"
 
@@ -54,7 +53,9 @@ def _model_section() -> MoEModel | None:
         source = st.radio(
             "Model source",
             ["default", "custom"],
-            format_func=lambda s: "Default model" if s == "default" else ("Allowed models" if cfg.hosted else "Hub id or local folder"),
+            format_func=lambda s: (
+                "Default model" if s == "default" else ("Allowed models" if cfg.hosted else "Hub id or local folder")
+            ),
             key=Keys.MODEL_SOURCE,
             horizontal=True,
             label_visibility="collapsed",

@@ -15,7 +15,9 @@ if str(ROOT) not in sys.path:
 
 import streamlit as st  # noqa: E402
 
-st.set_page_config(page_title="moe-viz: Mixture-of-Experts routing", page_icon=":material/compare_arrows:", layout="wide")
+st.set_page_config(
+    page_title="moe-viz: Mixture-of-Experts routing", page_icon=":material/compare_arrows:", layout="wide"
+)
 
 from app.sidebar import render_sidebar  # noqa: E402
 

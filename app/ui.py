@@ -10,19 +10,18 @@ import html
 import io
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from moe_viz import MoEModel, Trace, trace_io
-from moe_viz.views import View
-
 from app.resources import Keys, config, current_prompt, get_trace
 from app.sidebar import PageContext, page_context
+from moe_viz import MoEModel, Trace, trace_io
+from moe_viz.views import View
 
 FIGURES_KEY = "_page_figures"  # figures drawn by the current page run, for the HTML download
 
@@ -153,11 +152,22 @@ def downloads(trace: Trace, page: str) -> None:
     st.markdown("**Download**")
     files = [
         ("Trace (JSON)", lambda: trace_io.to_json_text(trace), f"{name}.json", "application/json", "json"),
-        ("Trace (Parquet)", lambda: _parquet_bytes(trace), f"{name}.parquet", "application/vnd.apache.parquet", "parquet"),
+        (
+            "Trace (Parquet)",
+            lambda: _parquet_bytes(trace),
+            f"{name}.parquet",
+            "application/vnd.apache.parquet",
+            "parquet",
+        ),
         ("Trace (CSV, zip)", lambda: _csv_zip(trace), f"{name}-csv.zip", "application/zip", "csv"),
-        ("Figures (HTML)", lambda: figures_html(figures, f"moe-viz · {page} · {trace.policy}"),
-         f"moe-viz-{page}-figures.html", "text/html", "html"),
-    ]  # fmt: skip
+        (
+            "Figures (HTML)",
+            lambda: figures_html(figures, f"moe-viz · {page} · {trace.policy}"),
+            f"moe-viz-{page}-figures.html",
+            "text/html",
+            "html",
+        ),
+    ]
     for col, (label, data, file_name, mime, kind) in zip(st.columns(len(files)), files):
         is_html = kind == "html"
         col.download_button(

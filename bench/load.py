@@ -46,9 +46,13 @@ def main() -> None:
     p95 = latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]
     print(f"\nsessions {len(results)}  compute slots {args.slots}  torch threads/slot 1")
     print(f"one session alone      median {single:6.2f} s  ({1 / single:.2f} sessions/s)")
-    print(f"{len(results)} at once            p50 {statistics.median(latencies):6.2f} s   p95 {p95:6.2f} s   "
-          f"max {latencies[-1]:6.2f} s   wall {wall:6.2f} s")
-    print(f"throughput             {len(results) / wall:.2f} sessions/s = {len(results) / wall * single:.2f}x one session")
+    print(
+        f"{len(results)} at once            p50 {statistics.median(latencies):6.2f} s   p95 {p95:6.2f} s   "
+        f"max {latencies[-1]:6.2f} s   wall {wall:6.2f} s"
+    )
+    print(
+        f"throughput             {len(results) / wall:.2f} sessions/s = {len(results) / wall * single:.2f}x one session"
+    )
     print(f"errors {errors}   wrong results {wrong}")
 
 

@@ -121,8 +121,11 @@ def main() -> None:
             rows.append((model_type, tokens, med))
             print(f"done {model_type} @ {tokens} tokens", file=sys.stderr, flush=True)
     names = ["traced", "run_prompt", "router_logits", "nnsight"]
-    print(f"\n{'model':<12} {'tokens':>6} {'plain ms':>9} " + " ".join(f"{n + '/plain':>19}" for n in names)
-          + f" {'traced/router_logits':>21} {'traced/nnsight':>15}")
+    print(
+        f"\n{'model':<12} {'tokens':>6} {'plain ms':>9} "
+        + " ".join(f"{n + '/plain':>19}" for n in names)
+        + f" {'traced/router_logits':>21} {'traced/nnsight':>15}"
+    )
     for model_type, tokens, med in rows:
         ratios = " ".join(f"{med[n] / med['plain']:>19.3f}" if n in med else f"{'n/a':>19}" for n in names)
         vs_rl = med["traced"] / med["router_logits"]

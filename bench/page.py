@@ -123,8 +123,11 @@ def load(args: argparse.Namespace) -> moe_viz.MoEModel:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="local model folder (default: the model in assets/)")
-    ap.add_argument("--random-default-size", action="store_true",
-                    help="use untrained weights with the default model's shape (tokenizer from --model)")
+    ap.add_argument(
+        "--random-default-size",
+        action="store_true",
+        help="use untrained weights with the default model's shape (tokenizer from --model)",
+    )
     ap.add_argument("--lengths", type=int, nargs="+", default=[32, 256, 2048])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--policy", default="native", help="policy of the page, e.g. native, capacity:1.0, top-k:1")
@@ -134,8 +137,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     policy = moe_viz.parse_policy(args.policy)
     model = load(args)
-    print(f"model {model.model_id}: {len(model.moe_layers)} MoE layers x {model.num_experts} experts, top-{model.top_k}; "
-          f"policy {moe_viz.policy_spec(policy)}; {torch.get_num_threads()} threads; {args.repeats} repeats", flush=True)
+    print(
+        f"model {model.model_id}: {len(model.moe_layers)} MoE layers x {model.num_experts} experts, top-{model.top_k}; "
+        f"policy {moe_viz.policy_spec(policy)}; {torch.get_num_threads()} threads; {args.repeats} repeats",
+        flush=True,
+    )
     prompts = {n: make_prompt(model, n) for n in args.lengths}
     for prompt, ids in prompts.values():  # warm-up
         bare_forward(model, ids)
@@ -158,8 +164,11 @@ def main() -> None:
         print(f"  repeat {rep + 1}/{args.repeats} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
 
     med = statistics.median
-    header = (f"{'page':<13} {'tokens':>6} {'forward ms':>11} {'page ms':>8} {'ratio':>6}  "
-              + " ".join(f"{s:>8}" for s in STAGES) + f" {'JSON KB':>8}")  # fmt: skip
+    header = (
+        f"{'page':<13} {'tokens':>6} {'forward ms':>11} {'page ms':>8} {'ratio':>6}  "
+        + " ".join(f"{s:>8}" for s in STAGES)
+        + f" {'JSON KB':>8}"
+    )
     print("\nmedians; stage columns are shares of the page time ('run' includes its own routed forward)")
     print(header)
     print("-" * len(header))
@@ -168,7 +177,9 @@ def main() -> None:
             T = prompts[n][1].shape[1]
             f, p = med(fwd[n]), med(total[n, name])
             shares = " ".join(f"{med(stage[n, name][s]) / p:>8.0%}" for s in STAGES)
-            print(f"{name:<13} {T:>6} {f * 1e3:>11.1f} {p * 1e3:>8.1f} {p / f:>6.2f}  {shares} {size[n, name] / 1024:>8.0f}")
+            print(
+                f"{name:<13} {T:>6} {f * 1e3:>11.1f} {p * 1e3:>8.1f} {p / f:>6.2f}  {shares} {size[n, name] / 1024:>8.0f}"
+            )
     if 256 in prompts:
         for name in PAGES:
             r = med(total[256, name]) / med(fwd[256])

@@ -122,7 +122,11 @@ def run_prompt(
         logits = model.model(input_ids=input_ids, use_cache=False).logits[0]  # (T, V)
     t2 = time.perf_counter()
     layers = build_layers(model, [Part(recorder.forwards[0], slice(None))])
-    timings = {"tokenize_ms": (t1 - t0) * 1e3, "forward_ms": (t2 - t1) * 1e3, "trace_ms": (time.perf_counter() - t2) * 1e3}
+    timings = {
+        "tokenize_ms": (t1 - t0) * 1e3,
+        "forward_ms": (t2 - t1) * 1e3,
+        "trace_ms": (time.perf_counter() - t2) * 1e3,
+    }
     ids = input_ids[0].tolist()
     return make_trace(model, policy, _prompt_text(model, prompt, ids), ids, [0] * len(ids), layers, logits, timings)
 
@@ -186,7 +190,9 @@ def run_batch(
         }
         id_list = ids.tolist()
         text = _prompt_text(model, prompt, id_list)
-        traces.append(make_trace(model, policy, text, id_list, [0] * len(id_list), layers, logits[b, : lengths[b]], timings))
+        traces.append(
+            make_trace(model, policy, text, id_list, [0] * len(id_list), layers, logits[b, : lengths[b]], timings)
+        )
     return traces
 
 
@@ -229,7 +235,11 @@ class Recording:
         for step, forward in enumerate(forwards):
             assert forward.input_ids is not None
             T = forward.input_ids.shape[1]
-            real = torch.ones(T, dtype=torch.bool) if forward.attention_mask is None else forward.attention_mask[b].bool().cpu()
+            real = (
+                torch.ones(T, dtype=torch.bool)
+                if forward.attention_mask is None
+                else forward.attention_mask[b].bool().cpu()
+            )
             positions = real.nonzero().flatten()  # (n,)
             parts.append(Part(forward, (positions + b * T).to(forward.input_ids.device), sequence=b))
             ids += forward.input_ids[b, positions.to(forward.input_ids.device)].tolist()

@@ -41,9 +41,7 @@ def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
     """Each token as the text it contributes (byte-level BPE markers turned into spaces)."""
     if hasattr(tokenizer, "batch_decode"):  # one call into the fast tokenizer instead of T
         return list(
-            tokenizer.batch_decode(
-                [[i] for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False
-            )
+            tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
         )
     return [tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False) for i in ids]
 

@@ -51,13 +51,15 @@ def _summary(trace: object) -> str:
         capacity = "-" if not lt.capacity else str(lt.capacity[0] if len(set(lt.capacity)) == 1 else lt.capacity)
         load = " ".join(str(int(c)) for c in lt.load().tolist())
         note = "  (capture-only)" if lt.capture_only else ""
-        lines.append(f"{lt.layer:>5}  {lt.num_experts:>3}  {lt.top_k:>2}  {lt.dropped_count:>7}  {capacity:>8}  {load}{note}")
+        lines.append(
+            f"{lt.layer:>5}  {lt.num_experts:>3}  {lt.top_k:>2}  {lt.dropped_count:>7}  {capacity:>8}  {load}{note}"
+        )
     return "\n".join(lines)
 
 
 def _trace_command(args: argparse.Namespace) -> int:
-    from .models import DEFAULT_MODEL, load_model
     from ._runs import generate, run_prompt
+    from .models import DEFAULT_MODEL, load_model
     from .trace_io import save_json, save_parquet
 
     if args.generate < 0:

@@ -32,7 +32,6 @@ SetKind = Literal["routed", "kept", "native"]
 SET_KINDS = ("routed", "kept", "native")
 
 
-
 @dataclass(frozen=True)
 class MetricDefinition:
     """One balance metric, written once: ``balance_table``'s column, the app's help text and the
@@ -49,7 +48,9 @@ METRICS: tuple[MetricDefinition, ...] = (
     MetricDefinition("max_vio", "MaxVio", "busiest expert's routed load / the mean load − 1", "0"),
     MetricDefinition("load_entropy", "Load entropy", "H(routed load shares), nats", "log E"),
     MetricDefinition("load_entropy_norm", "Load entropy (norm.)", "H(routed load shares) / log E", "1"),
-    MetricDefinition("effective_experts", "Effective experts", "exp(H): how many equally used experts behave alike", "E"),
+    MetricDefinition(
+        "effective_experts", "Effective experts", "exp(H): how many equally used experts behave alike", "E"
+    ),
     MetricDefinition("diversity", "Diversity", "exp(H) / E", "1"),
     MetricDefinition(
         "gini", "Gini", "Σ_i (2i − E − 1) c_(i) / (E Σ c), loads sorted ascending; at most (E − 1)/E", "0"
@@ -287,11 +288,30 @@ def balance(layer: LayerTrace) -> Balance:
 
 
 TABLE_COLUMNS = [
-    "layer", "tokens", "k", "assignments", "fair_share", "cv", "max_vio", "load_entropy", "load_entropy_norm",
-    "effective_experts", "diversity", "gini", "dead_fraction", "max_share", "busiest_expert", "aux_loss_hf",
-    "aux_loss_norm", "z_loss", "dropped", "drop_rate", "fully_dropped_tokens", "partially_dropped_tokens",
+    "layer",
+    "tokens",
+    "k",
+    "assignments",
+    "fair_share",
+    "cv",
+    "max_vio",
+    "load_entropy",
+    "load_entropy_norm",
+    "effective_experts",
+    "diversity",
+    "gini",
+    "dead_fraction",
+    "max_share",
+    "busiest_expert",
+    "aux_loss_hf",
+    "aux_loss_norm",
+    "z_loss",
+    "dropped",
+    "drop_rate",
+    "fully_dropped_tokens",
+    "partially_dropped_tokens",
     "capacity",
-]  # fmt: skip
+]
 
 
 def balance_table(trace: Trace) -> pd.DataFrame:
@@ -311,30 +331,54 @@ def _balance_table(trace: Trace) -> pd.DataFrame:
         cap = None if b.capacity is None else (b.capacity[0] if len(b.capacity) == 1 else max(b.capacity))
         rows.append(
             {
-                "layer": b.layer, "tokens": b.num_tokens, "k": b.k, "assignments": b.assignments,
-                "fair_share": b.fair_share, "cv": b.cv, "max_vio": b.max_vio, "load_entropy": b.load_entropy,
-                "load_entropy_norm": b.load_entropy_norm, "effective_experts": b.effective_experts,
-                "diversity": b.diversity, "gini": b.gini, "dead_fraction": b.dead_fraction,
-                "max_share": b.max_share, "busiest_expert": b.busiest_expert, "aux_loss_hf": b.aux_loss_hf,
-                "aux_loss_norm": b.aux_loss_norm, "z_loss": b.z_loss, "dropped": b.dropped,
-                "drop_rate": b.drop_rate, "fully_dropped_tokens": b.fully_dropped_tokens,
-                "partially_dropped_tokens": b.partially_dropped_tokens, "capacity": cap,
+                "layer": b.layer,
+                "tokens": b.num_tokens,
+                "k": b.k,
+                "assignments": b.assignments,
+                "fair_share": b.fair_share,
+                "cv": b.cv,
+                "max_vio": b.max_vio,
+                "load_entropy": b.load_entropy,
+                "load_entropy_norm": b.load_entropy_norm,
+                "effective_experts": b.effective_experts,
+                "diversity": b.diversity,
+                "gini": b.gini,
+                "dead_fraction": b.dead_fraction,
+                "max_share": b.max_share,
+                "busiest_expert": b.busiest_expert,
+                "aux_loss_hf": b.aux_loss_hf,
+                "aux_loss_norm": b.aux_loss_norm,
+                "z_loss": b.z_loss,
+                "dropped": b.dropped,
+                "drop_rate": b.drop_rate,
+                "fully_dropped_tokens": b.fully_dropped_tokens,
+                "partially_dropped_tokens": b.partially_dropped_tokens,
+                "capacity": cap,
             }
-        )  # fmt: skip
+        )
     if stats:
         df = pd.DataFrame(rows, columns=TABLE_COLUMNS)
         top_k = trace.layers[0].top_k
         same_shape = len({lt.router_logits.shape[1] for lt in trace.layers}) == 1
         pooled = aux_loss_hf([lt.router_logits for lt in trace.layers], top_k) if same_shape else float("nan")
         total_assign = int(df["assignments"].sum())
-        all_row: dict[str, object] = {c: float(df[c].mean()) for c in TABLE_COLUMNS[4:] if c not in ("busiest_expert", "capacity")}
+        all_row: dict[str, object] = {
+            c: float(df[c].mean()) for c in TABLE_COLUMNS[4:] if c not in ("busiest_expert", "capacity")
+        }
         all_row.update(
-            layer="all", tokens=int(df["tokens"].max()), k=int(df["k"].max()), assignments=total_assign,
-            aux_loss_hf=pooled, aux_loss_norm=pooled / top_k, busiest_expert=None, capacity=None,
-            dropped=int(df["dropped"].sum()), drop_rate=float(df["dropped"].sum()) / total_assign if total_assign else 0.0,
+            layer="all",
+            tokens=int(df["tokens"].max()),
+            k=int(df["k"].max()),
+            assignments=total_assign,
+            aux_loss_hf=pooled,
+            aux_loss_norm=pooled / top_k,
+            busiest_expert=None,
+            capacity=None,
+            dropped=int(df["dropped"].sum()),
+            drop_rate=float(df["dropped"].sum()) / total_assign if total_assign else 0.0,
             fully_dropped_tokens=int(df["fully_dropped_tokens"].sum()),
             partially_dropped_tokens=int(df["partially_dropped_tokens"].sum()),
-        )  # fmt: skip
+        )
         rows.append(all_row)
     df = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     df["layer"] = df["layer"].astype(object)
@@ -376,7 +420,9 @@ def capacity_check(layer: LayerTrace, factor: float) -> CapacityCheck:
     C = capacity_for(float(factor), layer.num_tokens, layer.top_k, layer.num_experts)
     overflow = (load - C).clamp_min(0)
     total = int(load.sum())
-    return CapacityCheck(float(factor), C, load, overflow, int(overflow.sum()), int(overflow.sum()) / total if total else 0.0)
+    return CapacityCheck(
+        float(factor), C, load, overflow, int(overflow.sum()), int(overflow.sum()) / total if total else 0.0
+    )
 
 
 # ----------------------------------------------------------------------------- per-token router statistics

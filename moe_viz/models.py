@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._routers import CAPTURE_ONLY_ROUTERS, SUPPORTED_ROUTERS, RouterSite
 from ._hooks import Instrumentation, instrument
+from ._routers import CAPTURE_ONLY_ROUTERS, SUPPORTED_ROUTERS, RouterSite
 
 # The default model: the folder named by MOE_VIZ_DEFAULT_MODEL, else the one shipped in assets/
 # beside the package (present in a source checkout / editable install; a wheel does not carry it).

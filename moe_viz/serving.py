@@ -99,9 +99,7 @@ class ComputeGate:
             self._queue.popleft().set()
 
     @contextmanager
-    def slot(
-        self, max_wait_s: float | None = None, on_wait: Callable[[int], None] | None = None
-    ) -> Iterator[float]:
+    def slot(self, max_wait_s: float | None = None, on_wait: Callable[[int], None] | None = None) -> Iterator[float]:
         """Hold one slot for the block; yields the seconds spent waiting.
 
         ``on_wait(place)`` is called (place 1 = next) while queued, about twice a second.

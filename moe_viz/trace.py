@@ -10,7 +10,6 @@ sigmoid for sigmoid routers); ``weights`` are the weights the experts' outputs w
 when small enough.
 """
 
-
 from __future__ import annotations
 
 import hashlib

@@ -34,6 +34,7 @@ from .trace import LayerTrace, OutputTrace, Trace
 SCHEMA = "moe-viz/trace"
 SCHEMA_VERSION = 1
 
+
 def to_frames(trace: Trace) -> dict[str, pd.DataFrame]:
     """DataFrames: ``tokens``, ``routing`` (one row per assignment), ``probs`` (one row per
     token and layer, one column per expert), ``predictions`` (top-K per position)."""
@@ -76,6 +77,7 @@ def to_frames(trace: Trace) -> dict[str, pd.DataFrame]:
         "predictions": predictions,
     }
 
+
 # ----------------------------------------------------------------------------- dict / JSON
 def to_dict(trace: Trace, include_vocab: bool = False) -> dict[str, Any]:
     """The schema-1 dict (see the module docstring)."""
@@ -111,11 +113,10 @@ def to_dict(trace: Trace, include_vocab: bool = False) -> dict[str, Any]:
             "top_tokens": out.top_tokens,
             "target_logprob": [None if math.isnan(v) else v for v in out.target_logprob.tolist()],
             "entropy": out.entropy.tolist(),
-            "vocab_logprobs": out.vocab_logprobs.tolist()
-            if include_vocab and out.vocab_logprobs is not None
-            else None,
+            "vocab_logprobs": out.vocab_logprobs.tolist() if include_vocab and out.vocab_logprobs is not None else None,
         },
     }
+
 
 def from_dict(data: dict[str, Any]) -> Trace:
     """Rebuild a trace from ``to_dict`` output; ValueError on a foreign or newer schema."""
@@ -140,9 +141,7 @@ def from_dict(data: dict[str, Any]) -> Trace:
         top_ids=torch.tensor(out["top_ids"], dtype=torch.long),
         top_logprobs=torch.tensor(out["top_logprobs"], dtype=torch.float32),
         top_tokens=out["top_tokens"],
-        target_logprob=torch.tensor(
-            [math.nan if v is None else v for v in out["target_logprob"]], dtype=torch.float32
-        ),
+        target_logprob=torch.tensor([math.nan if v is None else v for v in out["target_logprob"]], dtype=torch.float32),
         entropy=torch.tensor(out["entropy"], dtype=torch.float32),
         vocab_logprobs=None if vocab is None else torch.tensor(vocab, dtype=torch.float32),
     )
@@ -162,6 +161,7 @@ def from_dict(data: dict[str, Any]) -> Trace:
         layers=layers,
         output=output,
     )
+
 
 def to_json_text(trace: Trace, include_vocab: bool = False) -> str:
     """The trace as JSON text (schema 1)."""
@@ -216,6 +216,7 @@ def save_parquet(trace: Trace, path: str | Path, include_vocab: bool = False) ->
     table = table.replace_schema_metadata({"moe_viz": json.dumps(data, ensure_ascii=False)})
     pq.write_table(table, path)
 
+
 def load_parquet(path: str | Path) -> Trace:
     """Read a trace from a Parquet file written by ``save_parquet``."""
     import pyarrow.parquet as pq
@@ -234,7 +235,6 @@ def load_parquet(path: str | Path) -> Trace:
         data["output"][name] = cols[f"output.{name}"]
     data["output"]["vocab_logprobs"] = cols.get("output.vocab_logprobs")
     return from_dict(data)
-
 
 
 _LAYER_ARRAYS: dict[str, torch.dtype] = {

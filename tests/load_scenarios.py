@@ -10,12 +10,26 @@ import torch
 from moe_viz import DEFAULT_MODEL, load_model, parse_policy, run_prompt
 from moe_viz.views import run_summary
 
-POLICIES = ["top-k:1", "top-k:2", "capacity:0.5:position", "capacity:1:probs", "ensemble:gate", "ensemble:uniform",
-            "top-k:3", "capacity:1.25:position"]  # fmt: skip
-SUBJECTS = ["def add(a, b):\n    return a + b", "In the beginning God created the heaven and the earth.",
-            "To be, or not to be, that is the question:", "床前明月光，疑是地上霜。", "1234 + 5678 = 6912",
-            "The router sends each token to two experts.", "for i in range(10):\n    print(i * i)",
-            "Love all, trust a few, do wrong to none."]  # fmt: skip
+POLICIES = [
+    "top-k:1",
+    "top-k:2",
+    "capacity:0.5:position",
+    "capacity:1:probs",
+    "ensemble:gate",
+    "ensemble:uniform",
+    "top-k:3",
+    "capacity:1.25:position",
+]
+SUBJECTS = [
+    "def add(a, b):\n    return a + b",
+    "In the beginning God created the heaven and the earth.",
+    "To be, or not to be, that is the question:",
+    "床前明月光，疑是地上霜。",
+    "1234 + 5678 = 6912",
+    "The router sends each token to two experts.",
+    "for i in range(10):\n    print(i * i)",
+    "Love all, trust a few, do wrong to none.",
+]
 MODEL = os.environ.get("MOE_VIZ_MODEL") or DEFAULT_MODEL
 HOSTED_ENV = {"MOE_VIZ_HOSTED": "1", "MOE_VIZ_TORCH_THREADS": "1", "MOE_VIZ_COMPUTE_SLOTS": "2", "MOE_VIZ_MODEL": MODEL}
 

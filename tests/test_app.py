@@ -23,8 +23,15 @@ APP = ROOT / "app" / "streamlit_app.py"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from moe_viz import DEFAULT_MODEL, Capacity, TopK, load_model, parse_policy, run_prompt  # noqa: E402
-from moe_viz import views  # noqa: E402
+from moe_viz import (  # noqa: E402
+    DEFAULT_MODEL,
+    Capacity,
+    TopK,
+    load_model,
+    parse_policy,
+    run_prompt,
+    views,  # noqa: E402
+)
 
 MODEL = os.environ.get("MOE_VIZ_MODEL") or DEFAULT_MODEL
 PROMPT = "def add(a, b):\n    return a + b\n\nprint(add(2, 3))"
@@ -234,9 +241,14 @@ def test_dense_model_folder_shows_an_error(app, model, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(model.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-    )  # fmt: skip
+        vocab_size=len(model.tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     LlamaForCausalLM(config).save_pretrained(tmp_path)
     model.tokenizer.save_pretrained(tmp_path)
     at = load_custom_model(app, str(tmp_path))
@@ -379,7 +391,7 @@ def test_trace_and_figure_downloads_are_complete_and_offline(model):
     assert trace_io.from_json_text(trace_io.to_json_text(trace)).token_ids == trace.token_ids
     page = figures_html({"a": go.Figure(go.Bar(y=[1])), "b": go.Figure(go.Bar(y=[2]))}, "t")
     assert page.count("<section>") == 2
-    assert "<script src=" not in page.replace("<script src=\"data:", "")  # no script fetched from a CDN
+    assert "<script src=" not in page.replace('<script src="data:', "")  # no script fetched from a CDN
     assert len(page) > 1_000_000  # plotly.js embedded once: opens offline
 
 

@@ -30,6 +30,8 @@ CHROMIUM_ARGS = [
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from streamlit_client import streamlit_command  # noqa: E402
+
 from moe_viz import DEFAULT_MODEL  # noqa: E402
 
 MODEL = os.environ.get("MOE_VIZ_MODEL") or DEFAULT_MODEL
@@ -57,13 +59,12 @@ def server():
     ARTIFACTS.mkdir(exist_ok=True)
     log = open(ARTIFACTS / "streamlit-server.log", "w")
     proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "streamlit_app.py"),
-            "--server.headless", "true", "--server.port", str(port), "--server.address", "127.0.0.1",
-            "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
-        ],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        streamlit_command(port),
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -141,9 +142,7 @@ def test_type_a_prompt_switch_each_mode_and_download_a_trace(server, browser):
     box.fill(PROMPT)
     page.get_by_role("button", name="Run", exact=True).click()
     wait_ready(page)
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('textarea')].some(t => t.value.includes('print(add'))"
-    )
+    page.wait_for_function("() => [...document.querySelectorAll('textarea')].some(t => t.value.includes('print(add'))")
     seen = {"top-k": heatmap_data(page)}
     assert routing_shown(page).startswith("top-k:")
     shot(page, "2-explore-top-k")
@@ -174,7 +173,7 @@ def test_type_a_prompt_switch_each_mode_and_download_a_trace(server, browser):
     html_path = ARTIFACTS / "browser-figures.html"
     info.value.save_as(html_path)
     html = html_path.read_text()
-    assert html.count("<section>") == 4 and "<script src=\"http" not in html  # every chart, plotly.js inline
+    assert html.count("<section>") == 4 and '<script src="http' not in html  # every chart, plotly.js inline
 
     for name in ("Load balance", "Compare modes", "Learn"):
         page.get_by_test_id("stSidebarNav").get_by_text(name, exact=True).click()

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
 
 CODE_PROMPT = (
     "def parse_header(line):\n"
-    "    \"\"\"Split a 'Key: value' header line.\"\"\"\n"
+    '    """Split a \'Key: value\' header line."""\n'
     "    key, _, value = line.partition(':')\n"
     "    if not key:\n"
     "        raise ValueError('empty header name')\n"
@@ -54,10 +54,10 @@ def top1_histograms(model, tokenizer, text: str) -> torch.Tensor:
         out = model(**ids, output_router_logits=True)
     n_exp = model.config.num_local_experts
     hists = []
-    for logits in out.router_logits:                     # each (tokens, n_exp)
-        top1 = logits.float().argmax(dim=-1)              # (tokens,)
+    for logits in out.router_logits:  # each (tokens, n_exp)
+        top1 = logits.float().argmax(dim=-1)  # (tokens,)
         hists.append(torch.bincount(top1, minlength=n_exp).float() / top1.numel())
-    return torch.stack(hists)                             # (layers, n_exp)
+    return torch.stack(hists)  # (layers, n_exp)
 
 
 def test_default_model_is_a_mixtral_moe_with_one_router_per_layer(loaded):
@@ -80,8 +80,7 @@ def test_default_model_weights_are_bf16_and_at_most_20_mb(loaded):
 
 def test_default_model_folder_ships_card_and_data_licences():
     card = (MODEL_DIR / "README.md").read_text(encoding="utf-8")
-    for heading in ("## Held-out evaluation", "## Measured expert specialisation",
-                    "## Training data", "## Samples"):
+    for heading in ("## Held-out evaluation", "## Measured expert specialisation", "## Training data", "## Samples"):
         assert heading in card
     assert "CC-BY 2.5" in (MODEL_DIR / "DATA_LICENSES.md").read_text(encoding="utf-8")
 
@@ -94,23 +93,27 @@ def test_tokenizer_splits_digits_and_has_special_tokens(loaded):
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
 
 
-@pytest.mark.parametrize("prompt", ["def fibonacci(n):\n", "The library reference describes"],
-                         ids=["code", "prose"])
+@pytest.mark.parametrize("prompt", ["def fibonacci(n):\n", "The library reference describes"], ids=["code", "prose"])
 def test_greedy_generation_continues_code_and_prose_prompts_with_text(loaded, prompt):
     tokenizer, model = loaded
     ids = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=24, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    new_text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(**ids, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    new_text = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert new_text.strip(), f"no text generated after {prompt!r}"
 
 
 def test_routing_differs_between_code_prose_chinese_and_numbers(loaded):
     tokenizer, model = loaded
-    hists = {name: top1_histograms(model, tokenizer, text) for name, text in {
-        "code": CODE_PROMPT, "prose": PROSE_PROMPT, "chinese": CHINESE_PROMPT,
-        "numbers": NUMBERS_PROMPT}.items()}
+    hists = {
+        name: top1_histograms(model, tokenizer, text)
+        for name, text in {
+            "code": CODE_PROMPT,
+            "prose": PROSE_PROMPT,
+            "chinese": CHINESE_PROMPT,
+            "numbers": NUMBERS_PROMPT,
+        }.items()
+    }
     for a, b in itertools.combinations(hists, 2):
         # Total-variation distance between the two top-1 expert histograms, per layer.
         tv = 0.5 * (hists[a] - hists[b]).abs().sum(dim=-1)  # (layers,)

@@ -10,12 +10,11 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import ByteTokenizer, build, build_model, save_byte_tokenizer
 
 import moe_viz
-from moe_viz import Capacity, Ensemble, Sampling, TopK, generate, load_model, parse_policy, run_prompt
-from moe_viz import record, trace_io
+from moe_viz import Capacity, Ensemble, Sampling, TopK, generate, load_model, parse_policy, record, run_prompt, trace_io
 from moe_viz._hooks import active_call
-from tiny_models import ByteTokenizer, build, build_model, save_byte_tokenizer
 
 TEXT = "Routing tokens to experts, one layer at a time."
 
@@ -250,7 +249,16 @@ def test_load_model_refuses_missing_folders_unknown_ids_and_dense_models(tmp_pat
         load_model("no-such-org/no-such-model")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    dense = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    dense = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
     dense.save_pretrained(tmp_path / "dense")
     save_byte_tokenizer(tmp_path / "dense")
     with pytest.raises(ValueError, match="has no MoE layers"):
@@ -271,7 +279,19 @@ def test_cli_writes_a_trace_and_rejects_bad_values(tmp_path):
     build_model("olmoe").save_pretrained(tmp_path / "m")
     save_byte_tokenizer(tmp_path / "m")
     out = tmp_path / "t.json"
-    cmd = [sys.executable, "-m", "moe_viz.cli", "trace", str(tmp_path / "m"), "--prompt", "ABC DEF", "--policy", "capacity:0.5", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "moe_viz.cli",
+        "trace",
+        str(tmp_path / "m"),
+        "--prompt",
+        "ABC DEF",
+        "--policy",
+        "capacity:0.5",
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "dropped" in done.stdout and out.exists()

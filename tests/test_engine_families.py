@@ -10,10 +10,10 @@ import math
 
 import pytest
 import torch
+from tiny_models import CAPTURE_ONLY_CONFIGS, TINY_CONFIGS, build
 
 from moe_viz import Capacity, Ensemble, TopK, generate, run_prompt
 from moe_viz._router_math import capacity_for, gate_weights, select_topk
-from tiny_models import CAPTURE_ONLY_CONFIGS, TINY_CONFIGS, build
 
 TOL = 1e-5
 TEXT = "The quick brown fox: def f(x): return 2 * x  # 42"

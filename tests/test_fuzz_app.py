@@ -16,8 +16,9 @@ APP = ROOT / "app" / "streamlit_app.py"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from moe_viz import DEFAULT_MODEL  # noqa: E402
 from hostile_inputs import HOSTILE  # noqa: E402
+
+from moe_viz import DEFAULT_MODEL  # noqa: E402
 
 MODEL = os.environ.get("MOE_VIZ_MODEL") or DEFAULT_MODEL
 pytestmark = [
@@ -26,12 +27,27 @@ pytestmark = [
 ]
 POLICY_TEXT = st.one_of(
     st.text(max_size=20),
-    st.sampled_from(["top-k:0", "top-k:99", "top-k:1", "capacity:-1", "capacity:nan", "capacity:1e9",
-                     "capacity:0.5:probs", "ensemble:gate", "ensemble:evil", "native", "capacity:1:k=0"]),
-)  # fmt: skip
+    st.sampled_from(
+        [
+            "top-k:0",
+            "top-k:99",
+            "top-k:1",
+            "capacity:-1",
+            "capacity:nan",
+            "capacity:1e9",
+            "capacity:0.5:probs",
+            "ensemble:gate",
+            "ensemble:evil",
+            "native",
+            "capacity:1:k=0",
+        ]
+    ),
+)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(prompt=HOSTILE, policy=POLICY_TEXT, page=st.sampled_from(["explore", "load_balance", "compare", "learn"]))
 def test_hostile_prompts_and_links_never_raise_in_the_page(monkeypatch, prompt, policy, page):
     from streamlit.testing.v1 import AppTest

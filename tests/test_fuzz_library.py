@@ -6,13 +6,13 @@ import math
 from collections import Counter
 
 import pytest
+from hostile_inputs import HOSTILE
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
+from tiny_models import build
 
-from hostile_inputs import HOSTILE
 from moe_viz import Capacity, Ensemble, Limits, TopK, generate, run_prompt, trace_io
 from moe_viz.policies import parse_policy
-from tiny_models import build
 
 MODEL = build("mixtral")
 LIMITS = Limits(max_prompt_tokens=300, max_new_tokens=4, max_k=8, min_capacity_factor=0.05, max_capacity_factor=8)
@@ -35,7 +35,12 @@ def _clear(message: str) -> bool:
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(prompt=HOSTILE, kind=st.sampled_from(["top-k", "capacity", "ensemble", "native"]), a=NUMBERS, b=st.one_of(NUMBERS, st.sampled_from(["gate", "uniform", "probs", "position", "x"])))
+@given(
+    prompt=HOSTILE,
+    kind=st.sampled_from(["top-k", "capacity", "ensemble", "native"]),
+    a=NUMBERS,
+    b=st.one_of(NUMBERS, st.sampled_from(["gate", "uniform", "probs", "position", "x"])),
+)
 def test_any_prompt_and_parameters_give_a_trace_or_a_clear_value_error(prompt, kind, a, b):
     try:
         policy = _policy(kind, a, b)
@@ -81,27 +86,44 @@ def _valid_capacity(draw):
 VALID_SPEC = st.one_of(
     K.flatmap(lambda k: st.tuples(_noisy(f"top-k:{k}") | st.just(f"topk:{k}"), st.just(f"top-k:{k}"))),
     _valid_capacity(),
-    st.sampled_from(["gate", "uniform"]).flatmap(lambda w: st.tuples(_noisy(f"ensemble:{w}"), st.just(f"ensemble:{w}"))),
+    st.sampled_from(["gate", "uniform"]).flatmap(
+        lambda w: st.tuples(_noisy(f"ensemble:{w}"), st.just(f"ensemble:{w}"))
+    ),
     st.sampled_from([("ensemble", "ensemble:gate"), ("native", "native"), (" Native ", "native")]),
 ).map(lambda t: (t[0], t[1], None))
 
 INVALID_SPEC = st.one_of(
     st.sampled_from(
         [
-            ("top-k:0", r"\bk\b"), ("top-k:99", r"\bk\b"), ("top-k:two", "top-k:two"), ("top-k", "top-k"),
-            ("top-k:1:2", "top-k"), ("capacity:-1", "factor"), ("capacity:0", "factor"), ("capacity:nan", "factor"),
-            ("capacity:inf", "factor"), ("capacity:1e9", "factor"), ("capacity:0.01", "factor"),
-            ("capacity:1:k=0", r"\bk\b"), ("capacity:1:k=9", r"\bk\b"), ("capacity:1:sideways", "priority"),
-            ("capacity", "capacity"), ("capacity:1:probs:k=2:x", "capacity"), ("ensemble:evil", "weighting"),
-            ("ensemble:gate:uniform", "ensemble"), ("native:1", "not understood"), ("", "non-empty"),
+            ("top-k:0", r"\bk\b"),
+            ("top-k:99", r"\bk\b"),
+            ("top-k:two", "top-k:two"),
+            ("top-k", "top-k"),
+            ("top-k:1:2", "top-k"),
+            ("capacity:-1", "factor"),
+            ("capacity:0", "factor"),
+            ("capacity:nan", "factor"),
+            ("capacity:inf", "factor"),
+            ("capacity:1e9", "factor"),
+            ("capacity:0.01", "factor"),
+            ("capacity:1:k=0", r"\bk\b"),
+            ("capacity:1:k=9", r"\bk\b"),
+            ("capacity:1:sideways", "priority"),
+            ("capacity", "capacity"),
+            ("capacity:1:probs:k=2:x", "capacity"),
+            ("ensemble:evil", "weighting"),
+            ("ensemble:gate:uniform", "ensemble"),
+            ("native:1", "not understood"),
+            ("", "non-empty"),
             ("   ", "non-empty"),
         ]
-    ),  # fmt: skip
+    ),
     st.text(max_size=24)
-    .filter(lambda s: s.strip().lower().split(":")[0].strip() not in {"native", "top-k", "topk", "capacity", "ensemble"})
+    .filter(
+        lambda s: s.strip().lower().split(":")[0].strip() not in {"native", "top-k", "topk", "capacity", "ensemble"}
+    )
     .map(lambda s: (s, "not understood|non-empty")),
 ).map(lambda t: (t[0], None, t[1]))
-
 
 
 def _mostly(valid, invalid):

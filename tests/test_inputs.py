@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import build
 
 import moe_viz
 from moe_viz import Capacity, Ensemble, TopK, record, run_batch, run_prompt
-from tiny_models import build
 
 PROMPTS = ["short", "a somewhat longer prompt here", "mid length!"]
 FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "jamba"]

@@ -7,7 +7,6 @@ import asyncio
 from pathlib import Path
 
 import pytest
-
 from load_scenarios import HOSTED_ENV, MODEL, query, references, scenarios
 from streamlit_client import Server, run_sessions
 

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-
 import math
 
 import pandas as pd
 import pytest
+import tiny_models
 import torch
+from hand_traces import SKEWED, make_layer, make_trace
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 import moe_viz
-import tiny_models
 from moe_viz import metrics, trace_io
-from moe_viz.trace import LayerTrace, OutputTrace, Trace
-
 
 # ----------------------------------------------------------------------------- fixtures and builders
 
@@ -26,51 +24,6 @@ def tiny_model() -> moe_viz.MoEModel:
 
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
-
-
-def make_layer(index: list[list[int]], num_experts: int, dropped: list[list[bool]] | None = None,
-               probs: torch.Tensor | None = None, layer: int = 0) -> LayerTrace:  # fmt: skip
-    """A LayerTrace with the given applied sets; probs default to 0.6 / 0.3 / rest on the set."""
-    idx = torch.tensor(index)  # (T, k)
-    T, k = idx.shape
-    if probs is None:
-        probs = torch.full((T, num_experts), 0.0)
-        rest = (1 - 0.9) / max(num_experts - k, 1)
-        probs += rest
-        probs.scatter_(1, idx[:, :1], 0.6)
-        if k > 1:
-            probs.scatter_(1, idx[:, 1:2], 0.3)
-    drop = torch.zeros(T, k, dtype=torch.bool) if dropped is None else torch.tensor(dropped)
-    return LayerTrace(
-        layer=layer, num_experts=num_experts, top_k=k, router_logits=probs.clamp_min(1e-9).log(),
-        router_probs=probs, native_index=idx, native_weights=probs.gather(1, idx), index=idx,
-        weights=probs.gather(1, idx).masked_fill(drop, 0.0), dropped=drop,
-    )  # fmt: skip
-
-
-def make_trace(layers: list[LayerTrace], vocab_probs: list[list[float]] | None = None,
-               token_ids: list[int] | None = None, policy: str = "native",
-               target: list[float] | None = None) -> Trace:  # fmt: skip
-    T = layers[0].num_tokens
-    ids = token_ids if token_ids is not None else list(range(T))
-    if vocab_probs is not None:
-        vocab = torch.tensor(vocab_probs).log()  # (T, V)
-    else:
-        vocab = torch.full((T, 4), 0.25).log()
-    top = vocab.topk(min(3, vocab.shape[1]), dim=-1)
-    tgt = torch.tensor(target) if target is not None else torch.full((T,), float("nan"))
-    output = OutputTrace(
-        top_ids=top.indices, top_logprobs=top.values,
-        top_tokens=[[str(i) for i in row] for row in top.indices.tolist()],
-        target_logprob=tgt, entropy=torch.zeros(T), vocab_logprobs=vocab,
-    )  # fmt: skip
-    return Trace(
-        model_id="hand", architecture="hand", policy=policy, device="cpu", dtype="float32", prompt="",
-        token_ids=ids, tokens=[f"t{i}" for i in ids], step=[0] * T, layers=layers, output=output,
-    )  # fmt: skip
-
-
-SKEWED = [[0, 1], [0, 2], [1, 0], [3, 0]]  # routed load [4, 2, 1, 1]
 
 
 # ----------------------------------------------------------------------------- load and balance
@@ -233,8 +186,7 @@ def test_reuse_baselines_match_the_documented_table() -> None:
 def test_mode_effect_kl_flips_and_delta_logprob_match_hand_computation() -> None:
     lt = make_layer([[0, 1], [1, 2]], 4)
     ref = make_trace([lt], vocab_probs=[[0.5, 0.5], [0.6, 0.4]], target=[math.log(0.5), float("nan")])
-    oth = make_trace([lt], vocab_probs=[[0.9, 0.1], [0.2, 0.8]], target=[math.log(0.1), float("nan")],
-                     policy="top-k:1")  # fmt: skip
+    oth = make_trace([lt], vocab_probs=[[0.9, 0.1], [0.2, 0.8]], target=[math.log(0.1), float("nan")], policy="top-k:1")
     e = metrics.mode_effect(ref, oth)
     kl0 = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
     kl1 = 0.6 * math.log(0.6 / 0.2) + 0.4 * math.log(0.4 / 0.8)

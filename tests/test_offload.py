@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import build_model, save_byte_tokenizer
 
 from moe_viz import Capacity, Ensemble, TopK, load_model, run_prompt
-from tiny_models import build_model, save_byte_tokenizer
 
 DEVICE_MAP = {
     "model.embed_tokens": "cpu",

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import build
 
 import moe_viz
 from moe_viz import Limits, Policy, RouterCall, RoutingDecision, TopK, register_policy, run_prompt, views
 from moe_viz.policies import top_k_routing
-from tiny_models import build
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,3 +106,19 @@ def test_the_compare_page_runs_a_user_defined_policy_typed_as_text(monkeypatch):
     assert not at.error, [e.value for e in at.error]
     assert any("`avoid:0`" in m.value for m in at.markdown)
     assert any("Under `avoid:0`" in m.value for m in at.markdown)
+
+
+def test_a_link_with_a_user_defined_policy_is_explained_not_crashed(monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    model_dir = os.environ.get("MOE_VIZ_MODEL") or moe_viz.DEFAULT_MODEL
+    if not (Path(model_dir) / "config.json").is_file():
+        pytest.skip(f"no model at {model_dir}")
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    monkeypatch.setenv("MOE_VIZ_MODEL", model_dir)
+    at = AppTest.from_file(str(ROOT / "app" / "streamlit_app.py"), default_timeout=120)
+    at.query_params["policy"] = "avoid:1"
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert any("no control for the link's policy `avoid:1`" in w.value for w in at.warning)

@@ -6,9 +6,9 @@ import threading
 import time
 
 import pytest
+from tiny_models import build
 
 from moe_viz import Busy, Capacity, ComputeGate, Ensemble, Limits, TimeBudgetExceeded, TopK, generate, run_prompt
-from tiny_models import build
 
 LIMITS = Limits(max_new_tokens=16, max_k=4, min_capacity_factor=0.25, max_capacity_factor=4.0, max_ensemble_experts=8)
 

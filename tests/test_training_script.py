@@ -26,13 +26,29 @@ def test_quick_training_run_writes_a_model_that_plain_transformers_loads(tmp_pat
     out, corpus = tmp_path / "model", tmp_path / "corpus"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     res = subprocess.run(
-        [sys.executable, str(SCRIPTS / "train_default_model.py"), "--quick",
-         "--out", str(out), "--corpus", str(corpus)],
-        capture_output=True, text=True, timeout=300, env=env,
+        [
+            sys.executable,
+            str(SCRIPTS / "train_default_model.py"),
+            "--quick",
+            "--out",
+            str(out),
+            "--corpus",
+            str(corpus),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md",
-                 "DATA_LICENSES.md", "generation_config.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "README.md",
+        "DATA_LICENSES.md",
+        "generation_config.json",
+    ):
         assert (out / name).exists(), f"{name} missing from {sorted(p.name for p in out.iterdir())}"
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "mixtral"
@@ -50,10 +66,17 @@ def test_quick_training_run_writes_a_model_that_plain_transformers_loads(tmp_pat
     assert "### Balance phase" in card and "per_layer_balance_loss" in card  # both phases ran
 
 
-@pytest.mark.parametrize("argv", [
-    ["--max-steps", "0"], ["--max-minutes", "-1"], ["--batch-size", "0"], ["--lr", "2"],
-    ["--aux-coef", "-0.1"], ["--threads", "0"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--max-steps", "0"],
+        ["--max-minutes", "-1"],
+        ["--batch-size", "0"],
+        ["--lr", "2"],
+        ["--aux-coef", "-0.1"],
+        ["--threads", "0"],
+    ],
+)
 def test_bad_training_arguments_raise_value_error(argv):
     with pytest.raises(ValueError):
         train_default_model.parse_args(argv)
@@ -99,11 +122,11 @@ def test_routing_stats_give_full_mutual_information_for_perfect_specialisation()
     import numpy as np
 
     # 2 domains, 4 experts; domain 0 always to expert 0, domain 1 always to expert 1.
-    top1 = np.array([[[100, 0, 0, 0], [0, 100, 0, 0]]])            # (layers, domains, experts)
+    top1 = np.array([[[100, 0, 0, 0], [0, 100, 0, 0]]])  # (layers, domains, experts)
     topk = np.array([[[100, 100, 0, 0], [0, 100, 100, 0]]])
     stats = train_default_model.routing_stats(top1, topk, ["a", "b"], k=2)
     assert stats["mi_bits"][0] == pytest.approx(1.0)
-    assert stats["busiest_over_fair"][0] == pytest.approx(2.0)     # expert 1: half of all picks
+    assert stats["busiest_over_fair"][0] == pytest.approx(2.0)  # expert 1: half of all picks
 
 
 def test_per_layer_balance_loss_is_k_for_even_routing_and_larger_when_skewed():
@@ -118,7 +141,7 @@ def test_per_layer_balance_loss_is_k_for_even_routing_and_larger_when_skewed():
     skewed[:, 0], skewed[:, 1] = 5.0, 4.0
     loss = train_default_model.per_layer_balance_loss
     assert float(loss([even, even], k)) == pytest.approx(k)
-    assert float(loss([skewed], k)) > k + 5          # ~N: all load on 2 of 8 experts
+    assert float(loss([skewed], k)) > k + 5  # ~N: all load on 2 of 8 experts
     # Per layer, not pooled: a skewed layer is not hidden by another skewed the other way,
     # which the pooled transformers loss cannot tell from even routing.
     other = torch.full((n_tokens, n_exp), -10.0)
@@ -130,13 +153,18 @@ def test_per_layer_balance_loss_is_k_for_even_routing_and_larger_when_skewed():
 
 def test_balance_phase_options_are_validated_and_parsed():
     spec, _ = train_default_model.parse_args(
-        ["--init-from", "x", "--skip-main", "--balance-minutes", "3", "--balance-aux-coef", "0.05"])
+        ["--init-from", "x", "--skip-main", "--balance-minutes", "3", "--balance-aux-coef", "0.05"]
+    )
     assert spec.skip_main and spec.init_from == Path("x")
     bal = train_default_model.balance_spec(spec.train)
     assert bal.aux_mode == "per-layer" and bal.max_minutes == 3 and bal.min_lr_ratio == 1.0
     assert train_default_model.lr_at(0.9, 100, bal) == pytest.approx(bal.lr)  # constant
-    for argv in (["--skip-main"], ["--balance-aux-coef", "-1"], ["--balance-steps", "-1"],
-                 ["--balance-minutes", "0"], ["--init-from", "x", "--skip-main",
-                                               "--balance-steps", "0"]):
+    for argv in (
+        ["--skip-main"],
+        ["--balance-aux-coef", "-1"],
+        ["--balance-steps", "-1"],
+        ["--balance-minutes", "0"],
+        ["--init-from", "x", "--skip-main", "--balance-steps", "0"],
+    ):
         with pytest.raises(ValueError):
             train_default_model.parse_args(argv)

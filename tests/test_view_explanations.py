@@ -6,48 +6,9 @@ import math
 
 import pytest
 import torch
+from hand_traces import SKEWED, make_layer, make_trace
 
 from moe_viz import views
-from moe_viz.trace import LayerTrace, OutputTrace, Trace
-
-
-def make_layer(index: list[list[int]], num_experts: int, dropped: list[list[bool]] | None = None,
-               probs: torch.Tensor | None = None, layer: int = 0, capacity: list[int] | None = None) -> LayerTrace:  # fmt: skip
-    """A LayerTrace with the given sets; router probs 0.6 / 0.3 on the set, the rest spread evenly."""
-    idx = torch.tensor(index)  # (T, k)
-    T, k = idx.shape
-    if probs is None:
-        probs = torch.full((T, num_experts), (1 - 0.9) / max(num_experts - k, 1))
-        probs.scatter_(1, idx[:, :1], 0.6)
-        if k > 1:
-            probs.scatter_(1, idx[:, 1:2], 0.3)
-    drop = torch.zeros(T, k, dtype=torch.bool) if dropped is None else torch.tensor(dropped)
-    return LayerTrace(
-        layer=layer, num_experts=num_experts, top_k=k, router_logits=probs.log(), router_probs=probs,
-        native_index=idx, native_weights=probs.gather(1, idx), index=idx,
-        weights=probs.gather(1, idx).masked_fill(drop, 0.0), dropped=drop, capacity=capacity,
-    )  # fmt: skip
-
-
-def make_trace(layers: list[LayerTrace], vocab_probs: list[list[float]] | None = None, policy: str = "native",
-               tokens: list[str] | None = None, target: list[float] | None = None) -> Trace:  # fmt: skip
-    T = layers[0].num_tokens
-    vocab = torch.tensor(vocab_probs).log() if vocab_probs is not None else torch.full((T, 4), 0.25).log()
-    top = vocab.topk(min(3, vocab.shape[1]), dim=-1)
-    output = OutputTrace(
-        top_ids=top.indices, top_logprobs=top.values,
-        top_tokens=[[f"w{i}" for i in row] for row in top.indices.tolist()],
-        target_logprob=torch.tensor(target) if target is not None else torch.full((T,), float("nan")),
-        entropy=-(vocab.exp() * vocab).sum(-1), vocab_logprobs=vocab,
-    )  # fmt: skip
-    return Trace(
-        model_id="hand", architecture="hand", policy=policy, device="cpu", dtype="float32", prompt="",
-        token_ids=list(range(T)), tokens=tokens or [f"t{i}" for i in range(T)], step=[0] * T, layers=layers,
-        output=output,
-    )  # fmt: skip
-
-
-SKEWED = [[0, 1], [0, 2], [1, 0], [3, 0]]  # routed load [4, 2, 1, 1]; fair share 2
 
 
 def test_view_load_cites_share_fair_share_and_counterfactual_drops() -> None:
@@ -101,8 +62,12 @@ def test_view_router_distribution_rejects_bad_position() -> None:
 
 def test_view_predictions_cites_top_token_and_actual_next_token() -> None:
     lt = make_layer([[0, 1], [1, 2]], 4)
-    trace = make_trace([lt], vocab_probs=[[0.7, 0.2, 0.1], [0.5, 0.25, 0.25]], tokens=["the", " cat"],
-                       target=[math.log(0.2), float("nan")])  # fmt: skip
+    trace = make_trace(
+        [lt],
+        vocab_probs=[[0.7, 0.2, 0.1], [0.5, 0.25, 0.25]],
+        tokens=["the", " cat"],
+        target=[math.log(0.2), float("nan")],
+    )
     text = views.predictions(trace, 0).explanation
     assert "After `the` (position 0) the model predicts `w0` with 70%, then `w1` 20%, `w2` 10%" in text
     assert "The actual next token `␣cat` got 20%" in text
@@ -147,8 +112,7 @@ def test_view_capacity_of_a_dropless_run_is_counterfactual() -> None:
 def test_view_mode_effect_cites_flips_kl_and_delta() -> None:
     lt = make_layer([[0, 1], [1, 2]], 4)
     ref = make_trace([lt], vocab_probs=[[0.5, 0.5], [0.6, 0.4]], target=[math.log(0.5), float("nan")])
-    oth = make_trace([lt], vocab_probs=[[0.9, 0.1], [0.2, 0.8]], target=[math.log(0.1), float("nan")],
-                     policy="top-k:1")  # fmt: skip
+    oth = make_trace([lt], vocab_probs=[[0.9, 0.1], [0.2, 0.8]], target=[math.log(0.1), float("nan")], policy="top-k:1")
     text = views.mode_effect(ref, oth).explanation
     kl1 = 0.6 * math.log(3) + 0.4 * math.log(0.5)
     kl0 = 0.5 * math.log(25 / 9)
@@ -162,19 +126,26 @@ def test_every_explanation_handles_an_ensemble_trace() -> None:
     lt = make_layer([[0, 1, 2, 3]] * 3, 4, probs=torch.tensor([[0.4, 0.3, 0.2, 0.1]] * 3))
     trace = make_trace([lt], policy="ensemble:gate")
     texts = [
-        views.expert_load(trace, 0).explanation, views.routing_heatmap(trace, 0).explanation, views.coloured_text(trace, 0).explanation,
-        views.router_distribution(trace, 0, 1).explanation, views.predictions(trace).explanation,
-        views.coactivation(trace, 0).explanation, views.reuse(trace, 0).explanation,
-        views.balance_table(trace).explanation, views.layer_load(trace).explanation, views.mode_effect(trace, trace).explanation,
-    ]  # fmt: skip
+        views.expert_load(trace, 0).explanation,
+        views.routing_heatmap(trace, 0).explanation,
+        views.coloured_text(trace, 0).explanation,
+        views.router_distribution(trace, 0, 1).explanation,
+        views.predictions(trace).explanation,
+        views.coactivation(trace, 0).explanation,
+        views.reuse(trace, 0).explanation,
+        views.balance_table(trace).explanation,
+        views.layer_load(trace).explanation,
+        views.mode_effect(trace, trace).explanation,
+    ]
     assert all(isinstance(t, str) and t for t in texts)
     assert "every expert processes every token in this mode" in texts[0]
 
 
 def test_run_summary_names_policy_drops_and_a_fingerprint_that_changes_with_routing():
+    from tiny_models import build
+
     from moe_viz import Capacity, TopK, run_prompt
     from moe_viz.views import run_summary
-    from tiny_models import build
 
     model = build("mixtral")
     capacity = run_prompt(model, "hello routing", Capacity(0.5))
@@ -187,10 +158,10 @@ def test_run_summary_names_policy_drops_and_a_fingerprint_that_changes_with_rout
 
 
 def test_heatmap_explanation_of_a_long_prompt_speaks_of_token_groups_not_dots(monkeypatch):
-    from moe_viz import run_prompt
-    from moe_viz.views import _display, routing
-    from moe_viz.views import token_bins
     from tiny_models import build
+
+    from moe_viz import run_prompt
+    from moe_viz.views import _display, routing, token_bins
 
     monkeypatch.setattr(_display, "BIN_THRESHOLD", 64)  # the tiny model has only 512 positions
     monkeypatch.setattr(_display, "MAX_BINS", 50)

@@ -6,16 +6,13 @@ import dataclasses
 
 import plotly.graph_objects as go
 import pytest
-import torch
+import tiny_models
+from hand_traces import synthetic_trace
 
 import moe_viz
-import tiny_models
 from moe_viz import metrics, views
+from moe_viz.trace import Trace
 from moe_viz.views import _plotly
-from moe_viz.trace import LayerTrace, OutputTrace, Trace
-
-
-
 
 PROMPT = "Hi <script>alert('x')</script> & the quick brown fox."
 
@@ -39,34 +36,6 @@ def native(tiny_model: moe_viz.MoEModel) -> Trace:
 @pytest.fixture(scope="module")
 def capped(tiny_model: moe_viz.MoEModel) -> Trace:
     return moe_viz.run_prompt(tiny_model, PROMPT, moe_viz.Capacity(1.0))
-
-
-def synthetic_trace(T: int, E: int, L: int, k: int = 8, seed: int = 0) -> Trace:
-    """A random trace of the size of a long prompt on a large model (no model run)."""
-    g = torch.Generator().manual_seed(seed)
-    layers = []
-    for i in range(L):
-        logits = torch.randn(T, E, generator=g)  # (T, E)
-        probs = logits.softmax(-1)
-        index = probs.topk(k, dim=-1).indices  # (T, k)
-        dropped = torch.rand(T, k, generator=g) < 0.05
-        layers.append(LayerTrace(
-            layer=i, num_experts=E, top_k=k, router_logits=logits, router_probs=probs, native_index=index,
-            native_weights=probs.gather(1, index), index=index,
-            weights=probs.gather(1, index).masked_fill(dropped, 0), dropped=dropped, capacity=[T * k // E],
-        ))  # fmt: skip
-    V = 50
-    vocab = torch.randn(T, V, generator=g).log_softmax(-1)
-    top = vocab.topk(10, dim=-1)
-    ids = torch.randint(0, V, (T,), generator=g).tolist()
-    output = OutputTrace(
-        top_ids=top.indices, top_logprobs=top.values, top_tokens=[[f"w{j}" for j in r] for r in top.indices.tolist()],
-        target_logprob=torch.randn(T, generator=g), entropy=torch.ones(T), vocab_logprobs=vocab,
-    )  # fmt: skip
-    return Trace(
-        model_id="synthetic", architecture="synthetic", policy="capacity:1:position", device="cpu", dtype="float32",
-        prompt="", token_ids=ids, tokens=[f"w{j} " for j in ids], step=[0] * T, layers=layers, output=output,
-    )  # fmt: skip
 
 
 def all_figures(trace: Trace, other: Trace, layer: int) -> dict[str, go.Figure]:
@@ -155,7 +124,7 @@ def test_router_distribution_marks_chosen_experts(native: Trace) -> None:
     assert {e for e, w in enumerate(widths) if w == 3} == chosen
     assert list(fig.data[0].y) == pytest.approx(native.layer(0).router_probs[2].tolist())
     with pytest.raises(ValueError, match="position must be an integer with"):
-        views.router_distribution(native, 0, 999).figure
+        views.router_distribution(native, 0, 999)
 
 
 def test_predictions_bar_shows_the_top_ten_escaped(native: Trace) -> None:
@@ -201,7 +170,7 @@ def test_token_text_html_escapes_tokens_inside_titles() -> None:
     trace = dataclasses.replace(trace, tokens=['"><script>x</script>', "a", "b", "c"])
     out = views.coloured_text(trace, 0).html
     assert "<script" not in out
-    assert '&quot;&gt;&lt;script&gt;' in out  # in the span text and in the title attribute
+    assert "&quot;&gt;&lt;script&gt;" in out  # in the span text and in the title attribute
     assert 'title="#0 &#x27;&quot;&gt;' in out
 
 

@@ -64,7 +64,9 @@ def test_every_view_holds_one_picture_and_an_explanation(trace, native):
 
 def test_expert_load_text_names_the_tallest_bar(trace):
     view = views.expert_load(trace, LAYER)
-    expert, routed, assignments = _ints(r"Expert (\d+) took \S+ of assignments in layer \d+ \((\d+) of (\d+)\)", view.explanation)
+    expert, routed, assignments = _ints(
+        r"Expert (\d+) took \S+ of assignments in layer \d+ \((\d+) of (\d+)\)", view.explanation
+    )
     stacked = sum(np.asarray(bar["y"], dtype=float) for bar in view.figure.data)  # kept + dropped per expert
     assert int(stacked.argmax()) == expert and int(stacked.max()) == routed
     assert int(stacked.sum()) == assignments
@@ -96,7 +98,7 @@ def test_routing_heatmap_text_counts_the_marks_it_draws(trace):
     if lt.dropped_count:
         (n,) = _ints(r"Crosses mark the (\d+) assignments", view.explanation)
         assert n == marks["dropped"] == lt.dropped_count
-    position, = _ints(r"\(position (\d+)\), giving", view.explanation)
+    (position,) = _ints(r"\(position (\d+)\), giving", view.explanation)
     p, expert = re.search(r"giving (\d\.\d\d) to expert (\d+)", view.explanation).groups()
     z = np.asarray(view.figure.data[0]["z"], dtype=float)  # (E, T)
     assert int(z[:, position].argmax()) == int(expert) and f"{z[:, position].max():.2f}" == p
@@ -104,7 +106,9 @@ def test_routing_heatmap_text_counts_the_marks_it_draws(trace):
 
 def test_coloured_text_names_the_commonest_colour(trace):
     view = views.coloured_text(trace, LAYER)
-    expert, count, total = _ints(r"Expert (\d+) is the most common first choice \((\d+) of (\d+) tokens\)", view.explanation)
+    expert, count, total = _ints(
+        r"Expert (\d+) is the most common first choice \((\d+) of (\d+) tokens\)", view.explanation
+    )
     colour = views.expert_colors(trace.layer(LAYER).num_experts)[expert]
     assert view.html.count(f"background:{colour};") == count + 1  # + its legend chip
     assert view.html.count('class="moe-tok"') == total

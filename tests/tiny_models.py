@@ -36,8 +36,14 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
         "Qwen2MoeConfig",
         dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64),
     ),
-    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)),
-    "olmoe": ("OlmoeConfig", dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, pad_token_id=0, eos_token_id=1)),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
+    ),
+    "olmoe": (
+        "OlmoeConfig",
+        dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, pad_token_id=0, eos_token_id=1),
+    ),
     "flex_olmo": (
         "FlexOlmoConfig",
         dict(num_experts=8, num_experts_per_tok=2, pad_token_id=0, eos_token_id=1, bos_token_id=None),
@@ -114,9 +120,17 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
             head_dim=16,
         ),
     ),
-    "gpt_oss": ("GptOssConfig", dict(num_local_experts=8, num_experts_per_tok=2, head_dim=16, layer_types=["full_attention", "sliding_attention"])),
+    "gpt_oss": (
+        "GptOssConfig",
+        dict(
+            num_local_experts=8, num_experts_per_tok=2, head_dim=16, layer_types=["full_attention", "sliding_attention"]
+        ),
+    ),
     "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=8, num_experts_per_tok=2)),
-    "granitemoeshared": ("GraniteMoeSharedConfig", dict(num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=64)),
+    "granitemoeshared": (
+        "GraniteMoeSharedConfig",
+        dict(num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=64),
+    ),
     "jamba": (
         "JambaConfig",
         dict(
@@ -152,7 +166,13 @@ CAPTURE_ONLY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "llama4_text": (
         "Llama4TextConfig",
-        dict(intermediate_size_mlp=64, num_local_experts=4, num_experts_per_tok=2, head_dim=16, interleave_moe_layer_step=1),
+        dict(
+            intermediate_size_mlp=64,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            head_dim=16,
+            interleave_moe_layer_step=1,
+        ),
     ),
     "jetmoe": ("JetMoeConfig", dict(kv_channels=16, num_local_experts=4, num_experts_per_tok=2)),
 }
@@ -186,7 +206,9 @@ def _redraw_routers(model: nn.Module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if any(part in name for part in (".gate.weight", ".router.weight", ".gate.wg.weight", ".router.layer.weight")):
+            if any(
+                part in name for part in (".gate.weight", ".router.weight", ".gate.wg.weight", ".router.layer.weight")
+            ):
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
         biases = [*model.named_buffers(), *model.named_parameters()]
         for name, tensor in biases:

@@ -7,11 +7,10 @@ import math
 import pandas as pd
 import streamlit as st
 
-from moe_viz import Policy, Trace, metrics, parse_policy, policy_spec, views
-from moe_viz.policies import POLICY_SYNTAX
-
 from app.resources import config, get_generation, get_trace, has_generation
 from app.ui import downloads, prompt_form, require_model, show, shows_errors, start_figures
+from moe_viz import Policy, Trace, metrics, parse_policy, policy_spec, views
+from moe_viz.policies import POLICY_SYNTAX
 
 POLICY_HELP = f"Write {POLICY_SYNTAX}."
 
@@ -26,9 +25,7 @@ defaults = [f"top-k:{model.top_k}", "capacity:1.0", "ensemble:gate"]
 with st.form("compare_policies"):
     st.markdown(f"Policies to compare with the model's own routing (leave the third empty for two). {POLICY_HELP}")
     cols = st.columns(3)
-    specs = [
-        cols[i].text_input(f"Policy {i + 1}", value=defaults[i], key=f"compare_policy_{i}") for i in range(3)
-    ]
+    specs = [cols[i].text_input(f"Policy {i + 1}", value=defaults[i], key=f"compare_policy_{i}") for i in range(3)]
     st.form_submit_button("Compare", type="primary")
 
 with shows_errors():  # the prompt's own errors (empty, too long) once, before any policy
@@ -70,7 +67,11 @@ for col, trace in zip(cols, traces):
         st.metric("Dropped assignments (all layers)", dropped)
         st.metric(f"Dropped in layer {layer}", trace.layer(layer).dropped_count)
         if effect is not None:
-            st.metric("Top-1 flips vs native", f"{effect.flip_rate:.0%}", help="Positions whose most likely next token changed.")
+            st.metric(
+                "Top-1 flips vs native",
+                f"{effect.flip_rate:.0%}",
+                help="Positions whose most likely next token changed.",
+            )
             st.metric("Mean KL(native ‖ mode)", f"{effect.mean_kl:.3g} nats")
             delta = effect.mean_delta_logprob
             st.metric("Δ log p(actual next token)", "n/a" if math.isnan(delta) else f"{delta:+.3f}")
@@ -115,7 +116,9 @@ if generate_now or all(has_generation(model, prompt, p, new_tokens) for _, p in 
                     prompt,
                     policy,
                     new_tokens,
-                    progress=lambda done, total, bar=bar, spec=spec: bar.progress(done / total, text=f"{spec}: {done}/{total} tokens"),
+                    progress=lambda done, total, bar=bar, spec=spec: bar.progress(
+                        done / total, text=f"{spec}: {done}/{total} tokens"
+                    ),
                 )
             bar.progress(1.0, text=f"{len(result.new_token_ids)} new tokens")
             st.code(prompt + result.text, language=None, wrap_lines=True)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from moe_viz import views
-
 from app.resources import Keys, display_name
 from app.ui import downloads, show, traced_page
+from moe_viz import views
 
 model, layer, trace = traced_page("Explore routing", "explore")
 lt = trace.layer(layer)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from moe_viz import Capacity, Ensemble, TopK, metrics, views
-
 from app.resources import Keys, get_trace
 from app.ui import prompt_form, require_model, show, shows_errors, start_figures
+from moe_viz import Capacity, Ensemble, TopK, metrics, views
 
 st.title("Learn: how a Mixture-of-Experts layer routes tokens")
 ctx = require_model()
@@ -72,7 +71,12 @@ def section_top_k() -> None:
         except ValueError:
             flip, kl = "n/a", "n/a"
         rows.append(
-            {"k (experts run per token)": kk, "share of expert compute": f"{kk / E:.0%}", "top-1 flips vs native": flip, "mean KL (nats)": kl}
+            {
+                "k (experts run per token)": kk,
+                "share of expert compute": f"{kk / E:.0%}",
+                "top-1 flips vs native": flip,
+                "mean KL (nats)": kl,
+            }
         )
     st.table(pd.DataFrame(rows).set_index("k (experts run per token)"))
     st.markdown(

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from moe_viz import metrics, views
-
 from app.ui import downloads, show, traced_page
+from moe_viz import metrics, views
 
 model, layer, trace = traced_page("Load balance", "balance")
 b = metrics.balance(trace.layer(layer))
@@ -22,8 +21,10 @@ cards = views.metric_cards(trace, layer)
 for row in range(0, len(cards), 6):
     for col, card in zip(st.columns(6), cards[row : row + 6]):
         col.metric(card.label, card.value, help=card.help)
-st.caption("Imbalance metrics use the routed load (kept + dropped); hover a number for its definition and its value "
-           "under perfectly even routing.")
+st.caption(
+    "Imbalance metrics use the routed load (kept + dropped); hover a number for its definition and its value "
+    "under perfectly even routing."
+)
 
 for view in views.balance_views(trace, layer):
     show(view, key=f"balance_{view.name}")

@@ -23,7 +23,18 @@ CELL_TEXT_LIMIT = 300  # heatmaps with more cells carry no per-cell text
 TICK_TEXT_LIMIT = 64  # tokens up to which the token axis shows the token text
 
 OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000"]
-TOL_MUTED = ["#CC6677", "#332288", "#DDCC77", "#117733", "#88CCEE", "#882255", "#44AA99", "#999933", "#AA4499", "#DDDDDD"]
+TOL_MUTED = [
+    "#CC6677",
+    "#332288",
+    "#DDCC77",
+    "#117733",
+    "#88CCEE",
+    "#882255",
+    "#44AA99",
+    "#999933",
+    "#AA4499",
+    "#DDDDDD",
+]
 SEQUENTIAL = "Cividis"
 DROPPED_COLOR = "#D55E00"  # vermillion
 KEPT_MARK_COLOR = "#FFFFFF"
@@ -123,9 +134,17 @@ class FigureBuilder:
         if annotation_text is not None:
             right = annotation_position.endswith("right")
             self.layout.setdefault("annotations", []).append(
-                {"text": annotation_text, "showarrow": False, "xref": "x domain", "x": 1 if right else 0,
-                 "xanchor": "right" if right else "left", "yref": "y", "y": y, "yanchor": "bottom"}
-            )  # fmt: skip
+                {
+                    "text": annotation_text,
+                    "showarrow": False,
+                    "xref": "x domain",
+                    "x": 1 if right else 0,
+                    "xanchor": "right" if right else "left",
+                    "yref": "y",
+                    "y": y,
+                    "yanchor": "bottom",
+                }
+            )
 
 
 def wrap(text: str, width: int) -> list[str]:
@@ -146,12 +165,17 @@ def finish(fig: FigureBuilder | go.Figure, width: int = 72) -> go.Figure:
         text = fig.layout.title.text
         if text and len(text) > width and "<br>" not in text:
             lines = wrap(text, width)
-            fig.update_layout(title={"text": "<br>".join(lines), "font": {"size": 13}}, margin={"t": 40 + 18 * len(lines)})
+            fig.update_layout(
+                title={"text": "<br>".join(lines), "font": {"size": 13}}, margin={"t": 40 + 18 * len(lines)}
+            )
         return fig
     text = fig.layout.get("title", {}).get("text")
     if text and len(text) > width and "<br>" not in text:
         lines = wrap(text, width)
-        merge(fig.layout, {"title": {"text": "<br>".join(lines), "font": {"size": 13}}, "margin": {"t": 40 + 18 * len(lines)}})
+        merge(
+            fig.layout,
+            {"title": {"text": "<br>".join(lines), "font": {"size": 13}}, "margin": {"t": 40 + 18 * len(lines)}},
+        )
     return go.Figure({"data": fig.data, "layout": fig.layout}, _validate=VALIDATE)
 
 
@@ -167,9 +191,13 @@ def token_axis(fig: go.Figure, trace: Trace, size: int, row: int | None = None, 
     T = trace.num_tokens
     if size == 1 and T <= TICK_TEXT_LIMIT:
         fig.update_xaxes(
-            tickmode="array", tickvals=list(range(T)), ticktext=[display_token(t) for t in trace.tokens],
-            tickangle=-60, title_text="token", **kwargs,
-        )  # fmt: skip
+            tickmode="array",
+            tickvals=list(range(T)),
+            ticktext=[display_token(t) for t in trace.tokens],
+            tickangle=-60,
+            title_text="token",
+            **kwargs,
+        )
     else:
         title = "token position" if size == 1 else f"token position (bins of {size})"
         fig.update_xaxes(title_text=title, **kwargs)
@@ -191,3 +219,14 @@ def expert_axis(fig: go.Figure, E: int, axis: str = "y") -> None:
         update(title_text="expert")
 
 
+def line_trace(x: np.ndarray, y: torch.Tensor, name: str, color: str, hover: str) -> dict[str, Any]:
+    """A line of ``y`` over ``x`` (WebGL when long); ``hover`` is the hover template's text."""
+    return plotly_trace(
+        scatter(len(x)),
+        x=x,
+        y=f32(y),
+        mode="lines",
+        name=name,
+        line={"color": color},
+        hovertemplate=hover + "<extra></extra>",
+    )

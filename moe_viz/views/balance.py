@@ -22,8 +22,8 @@ from ._plotly import (
     expert_colors,
     f32,
     finish,
+    line_trace,
     plotly_trace,
-    scatter,
 )
 from ._view import View
 
@@ -48,7 +48,7 @@ def _capacity_sentence(trace: Trace, layer: int, b: metrics.Balance) -> str:
     if b.k >= lt.num_experts:
         return "; every expert processes every token in this mode, so the load is perfectly even."
     check = metrics.capacity_check(lt, COUNTERFACTUAL_FACTOR)
-    basis = "the model's own top-{k} routing of these tokens".format(k=lt.top_k)
+    basis = f"the model's own top-{lt.top_k} routing of these tokens"
     return (
         f". At capacity factor {COUNTERFACTUAL_FACTOR:.1f} (C = {check.capacity} per expert), counted on {basis}, "
         f"expert {e} would drop {int(check.overflow[e])} of {int(check.load[e])}, and the layer {check.dropped} of "
@@ -236,9 +236,7 @@ def balance_table(trace: Trace) -> View:
     )
     dropped = int(all_row["dropped"])
     if any(lt.capacity for lt in trace.layers) or dropped:
-        text += (
-            f" {dropped} of {int(all_row['assignments'])} assignments were dropped ({pct(float(all_row['drop_rate']))})."
-        )
+        text += f" {dropped} of {int(all_row['assignments'])} assignments were dropped ({pct(float(all_row['drop_rate']))})."
     return View("balance_table", "All layers", text, table=shown)
 
 
@@ -260,7 +258,7 @@ def metric_cards(trace: Trace, layer: int) -> list[Card]:
         "cv": f"{b.cv:.3f}",
         "max_vio": f"{b.max_vio:.3f}",
         "load_entropy_norm": f"{b.load_entropy_norm:.3f}",
-        "effective_experts": f"{b.effective_experts:.2f}",
+        "effective_experts": f"{b.effective_experts:.2f} / {E}",
         "gini": f"{b.gini:.3f}",
         "dead_fraction": f"{b.dead_fraction:.1%}",
         "max_share": f"{b.max_share:.1%}",
@@ -274,7 +272,7 @@ def metric_cards(trace: Trace, layer: int) -> list[Card]:
     cards = []
     for name, value in values.items():
         m = metrics.METRIC_BY_NAME[name]
-        label = m.label + (f" (of {E})" if name == "effective_experts" else "")
+        label = m.label
         ideal = balanced.get(m.balanced, m.balanced)
         cards.append(Card(label, value, f"{m.definition}. Perfectly even routing: {ideal}."))
     return cards
@@ -290,27 +288,9 @@ def router_confidence(trace: Trace, layer: int) -> View:
     T = trace.num_tokens
     pos = np.arange(T)
     fig = FigureBuilder(
-        plotly_trace(
-            scatter(T),
-            x=pos,
-            y=f32(entropy),
-            mode="lines",
-            name="router entropy (÷ log E)",
-            line={"color": "#0072B2"},
-            hovertemplate="position %{x}: entropy %{y:.3f}<extra></extra>",
-        )
+        line_trace(pos, entropy, "router entropy (÷ log E)", "#0072B2", "position %{x}: entropy %{y:.3f}")
     )
-    fig.add_trace(
-        plotly_trace(
-            scatter(T),
-            x=pos,
-            y=f32(margin),
-            mode="lines",
-            name=f"top-{lt.top_k} margin",
-            line={"color": "#E69F00"},
-            hovertemplate="position %{x}: margin %{y:.3f}<extra></extra>",
-        )
-    )
+    fig.add_trace(line_trace(pos, margin, f"top-{lt.top_k} margin", "#E69F00", "position %{x}: margin %{y:.3f}"))
     fig.update_layout(
         title={"text": f"Router confidence per token, layer {layer} ({trace.policy})"},
         xaxis_title="token position",

@@ -22,6 +22,7 @@ from ._plotly import (
     expert_axis,
     f32,
     finish,
+    line_trace,
     plotly_trace,
     scatter,
     token_axis,
@@ -35,30 +36,40 @@ def mode_effect(reference: Trace, other: Trace) -> View:
     e = metrics.mode_effect(reference, other)
     T = reference.num_tokens
     pos = np.arange(T)
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
-                        subplot_titles=("KL(reference ‖ other), nats", "Δ log p(actual next token)"))  
-    line = scatter(T)
-    fig.add_trace(plotly_trace(line, x=pos, y=f32(e.kl), mode="lines", name="KL", line={"color": "#0072B2"},
-                       hovertemplate="position %{x}: KL %{y:.4f}<extra></extra>"), row=1, col=1)  
+    fig = make_subplots(
+        rows=2,
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.08,
+        subplot_titles=("KL(reference ‖ other), nats", "Δ log p(actual next token)"),
+    )
+    fig.add_trace(line_trace(pos, e.kl, "KL", "#0072B2", "position %{x}: KL %{y:.4f}"), row=1, col=1)
     flips = np.asarray(e.flipped_positions, dtype=np.int64)
     fig.add_trace(
         plotly_trace(
-                    scatter(len(flips)),
-            x=flips, y=f32(e.kl[flips]) if len(flips) else np.zeros(0, dtype=np.float32), mode="markers",
-            name="top-1 flip", marker={"symbol": "x", "size": 9, "color": FLIP_COLOR},
+            scatter(len(flips)),
+            x=flips,
+            y=f32(e.kl[flips]) if len(flips) else np.zeros(0, dtype=np.float32),
+            mode="markers",
+            name="top-1 flip",
+            marker={"symbol": "x", "size": 9, "color": FLIP_COLOR},
             hovertemplate="position %{x}: top-1 prediction changed<extra></extra>",
         ),
-        row=1, col=1,
-    )  
-    fig.add_trace(plotly_trace(line, x=pos, y=f32(e.delta_logprob), mode="lines", name="Δ log p", line={"color": "#009E73"},
-                       hovertemplate="position %{x}: Δ %{y:.3f}<extra></extra>"), row=2, col=1)  
+        row=1,
+        col=1,
+    )
+    delta = line_trace(pos, e.delta_logprob, "Δ log p", "#009E73", "position %{x}: Δ %{y:.3f}")
+    fig.add_trace(delta, row=2, col=1)
     fig.add_hline(y=0, line={"color": "#999999", "width": 1}, row=2, col=1)
     fig.update_layout(
-        title={"text": f"Effect of {other.policy} against {reference.policy}: mean KL {e.mean_kl:.4f}, "
-                       f"top-1 flips {len(e.flipped_positions)}/{T} ({e.flip_rate:.0%})"
-                       + (" — WebGL" if T > WEBGL_THRESHOLD else "")},
-        legend={"orientation": "h", "y": -0.15}, plot_bgcolor="#FFFFFF",
-    )  
+        title={
+            "text": f"Effect of {other.policy} against {reference.policy}: mean KL {e.mean_kl:.4f}, "
+            f"top-1 flips {len(e.flipped_positions)}/{T} ({e.flip_rate:.0%})"
+            + (" — WebGL" if T > WEBGL_THRESHOLD else "")
+        },
+        legend={"orientation": "h", "y": -0.15},
+        plot_bgcolor="#FFFFFF",
+    )
     token_axis(fig, reference, 1, row=2, col=1)
     t = int(e.kl.argmax()) if T else 0
     text = (
@@ -100,11 +111,15 @@ def routing_diff(reference: Trace, other: Trace, layer: int) -> View:
         fig = FigureBuilder(
             plotly_trace(
                 go.Heatmap,
-                z=code.t().numpy().astype(np.int8), x=np.arange(T), y=np.arange(E), colorscale=scale,
-                zmin=-0.5, zmax=n - 0.5,
+                z=code.t().numpy().astype(np.int8),
+                x=np.arange(T),
+                y=np.arange(E),
+                colorscale=scale,
+                zmin=-0.5,
+                zmax=n - 0.5,
                 colorbar={"tickvals": list(range(n)), "ticktext": list(DIFF_LABELS), "title": {"text": ""}},
                 hovertemplate="position %{x}, expert %{y}: %{z}<extra></extra>",
-            )  
+            )
         )
         oth = other.layer(layer)
         pos = torch.arange(T).unsqueeze(1).expand_as(oth.index)
@@ -112,11 +127,13 @@ def routing_diff(reference: Trace, other: Trace, layer: int) -> View:
             fig.add_trace(
                 plotly_trace(
                     scatter(oth.dropped_count),
-                    x=pos[oth.dropped].numpy(), y=oth.index[oth.dropped].numpy(), mode="markers",
+                    x=pos[oth.dropped].numpy(),
+                    y=oth.index[oth.dropped].numpy(),
+                    mode="markers",
                     name=f"dropped in {other.policy}",
                     marker={"symbol": "x", "size": 8, "color": DROPPED_COLOR, "line": {"width": 1, "color": "#000000"}},
                     hovertemplate="position %{x}: expert %{y} dropped<extra></extra>",
-                )  
+                )
             )
     else:
         differs = (d.reference_sets != d.other_sets).double()  # (T, E)
@@ -124,16 +141,24 @@ def routing_diff(reference: Trace, other: Trace, layer: int) -> View:
         fig = FigureBuilder(
             plotly_trace(
                 go.Heatmap,
-                z=f32(share.t()), x=np.arange(share.shape[0]) * size, y=np.arange(E), colorscale=SEQUENTIAL,
-                zmin=0.0, zmax=1.0, colorbar={"title": {"text": "share changed"}},
+                z=f32(share.t()),
+                x=np.arange(share.shape[0]) * size,
+                y=np.arange(E),
+                colorscale=SEQUENTIAL,
+                zmin=0.0,
+                zmax=1.0,
+                colorbar={"title": {"text": "share changed"}},
                 hovertemplate="bin from %{x}, expert %{y}: %{z:.2f} of tokens changed<extra></extra>",
-            )  
+            )
         )
     fig.update_layout(
-        title={"text": f"Routing difference at layer {layer}: {reference.policy} (reference) vs {other.policy}; "
-                       f"{d.num_changed}/{T} tokens changed" + bin_note(size, T)},
-        legend={"orientation": "h", "y": -0.25}, plot_bgcolor="#FFFFFF",
-    )  
+        title={
+            "text": f"Routing difference at layer {layer}: {reference.policy} (reference) vs {other.policy}; "
+            f"{d.num_changed}/{T} tokens changed" + bin_note(size, T)
+        },
+        legend={"orientation": "h", "y": -0.25},
+        plot_bgcolor="#FFFFFF",
+    )
     token_axis(fig, reference, size)
     expert_axis(fig, E)
     gained, lost = int(d.added.sum()), int(d.removed.sum())
@@ -143,8 +168,10 @@ def routing_diff(reference: Trace, other: Trace, layer: int) -> View:
         f"under `{reference.policy}` in layer {layer}: {gained} expert assignments gained and {lost} lost"
     )
     if dropped:
-        text += f" ({dropped} of the losses are assignments dropped for lack of capacity)" if dropped <= lost else (
-            f"; {dropped} assignments were dropped for lack of capacity"
+        text += (
+            f" ({dropped} of the losses are assignments dropped for lack of capacity)"
+            if dropped <= lost
+            else (f"; {dropped} assignments were dropped for lack of capacity")
         )
     text += "."
     return View("routing_diff", f"Routing diff, {other.policy}, layer {layer}", text, figure=finish(fig))
