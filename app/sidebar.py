@@ -29,9 +29,10 @@ CONTEXT_KEY = "_page_context"
 MODE_HELP = {
     "top-k": "Each token goes to its k highest-scoring experts; their outputs are mixed with the gate weights.",
     "capacity": "Top-k, but each expert takes at most C = ceil(factor × T × k / E) assignments; the rest are "
-    "dropped (the token rides the residual path).",
-    "ensemble": "Every expert runs for every token, weighted by the full router distribution (gate) or equally "
-    "(uniform).",
+    "dropped. A token keeps its other experts; one that loses all of them rides the residual path (plus the shared "
+    "expert, on models that have one).",
+    "ensemble": "Every expert runs for every token, weighted by the router's own weight rule over all experts (gate) "
+    "or equally (uniform: the model's scaling / E each).",
 }
 
 
@@ -157,7 +158,7 @@ def _mode_section(model: MoEModel) -> None:
             PRIORITIES,
             key=Keys.PRIORITY,
             horizontal=True,
-            format_func=lambda p: "token position" if p == "position" else "router probability",
+            format_func=lambda p: "token position" if p == "position" else "gate weight",
         )
     if mode == "ensemble":
         st.radio(
@@ -165,7 +166,7 @@ def _mode_section(model: MoEModel) -> None:
             WEIGHTINGS,
             key=Keys.WEIGHTING,
             horizontal=True,
-            format_func=lambda w: "gate (router softmax)" if w == "gate" else "uniform (1/E)",
+            format_func=lambda w: "gate (the router's weights)" if w == "gate" else "uniform (equal weights)",
         )
 
 

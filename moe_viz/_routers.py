@@ -13,7 +13,7 @@ other policies, never silently computing something wrong.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -79,6 +79,7 @@ class RouterSite:
     layer: int
     spec: RouterSpec
     router_class: str
+    shared_expert: bool = False  # the decoder layer also has a shared expert that every token runs through
 
 
 # Router classes whose maths we reproduce, by family. Names are transformers 5.x class names.
@@ -205,14 +206,23 @@ def find_routers(model: nn.Module) -> list[tuple[nn.Module, RouterSite]]:
     config = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     found: list[tuple[nn.Module, RouterSite]] = []
+    shared: set[str] = set()  # decoder-layer paths ("model.layers.3") that hold a shared expert
     for path, module in model.named_modules():
+        name = path.rsplit(".", 1)[-1]
+        match = _LAYER.search(path + ".")
+        if match and name.startswith("shared") and not name.endswith("_gate"):
+            shared.add(path[: match.end() - 1])  # shared_expert(s), shared_mlp: every token runs it
         if ".self_attention." in path or ".attention." in path:
             continue  # mixture-of-attention routers (JetMoE) pick attention heads, not FFN experts
         spec = spec_for(module, text_config)
         if spec is None:
             continue
-        match = _LAYER.search(path + ".")
         layer = int(match.group(1)) if match else len(found)
-        found.append((module, RouterSite(path=path, layer=layer, spec=spec, router_class=type(module).__name__)))
+        site = RouterSite(path=path, layer=layer, spec=spec, router_class=type(module).__name__)
+        found.append((module, site))
+    found = [
+        (module, replace(site, shared_expert=any(site.path.startswith(prefix + ".") for prefix in shared)))
+        for module, site in found
+    ]
     found.sort(key=lambda item: item[1].layer)
     return found

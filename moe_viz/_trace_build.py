@@ -83,6 +83,10 @@ def _layer_trace(model: MoEModel, layer: int, parts: list[tuple[LayerCall, Rows,
         dropped=dropped,
         capacity=capacity or None,
         capture_only=not spec.substitutable,
+        router_family=spec.family,
+        selection_bias=spec.bias_path is not None,
+        group_limited=spec.group_limit is not None,
+        shared_expert=site.shared_expert,
     )
 
 

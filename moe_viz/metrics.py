@@ -6,12 +6,15 @@ Conventions used throughout (they are also listed in ``CONVENTIONS`` and on ``ba
   kept plus dropped (k' = the applied k; E for ensemble). The **fair share** of one expert is
   assignments / E.
 * **Load** is what each expert actually processed (kept assignments). The imbalance metrics (CV,
-  MaxVio, load entropy, Gini, dead fraction, max share) use the **routed** load (kept + dropped),
-  i.e. what the router asked for; a capacity limit then clips it, which the drop counts report.
+  MaxVio, load entropy, Gini, dead fraction, max share, busiest expert) use this **processed**
+  load under the run's own policy (the applied routing); what a capacity limit dropped is
+  reported by the drop counts, and the routed load (kept + dropped) stays available as ``routed``.
 * The **HF aux loss** is transformers' ``load_balancing_loss_func``: E * sum_i f_i P_i with f the
   share of tokens whose softmax top-k (native k) contains i and P the mean softmax probability;
-  its uniform optimum is k. The **normalised** aux loss divides by k (optimum 1, Switch/Megatron).
-  Over several layers, f and P are pooled over all layers' tokens (as transformers does).
+  it is the training-time definition, so it is computed on the native top-k whatever the run's
+  policy. Under perfectly even routing it equals k (not a minimum: it can go lower). The
+  **normalised** aux loss divides by k (1 under even routing; Switch/Megatron). Over several
+  layers, f and P are pooled over all layers' tokens (as transformers does).
 * The **z-loss** is mean_t (logsumexp_j z_tj)^2 over the router logits (ST-MoE).
 * Entropies are in nats; normalised entropies divide by log E.
 """
@@ -44,10 +47,10 @@ class MetricDefinition:
 
 
 METRICS: tuple[MetricDefinition, ...] = (
-    MetricDefinition("cv", "CV", "population std of the routed load per expert / its mean", "0"),
-    MetricDefinition("max_vio", "MaxVio", "busiest expert's routed load / the mean load − 1", "0"),
-    MetricDefinition("load_entropy", "Load entropy", "H(routed load shares), nats", "log E"),
-    MetricDefinition("load_entropy_norm", "Load entropy (norm.)", "H(routed load shares) / log E", "1"),
+    MetricDefinition("cv", "CV", "population std of the processed load per expert / its mean", "0"),
+    MetricDefinition("max_vio", "MaxVio", "busiest expert's processed load / the mean load − 1", "0"),
+    MetricDefinition("load_entropy", "Load entropy", "H(processed load shares), nats", "log E"),
+    MetricDefinition("load_entropy_norm", "Load entropy (norm.)", "H(processed load shares) / log E", "1"),
     MetricDefinition(
         "effective_experts", "Effective experts", "exp(H): how many equally used experts behave alike", "E"
     ),
@@ -55,13 +58,14 @@ METRICS: tuple[MetricDefinition, ...] = (
     MetricDefinition(
         "gini", "Gini", "Σ_i (2i − E − 1) c_(i) / (E Σ c), loads sorted ascending; at most (E − 1)/E", "0"
     ),
-    MetricDefinition("dead_fraction", "Dead experts", "share of experts with routed load 0", "0"),
-    MetricDefinition("max_share", "Max share", "busiest expert's routed load / assignments", "1/E"),
+    MetricDefinition("dead_fraction", "Dead experts", "share of experts that processed no token", "0"),
+    MetricDefinition("max_share", "Max share", "busiest expert's processed load / all processed assignments", "1/E"),
     MetricDefinition(
         "aux_loss_hf",
         "Aux loss (HF)",
         "transformers' load_balancing_loss_func: E · Σ_i f_i P_i, f = share of tokens whose softmax top-k "
-        "(native k) holds i, P = mean softmax probability",
+        "(native k) holds i, P = mean softmax probability; the training-time definition, so always on the native "
+        "routing whatever the mode; even routing gives k, which is not a minimum",
         "k",
     ),
     MetricDefinition("aux_loss_norm", "Aux loss (normalised)", "aux_loss_hf / k (Switch / Megatron convention)", "1"),
@@ -78,7 +82,10 @@ CONVENTIONS: dict[str, str] = {
     "assignments": "(token, expert) pairs the policy routed, kept + dropped (T * k')",
     "fair_share": "assignments / E",
     "load": "kept assignments per expert (what each expert processed)",
-    "imbalance": "cv, max_vio, load entropy, gini, dead_fraction, max_share use the routed load (kept + dropped)",
+    "imbalance": "cv, max_vio, load entropy, gini, dead_fraction, max_share, busiest_expert use the load each "
+    "expert processed under the run's policy (kept assignments; dropped ones were never processed)",
+    "aux_loss": "aux_loss_hf / aux_loss_norm are the training-time definition: always on the router's own softmax "
+    "top-k at the native k, whatever the run's policy",
     **{m.name: f"{m.definition}; perfect balance: {m.balanced}" for m in METRICS},
     "all_row": "the 'all' row: sums for counts, pooled aux loss, mean over layers for the other ratios",
 }
@@ -253,7 +260,10 @@ def balance(layer: LayerTrace) -> Balance:
     routed = expert_load(layer, "routed")  # (E,)
     kept = layer.load()  # (E,)
     assignments = int(routed.sum())
-    h = float(entropy(load_shares(routed))) if assignments else 0.0
+    processed = int(kept.sum())
+    # Imbalance is measured on the applied routing: the load each expert processed (kept). Under a
+    # capacity limit a dropped assignment was asked for but never processed; the drop counts report it.
+    h = float(entropy(load_shares(kept))) if processed else 0.0
     per_token_dropped = layer.dropped.sum(dim=1)  # (T,)
     dropped = int(per_token_dropped.sum())
     aux = aux_loss_hf(layer.router_logits, layer.top_k) if T else float("nan")
@@ -266,16 +276,16 @@ def balance(layer: LayerTrace) -> Balance:
         routed=routed,
         assignments=assignments,
         fair_share=assignments / E,
-        cv=cv(routed),
-        max_vio=max_vio(routed),
+        cv=cv(kept),
+        max_vio=max_vio(kept),
         load_entropy=h,
         load_entropy_norm=h / math.log(E) if E > 1 else 1.0,
         effective_experts=math.exp(h),
         diversity=math.exp(h) / E,
-        gini=gini(routed),
-        dead_fraction=float((routed == 0).double().mean()),
-        max_share=float(routed.max()) / assignments if assignments else 0.0,
-        busiest_expert=int(routed.argmax()),
+        gini=gini(kept),
+        dead_fraction=float((kept == 0).double().mean()),
+        max_share=float(kept.max()) / processed if processed else 0.0,
+        busiest_expert=int(kept.argmax()),
         aux_loss_hf=aux,
         aux_loss_norm=aux / layer.top_k,
         z_loss=z_loss(layer.router_logits),
@@ -462,7 +472,12 @@ class Coactivation:
     baseline: float  # (k - 1) / (E - 1): A under independent uniform routing
     k: int
     which: str
-    top_pair: tuple[int, int, float] | None  # (a, b, A[a, b]) with the largest A off the diagonal
+    top_pair: tuple[int, int, float] | None  # (a, b, A[a, b]): the largest A among well-used experts a
+    min_tokens: int = 1  # tokens an expert a needed to be considered for ``top_pair``
+
+
+COACTIVATION_MIN_TOKENS = 3  # an expert needs this many tokens (and COACTIVATION_MIN_SHARE of them)
+COACTIVATION_MIN_SHARE = 0.05  # before its co-activation share is cited as the strongest pair
 
 
 def coactivation(layer: LayerTrace, which: SetKind = "routed") -> Coactivation:
@@ -476,11 +491,17 @@ def coactivation(layer: LayerTrace, which: SetKind = "routed") -> Coactivation:
     matrix = matrix.where(per_expert.unsqueeze(1) > 0, torch.full((), float("nan"), dtype=torch.float64))
     matrix.fill_diagonal_(float("nan"))
     k = int(layer.native_index.shape[1]) if which == "native" else int(layer.index.shape[1])
-    off = matrix.nan_to_num(-1.0)
+    # The pair to cite: highest share among experts a with enough tokens that the share means
+    # something (a share of 1 of 1 token is 100% and says nothing); ties go to the larger count.
+    support = max(COACTIVATION_MIN_TOKENS, math.ceil(COACTIVATION_MIN_SHARE * layer.num_tokens))
+    if not bool((per_expert >= support).any()):
+        support = 1
+    eligible = (per_expert >= support).unsqueeze(1).expand(E, E)  # (E, E) rows with enough tokens
+    score = matrix.nan_to_num(-1.0).masked_fill(~eligible, -1.0) + counts.double() * 1e-9  # (E, E)
     top_pair = None
-    if E > 1 and float(off.max()) >= 0:
-        flat = int(off.argmax())
-        top_pair = (flat // E, flat % E, float(off.reshape(-1)[flat]))
+    if E > 1 and float(score.max()) >= 0:
+        flat = int(score.argmax())
+        top_pair = (flat // E, flat % E, float(matrix.reshape(-1)[flat]))
     return Coactivation(
         matrix=matrix.float(),
         counts=counts,
@@ -488,6 +509,7 @@ def coactivation(layer: LayerTrace, which: SetKind = "routed") -> Coactivation:
         k=k,
         which=which,
         top_pair=top_pair,
+        min_tokens=support,
     )
 
 

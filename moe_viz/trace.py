@@ -34,6 +34,31 @@ class LayerTrace:
     dropped: torch.Tensor  # (T, k') bool
     capacity: list[int] | None = None  # per forward step (capacity policy only)
     capture_only: bool = False
+    # How this layer's router works, so explanations can say what its numbers mean:
+    router_family: str = "softmax"  # softmax | topk_softmax (top-k of logits, then softmax) | sigmoid | capture
+    selection_bias: bool = False  # a bias added to the scores for choosing only (DeepSeek-V3 style)
+    group_limited: bool = False  # experts are chosen only inside each token's best groups
+    shared_expert: bool = False  # a shared expert runs for every token beside the routed ones
+
+    @property
+    def score_name(self) -> str:
+        """What ``router_probs`` holds: 'probability' (a softmax over experts) or 'score' (sigmoid)."""
+        return "score" if self.router_family == "sigmoid" else "probability"
+
+    @property
+    def scores_decide(self) -> bool:
+        """True when the k highest ``router_probs`` are exactly the experts the router picks at its
+        own k (no selection bias, no group limit, not capture-only)."""
+        return not (self.selection_bias or self.group_limited or self.capture_only)
+
+    @property
+    def applied_k(self) -> int:
+        """Experts each token was routed to in this run (k'; E when every expert runs)."""
+        return int(self.index.shape[1])
+
+    @property
+    def every_expert_runs(self) -> bool:
+        return self.applied_k >= self.num_experts
 
     @property
     def num_tokens(self) -> int:

@@ -7,6 +7,7 @@ Schema ``moe-viz/trace`` version 1 (JSON; Parquet stores the same content, see `
  "meta": {model_id, architecture, policy, device, dtype, prompt, generated_text, timings_ms},
  "tokens": {"ids": [T], "text": [T], "step": [T]},      # step 0 = prompt (prefill), s = decode step s
  "layers": [{"layer", "num_experts", "top_k", "capture_only", "capacity": [steps] | null,
+             "router_family", "selection_bias", "group_limited", "shared_expert",  # optional
              "router_logits": [T][E], "router_probs": [T][E],
              "native_index": [T][k], "native_weights": [T][k],
              "index": [T][k'], "weights": [T][k'], "dropped": [T][k']}],
@@ -102,6 +103,7 @@ def to_dict(trace: Trace, include_vocab: bool = False) -> dict[str, Any]:
                 "num_experts": lt.num_experts,
                 "top_k": lt.top_k,
                 "capture_only": lt.capture_only,
+                **{name: getattr(lt, name) for name in _ROUTER_FACTS},
                 "capacity": lt.capacity,
                 **{name: getattr(lt, name).tolist() for name in _LAYER_ARRAYS},
             }
@@ -131,6 +133,7 @@ def from_dict(data: dict[str, Any]) -> Trace:
             num_experts=item["num_experts"],
             top_k=item["top_k"],
             capture_only=item["capture_only"],
+            **{name: item.get(name, default) for name, default in _ROUTER_FACTS.items()},
             capacity=item["capacity"],
             **{name: torch.tensor(item[name], dtype=dtype) for name, dtype in _LAYER_ARRAYS.items()},
         )
@@ -236,6 +239,14 @@ def load_parquet(path: str | Path) -> Trace:
     data["output"]["vocab_logprobs"] = cols.get("output.vocab_logprobs")
     return from_dict(data)
 
+
+# How a layer's router works (added within schema 1; files without them read as a plain softmax router).
+_ROUTER_FACTS: dict[str, object] = {
+    "router_family": "softmax",
+    "selection_bias": False,
+    "group_limited": False,
+    "shared_expert": False,
+}
 
 _LAYER_ARRAYS: dict[str, torch.dtype] = {
     "router_logits": torch.float32,

@@ -147,9 +147,9 @@ def router_explanation(at) -> str:
 
 
 def router_chart_titles(at) -> list[str]:
-    """The titles of the router-distribution charts on the page ("Router distribution of token N ...")."""
+    """The titles of the router-distribution charts on the page ("Router probabilities of token N ...")."""
     titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]
-    return [t for t in titles if t.startswith("Router distribution of token ")]
+    return [t for t in titles if t.startswith("Router probabilities of token ")]
 
 
 def test_selecting_a_token_updates_the_router_distribution(app, model):
@@ -169,7 +169,7 @@ def test_selecting_a_token_updates_the_router_distribution(app, model):
         assert text == views.router_distribution(trace, layer, position).explanation
         assert re.match(rf"Token `[^`]*` \(position {position}\) in layer {layer}\b", text), text
         [title] = router_chart_titles(at)
-        assert title.startswith(f"Router distribution of token {position} "), title
+        assert title.startswith(f"Router probabilities of token {position} "), title
         shown[position] = text
     assert len({default, shown[0], shown[1]}) == 3  # each selection changed the explanation
 
@@ -374,7 +374,9 @@ def test_learn_page_walks_through_router_topk_capacity_and_ensemble(app, model):
     no_exception(at)
     layer = model.moe_layers[0]
     dropped = run_prompt(model, PROMPT, Capacity(0.5)).layer(layer).dropped_count
-    assert any(f"**{dropped}** assignments are dropped in layer {layer}" in m.value for m in at.markdown)
+    assert any(
+        f"experts of layer {layer} overflow: **{dropped}** assignments are dropped" in m.value for m in at.markdown
+    )
 
 
 # ----------------------------------------------------------------------------- downloads, config, design rules

@@ -166,7 +166,13 @@ def test_coactivation_is_conditional_on_the_row_expert() -> None:
     assert torch.isnan(A.diagonal()).all()
     assert co.counts.diagonal().tolist() == [3, 2, 2, 1]
     assert co.baseline == pytest.approx(1 / 3)
-    assert co.top_pair == (1, 0, 1.0)
+    # Experts 1-3 have fewer than 3 tokens, so their 100% shares are not cited; expert 0's best is.
+    assert co.min_tokens == 3 and co.top_pair == (0, 1, pytest.approx(2 / 3))
+
+
+def test_coactivation_cites_a_share_of_one_token_only_when_no_expert_has_more() -> None:
+    co = metrics.coactivation(make_layer([[0, 1], [2, 3]], 4))
+    assert co.min_tokens == 1 and co.top_pair is not None and co.top_pair[2] == 1.0
 
 
 def test_reuse_counts_consecutive_overlaps_against_random_baselines() -> None:

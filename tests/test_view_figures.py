@@ -114,7 +114,7 @@ def test_layer_load_heatmap_is_relative_to_fair_share(capped: Trace) -> None:
     z = fig.data[0].z
     assert z.shape == (2, 8)
     assert z.mean() == pytest.approx(1.0, rel=1e-5)
-    assert (fig.data[0].customdata == metrics.layer_loads(capped, "routed").numpy()).all()
+    assert (fig.data[0].customdata == metrics.layer_loads(capped, "kept").numpy()).all()
 
 
 def test_router_distribution_marks_chosen_experts(native: Trace) -> None:

@@ -8,6 +8,7 @@ import streamlit as st
 from app.resources import Keys, get_trace
 from app.ui import prompt_form, require_model, show, shows_errors, start_figures
 from moe_viz import Capacity, Ensemble, TopK, metrics, views
+from moe_viz.views import learn
 
 st.title("Learn: how a Mixture-of-Experts layer routes tokens")
 ctx = require_model()
@@ -33,25 +34,14 @@ position = st.selectbox(
 )
 
 st.header("1 · A router scores the experts")
-st.markdown(
-    "Each MoE layer starts with a **router**: a small linear layer that gives every expert a score (a logit) for the "
-    "current token. A softmax turns the scores into probabilities."
-)
+st.markdown(learn.router_concept(lt))
 show(views.router_distribution(native, layer, position), key="learn_router", heading=False)
 
 st.header("2 · The output is a gate-weighted sum of experts")
 chosen = lt.index[position].tolist()
 weights = lt.weights[position].tolist()
-terms = " + ".join(f"{w:.3f} \\cdot E_{{{e}}}(x)" for e, w in zip(chosen, weights))
-st.markdown(
-    f"The token {native.tokens[position]!r} is processed only by its top-{k} experts, and their outputs are added up, "
-    "each multiplied by its **gate weight**:"
-)
-st.latex(f"y = {terms}")
-st.markdown(
-    f"The weights add up to **{sum(weights):.3f}**. The other {E - len(chosen)} experts do no work for this token: "
-    "that is what makes the layer *sparse* and cheap."
-)
+st.latex("y = " + " + ".join(f"{w:.3f} \\cdot E_{{{e}}}(x)" for e, w in zip(chosen, weights)))
+st.markdown(learn.gate_sum_concept(native, layer, position))
 
 CAPTURE_ONLY = (
     "This model's routers can only be recorded, not re-routed, so this step cannot be shown on it. "
@@ -93,14 +83,10 @@ else:
 
 st.header("4 · Load balancing: keep every expert busy")
 show(views.expert_load(native, layer), key="learn_load", heading=False)
-b = metrics.balance(lt)
-st.markdown(
-    f"During training an **auxiliary loss** pushes the router towards equal loads. Here it is "
-    f"**{b.aux_loss_hf:.3f}** (transformers' convention, perfect balance = {k}); normalised **{b.aux_loss_norm:.3f}** "
-    "(perfect = 1)."
-)
+st.markdown(learn.balance_concept(lt))
 
 st.header("5 · Why capacity drops tokens")
+st.markdown(learn.CAPACITY_WHY)
 if model.capture_only:
     st.info(CAPTURE_ONLY)
 else:
@@ -110,13 +96,7 @@ else:
     with shows_errors():
         capped = get_trace(model, prompt, Capacity(factor))
     show(views.expert_load(capped, layer), key="learn_capacity", heading=False)
-    clt = capped.layer(layer)
-    st.markdown(
-        f"With a fixed buffer of **C = {clt.capacity[0] if clt.capacity else '—'}** slots per expert, the busy experts "
-        f"overflow: **{clt.dropped_count}** assignments are dropped in layer {layer} "
-        f"({sum(item.dropped_count for item in capped.layers)} over all layers). A dropped token skips that expert and "
-        "only the residual connection carries it forward."
-    )
+    st.markdown(learn.capacity_concept(capped, layer))
 
 st.header("6 · Ensemble: let every expert vote")
 if model.capture_only:
@@ -129,6 +109,7 @@ else:
     except ValueError as err:
         st.warning(str(err))
 st.markdown(
-    f"Running all {E} experts weighted by the full router distribution is the dense limit of the same layer: it costs "
+    f"Running all {E} experts, each weighted by the router's own weight rule applied to all of them, is the dense "
+    f"limit of the same layer: it costs "
     f"{E / k:.0f}× the expert compute, and the model was never trained that way, so it is not automatically better."
 )

@@ -32,8 +32,24 @@ def code_token(token: str) -> str:
 
 
 def pct(x: float) -> str:
-    """A share as a percentage: whole percent from 9.5%, one decimal below (0 stays 0%)."""
-    return "n/a" if math.isnan(x) else f"{x:.0%}" if abs(x) >= 0.095 or x == 0 else f"{x:.1%}"
+    """A share as a percentage that keeps its meaning: whole percents when exact to 0.05
+    (50%), else one decimal (12.5%), two significant digits below 1% (0.31%)."""
+    if math.isnan(x):
+        return "n/a"
+    v = 100 * x
+    if abs(v - round(v)) < 0.05:
+        return f"{round(v):.0f}%"
+    return f"{v:.2g}%" if abs(v) < 1 else f"{v:.1f}%"
+
+
+def times(x: float) -> str:
+    """A ratio such as '2.5×' or '10.7×': three significant digits at most, no misleading rounding."""
+    return f"{x:.3g}×" if x < 100 else f"{x:.0f}×"
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """'1 token', '2 tokens' ('1 assignment', '3 assignments'; ``many`` for irregular plurals)."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
 
 
 def num(x: float) -> str:

@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 
 from .. import metrics
 from ..trace import Trace
-from ._display import code_token, pct
+from ._display import code_token, pct, plural, times
 from ._plotly import (
     CELL_TEXT_LIMIT,
     DROPPED_COLOR,
@@ -26,34 +26,78 @@ from ._plotly import (
     plotly_trace,
 )
 from ._view import View
+from .routing import fragility_sentence
 
 COUNTERFACTUAL_FACTOR = 1.0  # the capacity factor dropless runs are measured against
 
 
-def _ratio(x: float) -> str:
-    """A ratio to a fair share with two significant digits, so 10.7 does not read as 11."""
-    return f"{x:.2g}" if x < 10 else f"{x:.1f}"
-
-
 # ----------------------------------------------------------------------------- one layer's load
-def _capacity_sentence(trace: Trace, layer: int, b: metrics.Balance) -> str:
+def _residual_clause(trace: Trace) -> str:
+    """Who carries a token whose every routed expert was dropped, on this model."""
+    if any(lt.shared_expert for lt in trace.layers):
+        return "the residual path and the shared expert still carry them"
+    return "only the residual path carries them"
+
+
+def _capacity_values(capacity: list[int]) -> str:
+    """'C = 6' for one forward; 'C grows from 3 to 5 over the 12 decode steps' for a generation."""
+    if len(set(capacity)) == 1:
+        return f"C = {capacity[0]}"
+    return f"C grows from {capacity[0]} to {capacity[-1]} over the {len(capacity)} forward steps"
+
+
+def _counterfactual(trace: Trace, layer: int) -> tuple[metrics.CapacityCheck, str]:
+    """What factor 1.0 would drop on this layer, and how exact that estimate is."""
     lt = trace.layer(layer)
-    e = b.busiest_expert
-    routed_e = int(b.routed[e])
-    if b.capacity:
-        return (
-            f"; with capacity {max(b.capacity)} per expert it dropped {routed_e - int(b.load[e])} of its {routed_e}, "
-            f"and the layer dropped {b.dropped} of {b.assignments} ({pct(b.drop_rate)})."
-        )
-    if b.k >= lt.num_experts:
-        return "; every expert processes every token in this mode, so the load is perfectly even."
     check = metrics.capacity_check(lt, COUNTERFACTUAL_FACTOR)
-    basis = f"the model's own top-{lt.top_k} routing of these tokens"
-    return (
-        f". At capacity factor {COUNTERFACTUAL_FACTOR:.1f} (C = {check.capacity} per expert), counted on {basis}, "
-        f"expert {e} would drop {int(check.overflow[e])} of {int(check.load[e])}, and the layer {check.dropped} of "
-        f"{int(check.load.sum())}."
+    first = layer == trace.layer_ids[0]
+    basis = f"counted on the model's own top-{lt.top_k} routing of these tokens"
+    exact = (
+        "exact here: the first MoE layer sees the same inputs"
+        if first
+        else "an estimate: a real capacity run also changes this layer's inputs"
     )
+    return check, f"{basis} ({exact})"
+
+
+def _expert_load_text(trace: Trace, layer: int, b: metrics.Balance) -> str:
+    lt = trace.layer(layer)
+    E = lt.num_experts
+    if lt.every_expert_runs:
+        return (
+            f"Every expert processes every one of the {plural(b.num_tokens, 'token')} in this run, so each of the "
+            f"{plural(E, 'expert')} carries exactly {b.num_tokens} assignments: the load is perfectly even."
+        )
+    e = int(b.routed.argmax())  # the tallest bar: most asked for (kept + dropped)
+    routed_e = int(b.routed[e])
+    text = (
+        f"The router sent most assignments in layer {layer} to expert {e}: {routed_e} of {b.assignments} "
+        f"({pct(routed_e / b.assignments if b.assignments else 0.0)}), {times(routed_e / b.fair_share)} its fair "
+        f"share of {b.fair_share:.3g} (= {b.assignments} assignments / {E} experts)"
+    )
+    if b.capacity:
+        kept_e = int(b.load[e])
+        per_step = len(b.capacity) > 1
+        text += (
+            f". With capacity {_capacity_values(b.capacity)} per expert it processed {kept_e} and dropped "
+            f"{routed_e - kept_e}; the layer dropped {b.dropped} of {b.assignments} ({pct(b.drop_rate)})."
+        )
+        if per_step:
+            text += " The limit applies per forward step and the bars add up all steps, so an expert can keep more than one step's C."
+    else:
+        check, basis = _counterfactual(trace, layer)
+        text += (
+            f". At capacity factor {COUNTERFACTUAL_FACTOR:.1f} (C = {check.capacity} per expert), {basis}, expert "
+            f"{e} would drop {int(check.overflow[e])} of {int(check.load[e])}, and the layer {check.dropped} of "
+            f"{int(check.load.sum())}."
+        )
+    dead = int((b.load == 0).sum())
+    if dead:
+        text += f" {dead} of {E} experts processed no token"
+        if b.assignments < E:
+            text += f" (with {plural(b.assignments, 'assignment')} at most {b.assignments} can be used)"
+        text += "."
+    return text
 
 
 def expert_load(trace: Trace, layer: int) -> View:
@@ -94,7 +138,7 @@ def expert_load(trace: Trace, layer: int) -> View:
         annotation_text=f"fair share {b.fair_share:.1f}",
         annotation_position="top left",
     )
-    if b.capacity:
+    if b.capacity and len(set(b.capacity)) == 1:  # a generation has one C per step: no single line is true
         fig.add_hline(
             y=max(b.capacity),
             line={"dash": "dot", "color": DROPPED_COLOR},
@@ -110,17 +154,7 @@ def expert_load(trace: Trace, layer: int) -> View:
     )
     expert_axis(fig, E, "x")
 
-    e = b.busiest_expert
-    routed_e = int(b.routed[e])
-    ratio = routed_e / b.fair_share if b.fair_share else 0.0
-    text = (
-        f"Expert {e} took {pct(b.max_share)} of assignments in layer {layer} ({routed_e} of {b.assignments}), "
-        f"{_ratio(ratio)}× its fair share of {b.fair_share:.3g} (= {b.assignments} assignments / {E} experts)"
-    )
-    text += _capacity_sentence(trace, layer, b)
-    dead = int((b.routed == 0).sum())
-    if dead:
-        text += f" {dead} of {E} experts got no token at all."
+    text = _expert_load_text(trace, layer, b)
     return View("expert_load", f"Expert load, layer {layer}", text, figure=finish(fig))
 
 
@@ -130,46 +164,39 @@ def _capacity_summary(trace: Trace) -> str:
     if any(lt.capacity for lt in trace.layers):
         stats = [metrics.balance(lt) for lt in trace.layers]
         lt0 = trace.layers[0]
-        cap = max(lt0.capacity or [0])
         dropped = sum(b.dropped for b in stats)
         total = sum(b.assignments for b in stats)
         full = sum(b.fully_dropped_tokens for b in stats)
         part = sum(b.partially_dropped_tokens for b in stats)
         text = (
-            f"Under `{trace.policy}` each expert takes at most C = ⌈factor × T × k / E⌉ = {cap} assignments per layer "
-            f"(T = {lt0.num_tokens}, k = {stats[0].k}, E = {lt0.num_experts}). {dropped} of {total} assignments were "
-            f"dropped over all layers ({pct(dropped / total if total else 0.0)})"
+            f"Under `{trace.policy}` each expert takes at most C = ⌈factor × T × k / E⌉ assignments per layer "
+            f"({_capacity_values(lt0.capacity or [0])}; k = {stats[0].k}, E = {lt0.num_experts}). {dropped} of "
+            f"{total} assignments were dropped over all layers ({pct(dropped / total if total else 0.0)})"
         )
         if dropped:
             worst = max(stats, key=lambda b: b.dropped)
             text += (
-                f", most in layer {worst.layer} ({worst.dropped}). {full} token-layers lost every routed expert "
-                f"(only the residual path and any shared expert carry them); {part} lost some "
-                "(kept weights are not renormalised)."
+                f", most in layer {worst.layer} ({worst.dropped}). {plural(full, 'token-layer')} lost every routed "
+                f"expert ({_residual_clause(trace)}); {part} lost some and kept the rest (kept weights are not "
+                "renormalised)."
             )
         else:
             text += "."
         if any(s > 0 for s in trace.step):
             text += " During generation capacity is recomputed over all tokens so far at every step."
         return text
-    checks = [
-        (lt.layer, metrics.capacity_check(lt, COUNTERFACTUAL_FACTOR))
-        for lt in trace.layers
-        if lt.index.shape[1] < lt.num_experts
-    ]
+    checks = [(lt.layer, *_counterfactual(trace, lt.layer)) for lt in trace.layers if not lt.every_expert_runs]
     if not checks:
-        return "In this mode every expert processes every token: there is no capacity limit and nothing is dropped."
-    layer, worst = max(checks, key=lambda c: c[1].dropped)
+        return "Every expert processes every token in this run: there is no capacity limit and nothing is dropped."
+    layer, worst, basis = max(checks, key=lambda c: c[1].dropped)
     return (
         f"This run is dropless: every token reaches its experts. A capacity factor of {COUNTERFACTUAL_FACTOR:.1f} "
-        f"(C = {worst.capacity} per expert), applied to the model's own top-{trace.layer(layer).top_k} routing of "
-        f"these tokens, would overflow most in layer {layer}: {worst.dropped} of {int(worst.load.sum())} assignments "
-        f"({pct(worst.drop_rate)}). This is an estimate from one pass; a real capacity run changes the later layers' "
-        "inputs too."
+        f"(C = {worst.capacity} per expert), {basis}, would overflow most in layer {layer}: {worst.dropped} of "
+        f"{int(worst.load.sum())} assignments ({pct(worst.drop_rate)})."
     )
 
 
-def layer_load(trace: Trace, which: metrics.SetKind = "routed") -> View:
+def layer_load(trace: Trace, which: metrics.SetKind = "kept") -> View:
     """Layer x expert load relative to the fair share (1 = fair, 0 = unused); hover gives counts.
     The explanation names the hottest cell of the same map and what capacity does over all layers."""
     loads = metrics.layer_loads(trace, which)  # (L, E)
@@ -192,7 +219,7 @@ def layer_load(trace: Trace, which: metrics.SetKind = "routed") -> View:
             hovertemplate="layer %{y}, expert %{x}<br>%{customdata} assignments<br>%{z:.2f}× fair share<extra></extra>",
         )
     )
-    label = {"routed": "routed (kept + dropped)", "kept": "kept", "native": "native top-k"}[which]
+    label = {"routed": "routed (kept + dropped)", "kept": "processed (kept)", "native": "native top-k"}[which]
     fig.update_layout(title={"text": f"Load per layer and expert, {label}, relative to fair share ({trace.policy})"})
     fig.update_yaxes(title_text="layer", type="category")
     expert_axis(fig, E, "x")
@@ -202,12 +229,18 @@ def layer_load(trace: Trace, which: metrics.SetKind = "routed") -> View:
     layer = trace.layer_ids[row]
     empty = int((loads == 0).sum())
     explanation = (
-        f"Each cell is one expert's {label} load in one layer divided by its fair share (that layer's assignments / "
-        f"{E}); 1 is fair. The hottest cell is expert {e} in layer {layer}: {int(loads[row, e])} of "
-        f"{int(loads[row].sum())} assignments, {_ratio(float(rel[row, e]))}× its fair share."
+        f"Each cell is one expert's {label} load in one layer divided by its fair share (that layer's load / "
+        f"{E}); 1 is fair."
     )
+    if bool((rel - rel[0, 0]).abs().max() < 1e-9):
+        explanation += " Every cell is at its fair share: the load is perfectly even."
+    else:
+        explanation += (
+            f" The hottest cell is expert {e} in layer {layer}: {int(loads[row, e])} of {int(loads[row].sum())} "
+            f"assignments, {times(float(rel[row, e]))} its fair share."
+        )
     if empty:
-        explanation += f" {empty} of the {L * E} cells are 0: experts no token reached in that layer."
+        explanation += f" {empty} of the {L * E} cells are 0: experts that processed no token in that layer."
     explanation += " " + _capacity_summary(trace)
     return View("layer_load", "Layer × expert load", explanation, figure=finish(fig))
 
@@ -226,18 +259,27 @@ def balance_table(trace: Trace) -> View:
     best = rows.loc[rows["cv"].idxmin()]
     k = trace.layers[0].top_k
     text = (
-        f"Load CV ranges from {best['cv']:.2f} (layer {best['layer']}) to {worst['cv']:.2f} (layer {worst['layer']}); "
-        f"0 would be perfectly balanced. In layer {worst['layer']} the busiest expert gets {worst['max_vio'] + 1:.2g}× "
-        f"the mean load (MaxVio {worst['max_vio']:.2f}) and routing behaves like {worst['effective_experts']:.1f} "
-        f"equally used experts out of {trace.layer(worst['layer']).num_experts}. The load-balancing loss over all "
-        f"layers is {all_row['aux_loss_hf']:.3f} in the transformers convention ({k} under perfectly even routing), "
-        f"{all_row['aux_loss_norm']:.3f} normalised (1 under even routing); the mean router z-loss is "
+        f"Imbalance is measured on the load each expert processed under `{trace.policy}`. Load CV ranges from "
+        f"{best['cv']:.2f} (layer {best['layer']}) to {worst['cv']:.2f} (layer {worst['layer']}); 0 would be "
+        f"perfectly balanced."
+    )
+    if worst["cv"] > 0:
+        text += (
+            f" In layer {worst['layer']} the busiest expert processes {times(worst['max_vio'] + 1)} the mean load "
+            f"(MaxVio {worst['max_vio']:.2f}) and the load is spread like {worst['effective_experts']:.1f} equally "
+            f"used experts out of {trace.layer(worst['layer']).num_experts}."
+        )
+    text += (
+        f" The load-balancing loss, computed as in training on the router's own top-{k} whatever the mode, is "
+        f"{all_row['aux_loss_hf']:.3f} in the transformers convention ({k} under perfectly even routing; lower values "
+        f"are possible) and {all_row['aux_loss_norm']:.3f} normalised; the mean router z-loss is "
         f"{all_row['z_loss']:.2f}."
     )
     dropped = int(all_row["dropped"])
     if any(lt.capacity for lt in trace.layers) or dropped:
         text += f" {dropped} of {int(all_row['assignments'])} assignments were dropped ({pct(float(all_row['drop_rate']))})."
-    return View("balance_table", "All layers", text, table=shown)
+    title = f"All layers (imbalance on the load processed under {trace.policy}; aux loss on the native top-{k})"
+    return View("balance_table", title, text, table=shown)
 
 
 @dataclass(frozen=True)
@@ -280,30 +322,40 @@ def metric_cards(trace: Trace, layer: int) -> list[Card]:
 
 # ----------------------------------------------------------------------------- per-token confidence
 def router_confidence(trace: Trace, layer: int) -> View:
-    """Per token: the router's normalised entropy and its top-k margin (last chosen minus first
-    rejected score, at the model's own k); the text names the most fragile decision."""
+    """Per token: the router's normalised entropy and, where the scores alone make the choice, the
+    top-k' margin at this run's k (last chosen minus first left-out score)."""
     lt = trace.layer(layer)
     entropy = metrics.router_entropy(lt)  # (T,)
-    margin = metrics.topk_margin(lt)  # (T,)
     T = trace.num_tokens
     pos = np.arange(T)
+    k = lt.applied_k
+    show_margin = not lt.every_expert_runs and lt.scores_decide
     fig = FigureBuilder(
         line_trace(pos, entropy, "router entropy (÷ log E)", "#0072B2", "position %{x}: entropy %{y:.3f}")
     )
-    fig.add_trace(line_trace(pos, margin, f"top-{lt.top_k} margin", "#E69F00", "position %{x}: margin %{y:.3f}"))
+    margin = metrics.topk_margin(lt, k) if show_margin else None  # (T,)
+    if margin is not None:
+        fig.add_trace(line_trace(pos, margin, f"top-{k} margin", "#E69F00", "position %{x}: margin %{y:.3f}"))
     fig.update_layout(
         title={"text": f"Router confidence per token, layer {layer} ({trace.policy})"},
         xaxis_title="token position",
         legend={"orientation": "h", "y": -0.25},
         plot_bgcolor="#FFFFFF",
     )
-    low = int(margin.argmin())
+    renorm = ", sigmoid scores renormalised to sum to 1" if lt.router_family == "sigmoid" else ""
     text = (
         f"Mean normalised router entropy is **{float(entropy.mean()):.2f}** (1 = the router cannot decide, "
-        f"0 = it is certain). The top-{lt.top_k} margin (last chosen minus first rejected score at the model's own "
-        f"k) averages **{float(margin.mean()):.3f}**; the smallest is token {low} {code_token(trace.tokens[low])}, "
-        f"margin **{float(margin[low]):.3f}**."
+        f"0 = it is certain{renorm})."
     )
+    if margin is not None:
+        low = int(margin.argmin())
+        text += (
+            f" The top-{k} margin (last chosen minus first left-out {lt.score_name}, at this run's k) averages "
+            f"**{float(margin.mean()):.3f}**; the smallest is token {low} {code_token(trace.tokens[low])}, margin "
+            f"**{float(margin[low]):.3f}**: the choice most easily swapped."
+        )
+    else:
+        text += " " + fragility_sentence(lt)
     return View("router_confidence", f"Router confidence per token, layer {layer}", text, figure=finish(fig))
 
 
@@ -345,17 +397,27 @@ def coactivation(trace: Trace, layer: int, which: metrics.SetKind = "routed") ->
     fig.update_yaxes(title_text="expert a", autorange="reversed")
 
     if co.top_pair is None or co.k < 2:
-        text = f"With {co.k} expert per token in layer {layer} there are no pairs of experts to co-activate."
+        text = f"With {plural(co.k, 'expert')} per token in layer {layer} there are no pairs of experts to co-activate."
+    elif co.k >= E:
+        text = f"Every expert runs for every token in layer {layer}, so every pair of experts always works together."
     else:
         a, b, v = co.top_pair
         n_a = int(co.counts[a, a])
         lift = v / co.baseline if co.baseline else float("nan")
         text = (
             f"Row a, column b: of the tokens sent to expert a, the share also sent to b. In layer {layer}, when expert "
-            f"{a} is chosen, expert {b} is chosen too {pct(v)} of the time ({int(co.counts[a, b])} of {n_a} tokens), "
-            f"{lift:.1f}× the {pct(co.baseline)} expected if the {co.k} experts were picked independently "
-            f"((k−1)/(E−1) = {co.k - 1}/{lt.num_experts - 1})."
+            f"{a} is chosen, expert {b} is chosen too {pct(v)} of the time ({int(co.counts[a, b])} of "
+            f"{plural(n_a, 'token')}), {times(lift)} the {pct(co.baseline)} expected if the {co.k} experts were "
+            f"picked independently ((k−1)/(E−1) = {co.k - 1}/{E - 1})"
         )
+        if lt.group_limited:
+            text += (
+                "; this router picks experts inside each token's best groups, so experts of one group co-occur more "
+                "often than this independence baseline assumes"
+            )
+        if co.min_tokens > 1:
+            text += f" (experts a with fewer than {co.min_tokens} tokens are not cited: too few to mean much)"
+        text += "."
     return View("coactivation", f"Which experts work together, layer {layer}", text, figure=finish(fig))
 
 

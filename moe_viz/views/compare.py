@@ -12,7 +12,7 @@ from plotly.subplots import make_subplots
 
 from .. import metrics
 from ..trace import Trace
-from ._display import bin_mean, bin_note, code_token, num, pct, token_bins
+from ._display import bin_mean, bin_note, code_token, num, pct, plural, token_bins
 from ._plotly import (
     DROPPED_COLOR,
     FLIP_COLOR,
@@ -162,16 +162,18 @@ def routing_diff(reference: Trace, other: Trace, layer: int) -> View:
     token_axis(fig, reference, size)
     expert_axis(fig, E)
     gained, lost = int(d.added.sum()), int(d.removed.sum())
-    dropped = int(d.other_dropped.sum())
+    oth = other.layer(layer)
+    dropped_at = metrics.membership(oth, "routed") & ~d.other_sets  # (T, E) assignments other dropped
+    lost_to_drops = int((dropped_at & d.reference_sets).sum())  # of the lost ones: dropped, not re-routed
     text = (
         f"Under `{other.policy}`, **{d.num_changed} of {T}** tokens are processed by a different set of experts than "
-        f"under `{reference.policy}` in layer {layer}: {gained} expert assignments gained and {lost} lost"
+        f"under `{reference.policy}` in layer {layer}: {plural(gained, 'expert assignment')} gained and {lost} lost"
     )
-    if dropped:
-        text += (
-            f" ({dropped} of the losses are assignments dropped for lack of capacity)"
-            if dropped <= lost
-            else (f"; {dropped} assignments were dropped for lack of capacity")
-        )
+    if lost_to_drops:
+        text += f"; {lost_to_drops} of the lost ones were dropped for lack of capacity"
+    elsewhere = int(dropped_at.sum()) - lost_to_drops
+    if elsewhere:
+        were = "was" if elsewhere == 1 else "were"
+        text += f"; {plural(elsewhere, 'more dropped assignment')} {were} at experts `{reference.policy}` did not use"
     text += "."
     return View("routing_diff", f"Routing diff, {other.policy}, layer {layer}", text, figure=finish(fig))

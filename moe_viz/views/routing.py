@@ -15,8 +15,8 @@ import plotly.graph_objects as go
 import torch
 
 from .. import metrics
-from ..trace import Trace
-from ._display import bin_mean, bin_note, bin_sum, code_token, display_token, pct, token_bins
+from ..trace import LayerTrace, Trace
+from ._display import bin_mean, bin_note, bin_sum, code_token, display_token, pct, plural, token_bins
 from ._plotly import (
     DROPPED_COLOR,
     KEPT_MARK_COLOR,
@@ -38,7 +38,34 @@ TITLE_EXPERTS = 16  # hover titles list at most this many experts, then the rest
 
 
 def _applied_k(trace: Trace, layer: int) -> int:
-    return int(trace.layer(layer).index.shape[1])
+    return trace.layer(layer).applied_k
+
+
+def selection_rule(lt: LayerTrace) -> str:
+    """How this router chooses beyond its scores ('' when the k highest scores are the choice)."""
+    rules = [r for r, on in (("a selection bias", lt.selection_bias), ("a group limit", lt.group_limited)) if on]
+    return " and ".join(rules)
+
+
+def fragility_sentence(lt: LayerTrace) -> str:
+    """How many tokens sit close to a different choice — only where a choice exists and the scores
+    alone make it (no selection bias, no group limit), at this run's k."""
+    if lt.every_expert_runs:
+        return "Every expert runs, so no routing choice can flip."
+    if lt.capture_only:
+        return ""
+    if not lt.scores_decide:
+        return (
+            f"This router chooses with {selection_rule(lt)}, so how close two scores are does not tell how close "
+            "a choice was."
+        )
+    k = lt.applied_k
+    margin = metrics.topk_margin(lt, k)  # (T,)
+    fragile = int((margin < LOW_MARGIN).sum())
+    return (
+        f"{fragile} of {plural(lt.num_tokens, 'token')} have a top-{k} margin (last chosen minus first left-out "
+        f"{lt.score_name}) below {LOW_MARGIN}: a small change to the router would swap one of their experts."
+    )
 
 
 # ----------------------------------------------------------------------------- token x expert heatmap
@@ -60,7 +87,7 @@ def routing_heatmap(trace: Trace, layer: int) -> View:
             y=np.arange(E),
             colorscale=SEQUENTIAL,
             zmin=0.0,
-            colorbar={"title": {"text": "router p" if size == 1 else "mean p"}},
+            colorbar={"title": {"text": ("router " if size == 1 else "mean ") + lt.score_name}},
             hovertemplate=("position %{x}" if size == 1 else "bin from %{x}")
             + "<br>expert %{y}<br>p = %{z:.3f}<extra></extra>",
             name="router probability",
@@ -121,40 +148,41 @@ def routing_heatmap(trace: Trace, layer: int) -> View:
     token_axis(fig, trace, size)
     expert_axis(fig, E)
 
+    score = lt.score_name
     h = metrics.router_entropy(lt)  # (T,)
-    margin = metrics.topk_margin(lt)  # (T,)
     top = lt.router_probs.float().max(dim=-1)  # (T,)
     t_conf = int(top.values.argmax())
-    fragile = int((margin < LOW_MARGIN).sum())
     if size > 1:  # the heatmap groups long prompts into bins and marks no individual choices
         opening = (
-            f"Each column is a group of {size} consecutive tokens ({T} tokens in all), each row one of the {E} "
-            "experts; brighter means a higher mean router probability (at this zoom single choices are not marked). "
+            f"Each column is a group of {size} consecutive tokens ({T} tokens in all), each row one of the "
+            f"{plural(E, 'expert')}; brighter means a higher mean router {score} (at this zoom single choices are "
+            "not marked). "
         )
-    elif k_applied < E:
+    elif not lt.every_expert_runs:
+        sent = "the expert" if k_applied == 1 else f"the {k_applied} experts"
         opening = (
-            f"Each column is one of the {T} tokens, each row one of the {E} experts; brighter means a higher router "
-            f"probability, and dots mark the {k_applied} experts each token is sent to. "
+            f"Columns are the {plural(T, 'token')}, rows the {plural(E, 'expert')}; brighter means a higher router "
+            f"{score}, and dots mark {sent} each token is sent to in this run. "
         )
     else:
         opening = (
-            f"Each column is one of the {T} tokens, each row one of the {E} experts; brighter means a higher router "
-            "probability; in ensemble mode every expert is used, so nothing is marked. "
+            f"Columns are the {plural(T, 'token')}, rows the {plural(E, 'expert')}; brighter means a higher router "
+            f"{score}. Every expert processes every token in this run, so no choice is marked. "
         )
+    renorm = " (sigmoid scores renormalised to sum to 1)" if lt.router_family == "sigmoid" else ""
     text = (
-        opening + f"The mean router entropy is {float(h.mean()):.2f} of its maximum (1 = undecided, 0 = certain). "
-        f"The most confident token is {code_token(trace.tokens[t_conf])} (position {t_conf}), giving "
+        opening + f"The mean router entropy is {float(h.mean()):.2f} of its maximum{renorm} (1 = undecided, "
+        f"0 = certain). The most confident token is {code_token(trace.tokens[t_conf])} (position {t_conf}), giving "
         f"{float(top.values[t_conf]):.2f} to expert {int(top.indices[t_conf])}. "
-        f"{fragile} of {T} tokens have a top-{lt.top_k} margin below {LOW_MARGIN} — a small change to the "
-        f"router would swap one of their experts."
     )
+    text += fragility_sentence(lt)
     if lt.dropped_count:
         if size == 1:
-            text += f" Crosses mark the {len(dropped_x)} assignments dropped because their expert was full."
+            text += f" Crosses mark the {plural(len(dropped_x), 'assignment')} dropped because their expert was full."
         else:
             text += (
-                f" Crosses mark the {len(dropped_x)} (token group, expert) cells holding the {int(dropped_n.sum())} "
-                "assignments dropped because their expert was full."
+                f" Crosses mark the {len(dropped_x)} (token group, expert) cells holding the "
+                f"{plural(int(dropped_n.sum()), 'assignment')} dropped because their expert was full."
             )
     return View("routing_heatmap", f"Token × expert routing, layer {layer}", text, figure=finish(fig))
 
@@ -206,8 +234,9 @@ def coloured_text(trace: Trace, layer: int) -> View:
     e = int(counts.argmax())
     r = metrics.reuse(lt)
     explanation = (
-        f"Each token is coloured by its first-choice expert in layer {layer}. Expert {e} is the most common "
-        f"first choice ({int(counts[e])} of {lt.num_tokens} tokens)."
+        f"Each token is coloured by its first-choice expert in layer {layer} (the highest-scoring expert it was "
+        f"sent to). Expert {e} is the most common "
+        f"first choice ({int(counts[e])} of {plural(lt.num_tokens, 'token')})."
     )
     if r.pairs:
         explanation += (
@@ -222,17 +251,19 @@ def coloured_text(trace: Trace, layer: int) -> View:
 # ----------------------------------------------------------------------------- one token
 def router_distribution(trace: Trace, layer: int, position: int) -> View:
     """One token's router scores over experts (expert colours): the experts this run sent it to
-    outlined, dropped ones hatched, the top-k margin in the title; the text names the same experts."""
+    outlined, dropped ones hatched; the text names exactly the same experts."""
     lt = trace.layer(layer)
     t = trace.check_position(position)
     E = lt.num_experts
     p = lt.router_probs[t].float()  # (E,)
     applied = lt.index[t].tolist()  # the experts this run sent the token to, in slot order
-    every = len(applied) >= E  # ensemble: every expert runs
+    every = lt.every_expert_runs
     chosen = set() if every else set(applied)
     dropped = set(lt.index[t][lt.dropped[t]].tolist())
-    margin = float(metrics.topk_margin(lt)[t])
     status = ["dropped" if e in dropped else "chosen" if e in chosen or every else "not chosen" for e in range(E)]
+    margin_note = ""
+    if not every and lt.scores_decide:
+        margin_note = f" (top-{lt.applied_k} margin {float(metrics.topk_margin(lt, lt.applied_k)[t]):.3f})"
     fig = FigureBuilder(
         plotly_trace(
             go.Bar,
@@ -244,49 +275,50 @@ def router_distribution(trace: Trace, layer: int, position: int) -> View:
                 "line": {"width": [3 if e in chosen else 0.5 for e in range(E)], "color": "#000000"},
                 "pattern": {"shape": ["x" if e in dropped else "" for e in range(E)], "fgcolor": DROPPED_COLOR},
             },
-            hovertemplate="expert %{x}: p = %{y:.3f} (%{customdata})<extra></extra>",
+            hovertemplate="expert %{x}: %{y:.3f} (%{customdata})<extra></extra>",
         )
     )
     fig.update_layout(
         title={
-            "text": f"Router distribution of token {t} “{display_token(trace.tokens[t])}”, layer {layer} "
-            f"(top-{lt.top_k} margin {margin:.3f})"
+            "text": f"Router {'scores' if lt.router_family == 'sigmoid' else 'probabilities'} of token {t} “{display_token(trace.tokens[t])}”, layer {layer}"
+            + margin_note
         },
-        yaxis_title="router probability",
+        yaxis_title=f"router {lt.score_name}",
         plot_bgcolor="#FFFFFF",
     )
     expert_axis(fig, E, "x")
 
-    total = max(float(p.sum()), 1e-12)
+    token = f"Token {code_token(trace.tokens[t])} (position {t}) in layer {layer}"
     if every:
-        text = (
-            f"Token {code_token(trace.tokens[t])} (position {t}) in layer {layer}: in this mode every one of the "
-            f"{E} experts processes it, weighted by the router."
-        )
+        text = f"{token}: every one of the {plural(E, 'expert')} processes it in this run, weighted by the router."
     else:
         ranked = sorted(applied, key=lambda e: -float(p[e]))
         parts = ", ".join(f"expert {e} ({float(p[e]):.2f})" for e in ranked)
-        mass = sum(float(p[e]) for e in ranked) / total
-        text = (
-            f"Token {code_token(trace.tokens[t])} (position {t}) in layer {layer} is sent to {len(ranked)} "
-            f"expert{'s' if len(ranked) != 1 else ''}: {parts}, carrying {pct(mass)} of the router probability."
-        )
+        text = f"{token} is sent to {plural(len(ranked), 'expert')}: {parts}"
+        if lt.router_family == "sigmoid":
+            text += f"; their sigmoid scores sum to {sum(float(p[e]) for e in ranked):.2f} (scores need not sum to 1)."
+        else:
+            mass = sum(float(p[e]) for e in ranked) / max(float(p.sum()), 1e-12)
+            text += f", carrying {pct(mass)} of the router probability."
         rest = [e for e in p.argsort(descending=True).tolist() if e not in chosen]
         if rest:
             best = rest[0]
-            text += f" The best expert it was not sent to is {best} ({float(p[best]):.2f})."
-    n_dropped = len(dropped)
-    if n_dropped:
-        whole = n_dropped == len(applied)
-        text += (
-            f" Capacity dropped {n_dropped} of its {len(applied)} assignments "
-            f"(expert {', '.join(map(str, sorted(dropped)))})"
-            + (
-                "; it passes through on the residual path only."
-                if whole
-                else "; the kept weights are not renormalised."
+            text += f" The highest-scoring expert it was not sent to is {best} ({float(p[best]):.2f})"
+            if lt.scores_decide:
+                text += "."
+            else:
+                text += f"; this router also uses {selection_rule(lt)}, so a higher score alone does not win a slot."
+    if dropped:
+        lost = ", ".join(map(str, sorted(dropped)))
+        if len(dropped) == len(applied):
+            carried = "the residual path and the shared expert" if lt.shared_expert else "the residual path alone"
+            text += f" Capacity dropped all its assignments (expert {lost}): {carried} carries it past this layer."
+        else:
+            kept = ", ".join(str(e) for e in applied if e not in dropped)
+            text += (
+                f" Capacity dropped {len(dropped)} of its {len(applied)} assignments (expert {lost}); it keeps expert "
+                f"{kept}, whose weight is not renormalised."
             )
-        )
     return View("router_distribution", "Router distribution of the selected token", text, figure=finish(fig))
 
 
