@@ -108,6 +108,9 @@ def _model_section() -> MoEModel | None:
         f"**{display_name(name)}** · {model.architecture} · {model.num_experts} experts, top-{model.top_k} · "
         f"{len(model.moe_layers)} MoE of {model.num_layers} layers · device **{model.device}** ({str(model.dtype).replace('torch.', '')})"
     )
+    st.caption(
+        model.routing_summary.capitalize() + ".", help="`moe-viz inspect MODEL` lists every router's spec and check."
+    )
     return model
 
 
@@ -193,7 +196,11 @@ def render_sidebar() -> PageContext:
         elif model.capture_only:  # routers moe-viz can record but not re-route: native routing only
             _reset_on_model_change(model)
             st.subheader("Routing mode")
-            st.info("This model's routers can only be recorded, not re-routed: every page shows its native routing.")
+            reasons = sorted({s.verification.reason for s in model.sites if s.verification.status != "verified"})
+            st.info(
+                "This model's routers can only be recorded, not re-routed: every page shows its native routing. "
+                + " ".join(reasons[:1])
+            )
             layer = _layer_section(model)
             ctx = PageContext(model=model, policy=None, layer=layer)
         else:

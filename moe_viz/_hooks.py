@@ -20,13 +20,14 @@ import contextvars
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._routers import RouterSite, RouterSpec, find_routers
+from ._router_inference import Verification, calibrate, describe, infer
+from ._routers import RouterSite, RouterSpec, find_routers, is_attention_path, layer_of, shared_expert_layers
 from .policies import Policy, RouterCall, check_policy
 
 
@@ -171,10 +172,11 @@ def _model_post_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str,
 class _RouterHook:
     """The forward hook of one router. Reads the call's policy; never writes to the model."""
 
-    def __init__(self, site: RouterSite) -> None:
+    def __init__(self, site: RouterSite, parent: nn.Module | None) -> None:
         self.site = site
+        self.parent = parent
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         active = _ACTIVE.get()
         if active is None:
             return None
@@ -189,7 +191,8 @@ class _RouterHook:
         forward.layers.append(call)
         if active.policy is None:
             return None
-        router_call = RouterCall(spec, logits, spec.selection_bias(module), native_idx, native_w, forward.groups)
+        bias = spec.selection_bias(module, self.parent, (*args[1:], *kwargs.values()))
+        router_call = RouterCall(spec, logits, bias, native_idx, native_w, forward.groups)
         decision = active.policy.decide(router_call)
         if decision is None:
             return None
@@ -223,13 +226,68 @@ class Instrumentation:
             try:
                 check_policy(policy, site.spec)
             except ValueError as err:
-                raise ValueError(f"{err} [router {site.router_class} at {site.path}]") from None
+                why = getattr(site.verification, "reason", "")
+                raise ValueError(
+                    f"{err} [router {site.router_class} at {site.path}{': ' + why if why else ''}]"
+                ) from None
 
 
-def instrument(model: nn.Module) -> Instrumentation:
-    """Install the model's pre/post hooks and one forward hook per router (once, at load)."""
-    found = find_routers(model)
-    handles = [module.register_forward_hook(_RouterHook(site)) for module, site in found]
+def _parent(model: nn.Module, path: str) -> nn.Module | None:
+    return model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else None
+
+
+def discover_and_verify(model: nn.Module, tokenizer: Any) -> list[tuple[nn.Module, RouterSite]]:
+    """Every router of ``model`` with a verified spec: routers of known classes, plus any module
+    whose output is the standard ``(logits, weights, index)``; each spec proved against the router's
+    own outputs on calibration inputs (``_router_inference``), or partial / capture-only with the reason."""
+    known = find_routers(model)
+    known_ids = {id(module) for module, _ in known}
+    modules = [(path, m) for path, m in model.named_modules() if path and not is_attention_path(path)]
+    observations = calibrate(model, tokenizer, [m for _, m in modules])
+    shared = shared_expert_layers(model)
+    found = list(known)
+    for path, module in modules:
+        if id(module) in known_ids or id(module) not in observations:
+            continue
+        obs = observations[id(module)]
+        E, k = int(obs.logits[0].shape[-1]), int(obs.index[0].shape[-1])
+        layer = layer_of(path)
+        site = RouterSite(
+            path=path,
+            layer=len(found) if layer is None else layer,
+            spec=RouterSpec("capture", num_experts=E, top_k=k),
+            router_class=type(module).__name__,
+            shared_expert=any(path.startswith(prefix + ".") for prefix in shared),
+        )
+        found.append((module, site))
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    verified = []
+    for module, site in found:
+        obs = observations.get(id(module))
+        if site.spec.exposes_native and obs is not None:
+            known_spec = site.spec if id(module) in known_ids else None
+            spec, verification = infer(module, _parent(model, site.path), text_config, obs, known_spec)
+            site = replace(site, spec=replace(spec, layout=site.spec.layout), verification=verification)
+        else:
+            reason = (
+                f"{site.router_class} does not return the standard (logits, weights, index): moe-viz records its "
+                "choice but has no verified re-implementation of it, so only native routing runs"
+            )
+            site = replace(site, verification=Verification("capture", describe(site.spec), reason=reason))
+        verified.append((module, site))
+    verified.sort(key=lambda item: item[1].layer)
+    return verified
+
+
+def instrument(model: nn.Module, tokenizer: Any = None) -> Instrumentation:
+    """Find and verify every router (``discover_and_verify``), then install the model's pre/post
+    hooks and one forward hook per router (once, at load)."""
+    found = discover_and_verify(model, tokenizer)
+    handles = [
+        module.register_forward_hook(_RouterHook(site, _parent(model, site.path)), with_kwargs=True)
+        for module, site in found
+    ]
     if found:
         handles.append(model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True))
         handles.append(model.register_forward_hook(_model_post_hook, with_kwargs=True))

@@ -48,7 +48,9 @@ def select_topk(
         choice = logits.float()  # (T, E)
     else:
         choice = router_scores(spec, logits)  # (T, E)
-    if selection_bias is not None:
+    if selection_bias is not None and spec.bias_on == "logits":
+        choice = logits.float() + selection_bias.float()  # (T, E) a bias on the logits (monotone scores after)
+    elif selection_bias is not None:
         choice = choice + selection_bias.float()
     limit = spec.group_limit
     if limit is not None and k <= limit:

@@ -13,13 +13,13 @@ other policies, never silently computing something wrong.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-Family = Literal["softmax", "topk_softmax", "sigmoid", "capture"]
+Family = Literal["softmax", "topk_softmax", "sigmoid", "native", "capture"]
 OutputLayout = Literal["std", "logits_only", "scores_logits", "jetmoe"]
 
 
@@ -35,6 +35,9 @@ class RouterSpec:
     * ``sigmoid``: scores = sigmoid(logits); select top-k of scores + correction bias inside the
       best ``topk_group`` of ``n_group`` groups (group score = sum of its top-2); weights = the
       unbiased selected scores, renormalised iff ``renorm``, times ``scale`` (DeepSeek-V3 family).
+    * ``native``: the maths is not reproduced, but the router hands back its own choice and
+      weights (standard output), so policies that keep the native choice (capacity at the model's
+      own k) still run on them.
     * ``capture``: not reproduced; only the native decision is recorded.
     """
 
@@ -48,11 +51,18 @@ class RouterSpec:
     group_score: Literal["max", "top2sum"] | None = None
     norm_min: float | None = None
     bias_path: str | None = None  # attribute path of a selection-only bias on the router
+    bias_on: Literal["scores", "logits"] = "scores"  # what the selection bias is added to
     layout: OutputLayout = "std"
 
     @property
     def substitutable(self) -> bool:
-        return self.family != "capture"
+        """True when moe-viz reproduces this router's maths, so any policy can run on it."""
+        return self.family not in ("capture", "native")
+
+    @property
+    def exposes_native(self) -> bool:
+        """True when the router's own (index, weights) reach the hooks (the standard output layout)."""
+        return self.layout == "std"
 
     @property
     def group_limit(self) -> int | None:
@@ -61,11 +71,21 @@ class RouterSpec:
             return None
         return self.topk_group * (self.num_experts // self.n_group)
 
-    def selection_bias(self, router: nn.Module) -> torch.Tensor | None:
+    def selection_bias(
+        self, router: nn.Module, parent: nn.Module | None = None, args: tuple[Any, ...] = ()
+    ) -> torch.Tensor | None:
+        """The selection-only bias: an attribute path on the router, ``parent.<path>`` on its parent
+        block, or ``arg<i>``: the i-th 1-D tensor passed to the router's forward."""
         if self.bias_path is None:
             return None
+        if self.bias_path.startswith("arg"):
+            tensors = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 1]
+            return tensors[int(self.bias_path[3:])]
         obj: object = router
-        for name in self.bias_path.split("."):
+        path = self.bias_path
+        if path.startswith("parent."):
+            obj, path = parent, path[len("parent.") :]
+        for name in path.split("."):
             obj = getattr(obj, name)
         assert isinstance(obj, torch.Tensor)
         return obj
@@ -80,6 +100,7 @@ class RouterSite:
     spec: RouterSpec
     router_class: str
     shared_expert: bool = False  # the decoder layer also has a shared expert that every token runs through
+    verification: Any = None  # _router_inference.Verification: how the spec was established at load
 
 
 # Router classes whose maths we reproduce, by family. Names are transformers 5.x class names.
@@ -201,28 +222,49 @@ def spec_for(router: nn.Module, model_config: object) -> RouterSpec | None:
     return RouterSpec("capture", layout=_CAPTURE_LAYOUTS.get(name, "std"), **base)
 
 
-def find_routers(model: nn.Module) -> list[tuple[nn.Module, RouterSite]]:
-    """Every router in ``model`` with its site, in layer order. Empty for a dense model."""
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    found: list[tuple[nn.Module, RouterSite]] = []
-    shared: set[str] = set()  # decoder-layer paths ("model.layers.3") that hold a shared expert
-    for path, module in model.named_modules():
+def layer_of(path: str) -> int | None:
+    """The decoder-layer index in a module path ("model.layers.3.mlp.gate" -> 3), or None."""
+    match = _LAYER.search(path + ".")
+    return int(match.group(1)) if match else None
+
+
+def is_attention_path(path: str) -> bool:
+    """Mixture-of-attention routers (JetMoE) pick attention heads, not FFN experts."""
+    return ".self_attention." in path or ".attention." in path
+
+
+def shared_expert_layers(model: nn.Module) -> set[str]:
+    """Decoder-layer paths ("model.layers.3") that hold a shared expert (shared_expert(s), shared_mlp)."""
+    shared: set[str] = set()
+    for path, _ in model.named_modules():
         name = path.rsplit(".", 1)[-1]
         match = _LAYER.search(path + ".")
         if match and name.startswith("shared") and not name.endswith("_gate"):
-            shared.add(path[: match.end() - 1])  # shared_expert(s), shared_mlp: every token runs it
-        if ".self_attention." in path or ".attention." in path:
-            continue  # mixture-of-attention routers (JetMoE) pick attention heads, not FFN experts
+            shared.add(path[: match.end() - 1])
+    return shared
+
+
+def find_routers(model: nn.Module) -> list[tuple[nn.Module, RouterSite]]:
+    """Every router of a known class in ``model`` with its site, in layer order (routers of other
+    classes are found at load by what they return: see ``_hooks.instrument``)."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    found: list[tuple[nn.Module, RouterSite]] = []
+    shared = shared_expert_layers(model)
+    for path, module in model.named_modules():
+        if is_attention_path(path):
+            continue
         spec = spec_for(module, text_config)
         if spec is None:
             continue
-        layer = int(match.group(1)) if match else len(found)
-        site = RouterSite(path=path, layer=layer, spec=spec, router_class=type(module).__name__)
+        layer = layer_of(path)
+        site = RouterSite(
+            path=path,
+            layer=len(found) if layer is None else layer,
+            spec=spec,
+            router_class=type(module).__name__,
+            shared_expert=any(path.startswith(prefix + ".") for prefix in shared),
+        )
         found.append((module, site))
-    found = [
-        (module, replace(site, shared_expert=any(site.path.startswith(prefix + ".") for prefix in shared)))
-        for module, site in found
-    ]
     found.sort(key=lambda item: item[1].layer)
     return found

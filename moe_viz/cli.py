@@ -1,4 +1,5 @@
-"""Command line: ``moe-viz trace MODEL --prompt TEXT --policy SPEC [--generate N] [--out FILE]``.
+"""Command line: ``moe-viz trace MODEL --prompt TEXT --policy SPEC [--generate N] [--out FILE]``;
+``moe-viz inspect MODEL`` says, per router, how its routing maths was verified at load.
 
 Prints a per-layer summary (load per expert, dropped assignments, capacity) and writes the trace
 as JSON or Parquet. ``moe-viz train-default`` reproduces the shipped default model. Bad values
@@ -36,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     trace.add_argument(
         "--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code (off by default)"
     )
+    inspect = sub.add_parser("inspect", help="load a model and say, per router, how its routing maths was verified")
+    inspect.add_argument("model", help="hub id or local folder of an MoE causal LM; 'default' = the shipped model")
+    inspect.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present, else cpu)")
+    inspect.add_argument(
+        "--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code (off by default)"
+    )
     sub.add_parser(
         "train-default",
         help="retrain the default model (the remaining arguments go to moe_viz.training.train_default; see --help)",
@@ -55,6 +62,41 @@ def _summary(trace: object) -> str:
             f"{lt.layer:>5}  {lt.num_experts:>3}  {lt.top_k:>2}  {lt.dropped_count:>7}  {capacity:>8}  {load}{note}"
         )
     return "\n".join(lines)
+
+
+def router_lines(model: object) -> list[str]:
+    """One line per router: path, class, layer, E, k, spec, how it was verified, what can run."""
+    lines = []
+    for site in model.sites:
+        v = site.verification
+        spec = site.spec
+        if v.status == "verified":
+            how = f"verified ({v.source}) on {v.tokens_checked} tokens: experts 100% equal, weights max diff {v.max_weight_diff:.2g}"
+            runs = f"every policy (top-k 1..{spec.num_experts}, capacity, ensemble)"
+        elif v.status == "partial":
+            how = f"partial: {v.reason}"
+            runs = f"native, capacity at k={spec.top_k}"
+        else:
+            how = f"capture-only: {v.reason}"
+            runs = "native only"
+        lines.append(
+            f"{site.path}  {site.router_class}  layer {site.layer}  E={spec.num_experts} k={spec.top_k}  "
+            f"spec: {v.spec_text}  |  {how}  |  runs: {runs}"
+        )
+    return lines
+
+
+def _inspect_command(args: argparse.Namespace) -> int:
+    from .models import DEFAULT_MODEL, load_model
+
+    model = load_model(
+        DEFAULT_MODEL if args.model == "default" else args.model,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(f"model {model.model_id} ({model.architecture}): {model.routing_summary}")
+    print("\n".join(router_lines(model)))
+    return 0
 
 
 def _trace_command(args: argparse.Namespace) -> int:
@@ -106,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = _parser().parse_args(argv)
     try:
-        return _trace_command(args)
+        return _inspect_command(args) if args.command == "inspect" else _trace_command(args)
     except ValueError as err:
         print(f"moe-viz: error: {err}", file=sys.stderr)
         return 2

@@ -108,6 +108,24 @@ class MoEModel:
         return max(site.spec.top_k for site in self.sites)
 
     @property
+    def routing_summary(self) -> str:
+        """One sentence on how the routers' maths was established at load, e.g. 'routing maths
+        verified on load for 4 routers'."""
+        counts = {status: 0 for status in ("verified", "partial", "capture")}
+        for site in self.sites:
+            counts[getattr(site.verification, "status", "capture")] += 1
+        parts = []
+        if counts["verified"]:
+            parts.append(
+                f"routing maths verified on load for {counts['verified']} router{'s' * (counts['verified'] != 1)}"
+            )
+        if counts["partial"]:
+            parts.append(f"partial support on {counts['partial']} (native choice only: other k and ensemble refused)")
+        if counts["capture"]:
+            parts.append(f"capture-only on {counts['capture']}")
+        return "; ".join(parts)
+
+    @property
     def capture_only(self) -> bool:
         return any(not site.spec.substitutable for site in self.sites)
 
@@ -152,7 +170,7 @@ def load_model(
     Raises ValueError when the folder is missing, the id cannot be loaded, or the model has no
     MoE layer. ``device_map`` (e.g. ``"auto"``) dispatches a large checkpoint with accelerate.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     if name_or_path is None:  # the default model: $MOE_VIZ_DEFAULT_MODEL or the shipped one
         name_or_path = default_model_path()
@@ -185,7 +203,7 @@ def load_model(
     kwargs.update(from_pretrained)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = _auto_model(source, kwargs)
     except ValueError as err:
         raise ValueError(f"could not load model {name_or_path!r} as a causal LM: {str(err).splitlines()[0]}") from None
     except OSError as err:
@@ -196,9 +214,22 @@ def load_model(
     return wrap_model(model, tokenizer, model_id=name_or_path)
 
 
+def _auto_model(source: str, kwargs: dict[str, Any]) -> nn.Module:
+    """The causal LM of ``source``; for a multimodal checkpoint whose text stack is an MoE
+    (Qwen3-VL-MoE, Aria, MiniMax-M3-VL, ...), the image-text-to-text model, which runs text alone."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except ValueError as err:
+        if "Unrecognized configuration class" not in str(err):
+            raise
+        return AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+
+
 def wrap_model(model: nn.Module, tokenizer: Any, model_id: str) -> MoEModel:
     """Instrument an already-loaded transformers model (e.g. built from a config in a test)."""
-    instrumentation = instrument(model)
+    instrumentation = instrument(model, tokenizer)
     if not instrumentation.sites:
         instrumentation.remove()
         arch = getattr(getattr(model, "config", None), "model_type", type(model).__name__)

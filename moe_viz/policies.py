@@ -114,8 +114,12 @@ class Policy(ABC):
         """Raise ValueError if this policy cannot run on ``router``. The default refuses routers whose
         maths moe-viz does not reproduce (capture-only): a decision there could be silently wrong."""
         if not router.substitutable:
+            kind = "has partial support" if router.family == "native" else "is capture-only"
             raise ValueError(
-                f"policy {self.spec!r} needs a router whose maths moe-viz reproduces; this router is capture-only "
+                f"policy {self.spec!r} needs a router whose maths moe-viz reproduces; this router {kind} "
+                "(only the native routing, policy None, and capacity at the model's own k can run)"
+                if router.family == "native"
+                else f"policy {self.spec!r} needs a router whose maths moe-viz reproduces; this router {kind} "
                 "(only the native routing, policy None, is recorded)"
             )
 
@@ -213,12 +217,18 @@ class Capacity(Policy):
 
     def validate(self, router: RouterSpec) -> None:
         _check_k(self.k, router)
+        if router.family == "native" and self.k in (None, router.top_k):
+            return  # the router's own choice and weights are enough: nothing to re-compute
         super().validate(router)
 
     def decide(self, call: RouterCall) -> RoutingDecision | None:
         E = call.router.num_experts
         k = self.experts_per_token(call.router)
-        index, weights = top_k_routing(call, k)  # (N, k) each
+        if call.router.substitutable:
+            index, weights = top_k_routing(call, k)  # (N, k) each
+        else:  # partial support: capacity on the router's own choice and weights
+            assert call.native_index is not None and call.native_weights is not None
+            index, weights = call.native_index.long(), call.native_weights.float()  # (N, k) each
         dropped = torch.zeros_like(index, dtype=torch.bool)  # (N, k)
         capacities = []
         for rows in call.sequences():  # capacity is counted per sequence, padding excluded

@@ -236,3 +236,172 @@ def build_model(model_type: str, seed: int = 0, experts_implementation: str | No
 def build(model_type: str, seed: int = 0, experts_implementation: str | None = None) -> MoEModel:
     """A tiny instrumented model of ``model_type`` with a byte tokenizer."""
     return wrap_model(build_model(model_type, seed, experts_implementation), ByteTokenizer(), f"tiny-{model_type}")
+
+
+# ----------------------------------------------------------------------------- every MoE family transformers ships
+# Sizes a generic tiny config gets wherever the config has the attribute (first match wins per concept).
+GENERIC_SIZES: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=64,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=256,
+    max_position_embeddings=512,
+    num_experts=8,
+    num_local_experts=8,
+    n_routed_experts=8,
+    moe_num_experts=8,
+    num_experts_per_tok=2,
+    moe_k=2,
+    moe_top_k=2,
+    kv_lora_rank=16,
+    q_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+    n_group=4,
+    topk_group=2,
+    num_group=4,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+VISION_SIZES: dict[str, Any] = dict(
+    hidden_size=32,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    depth=1,
+    num_heads=2,
+    num_attention_heads=2,
+    out_hidden_size=64,
+)
+
+
+MAX_GENERIC_PARAMETERS = 20_000_000  # a generic tiny build above this is skipped: it would not be tiny
+
+
+def router_families() -> dict[str, Any]:
+    """model_type -> config class, for every model type of the installed transformers whose modeling
+    module defines a mixture of experts (a class named ``*Experts``): read from the library itself."""
+    import importlib
+    import inspect
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES
+
+    found = {}
+    for model_type in CONFIG_MAPPING_NAMES:
+        try:
+            config_class = CONFIG_MAPPING[model_type]
+            module = importlib.import_module(config_class.__module__.replace("configuration_", "modeling_"))
+        except Exception:  # a model type whose modeling code cannot be imported here
+            continue
+        own = [n for n, o in vars(module).items() if inspect.isclass(o) and o.__module__ == module.__name__]
+        if any(name.endswith("Experts") for name in own):
+            found[model_type] = config_class
+    return found
+
+
+def generic_config(config_class: Any) -> Any:
+    """A tiny config of ``config_class``: its defaults with every size in ``GENERIC_SIZES`` shrunk,
+    per-layer kind lists cut to the tiny depth (one layer of each kind kept, so hybrids keep an
+    attention layer), and MLA attention given a head_dim equal to its rotary part."""
+    config = config_class()
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    depth = getattr(text, "num_hidden_layers", None)
+    for name, value in GENERIC_SIZES.items():
+        if getattr(text, name, None) is not None:
+            try:
+                setattr(text, name, value)
+            except (AttributeError, TypeError):
+                pass
+    if getattr(text, "qk_rope_head_dim", None) is not None and getattr(text, "head_dim", None) is not None:
+        text.head_dim = text.qk_rope_head_dim  # MLA: rotary embeddings are built for the rope part only
+    for name in ("vision_config", "audio_config"):  # multimodal wrappers: their encoders shrunk too
+        sub = getattr(config, name, None)
+        for attr, value in VISION_SIZES.items():
+            if sub is not None and getattr(sub, attr, None) is not None:
+                try:
+                    setattr(sub, attr, value)
+                except (AttributeError, TypeError):
+                    pass
+    for name, value in list(vars(text).items()):
+        is_kinds = isinstance(value, list) and value and all(isinstance(v, str) for v in value)
+        if is_kinds and depth is not None and len(value) == depth:
+            kinds = list(dict.fromkeys(value))
+            try:
+                setattr(text, name, (kinds + value)[: text.num_hidden_layers])
+            except (AttributeError, TypeError):
+                pass
+    return config
+
+
+def _from_config(config: Any) -> nn.Module:
+    """The causal LM of ``config``; a multimodal wrapper's image-text-to-text model, which runs text alone."""
+    try:
+        return transformers.AutoModelForCausalLM.from_config(config)
+    except ValueError as err:
+        if "Unrecognized configuration class" not in str(err):
+            raise
+        return transformers.AutoModelForImageTextToText.from_config(config)
+
+
+def build_family(model_type: str, seed: int = 0) -> nn.Module:
+    """A tiny random causal LM of ``model_type``: the hand-tuned config where there is one, else a
+    generic one. Raises whatever transformers raises when the family cannot be built this small."""
+    if model_type in TINY_CONFIGS or model_type in CAPTURE_ONLY_CONFIGS:
+        return build_model(model_type, seed)
+    config = generic_config(router_families()[model_type])
+    with torch.device("meta"):  # size it first, without allocating: some defaults stay huge
+        size = sum(p.numel() for p in _from_config(config).parameters())
+    if size > MAX_GENERIC_PARAMETERS:  # parts the generic shrinking does not reach (vision towers, ...)
+        raise ValueError(
+            f"{model_type} still has {size:,} parameters after generic shrinking (limit {MAX_GENERIC_PARAMETERS:,})"
+        )
+    torch.manual_seed(seed)
+    model = _from_config(config)
+    model = model.float().eval()
+    _redraw_routers(model, seed + 1)
+    return model
+
+
+def family_rows() -> list[tuple[str, str, str, str]]:
+    """(model type, router class, support, spec) for every family that builds tiny and has a router:
+    what ``tests/test_every_family.py`` proves, as the README's table of supported families."""
+    import warnings
+
+    rows = []
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for model_type in sorted(router_families()):
+                try:
+                    model = wrap_model(build_family(model_type), ByteTokenizer(), model_type)
+                except Exception:  # not buildable tiny, or no router: not in the table
+                    continue
+                statuses = [site.verification.status for site in model.sites]
+                status = (
+                    "every mode"
+                    if set(statuses) == {"verified"}
+                    else ("native + capacity at own k" if "capture" not in statuses else "native only")
+                )
+                classes = ", ".join(sorted({site.router_class for site in model.sites}))
+                specs = "; ".join(sorted({site.verification.spec_text for site in model.sites}))
+                rows.append((model_type, classes, status, specs))
+    finally:
+        transformers.logging.set_verbosity(level)
+    return rows
+
+
+def family_table() -> str:
+    """The README's table of supported families (``python scripts/family_table.py`` prints it)."""
+    lines = ["| model type | router class | modes | router maths (verified at load) |", "| --- | --- | --- | --- |"]
+    lines += [f"| {mt} | {cls} | {status} | {spec} |" for mt, cls, status, spec in family_rows()]
+    return "\n".join(lines)
