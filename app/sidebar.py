@@ -197,9 +197,15 @@ def render_sidebar() -> PageContext:
             _reset_on_model_change(model)
             st.subheader("Routing mode")
             reasons = sorted({s.verification.reason for s in model.sites if s.verification.status != "verified"})
+            partial = any(s.verification.status == "partial" for s in model.sites)
             st.info(
-                "This model's routers can only be recorded, not re-routed: every page shows its native routing. "
-                + " ".join(reasons[:1])
+                (
+                    "This model's routers have partial support: every page shows its native routing, and the Compare "
+                    "page can still run capacity at the model's own k. "
+                    if partial
+                    else "This model's routers can only be recorded, not re-routed: every page shows its native routing. "
+                )
+                + (reasons[0][:1].upper() + reasons[0][1:] if reasons else "")
             )
             layer = _layer_section(model)
             ctx = PageContext(model=model, policy=None, layer=layer)

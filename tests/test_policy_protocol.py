@@ -85,7 +85,9 @@ def test_views_show_a_user_defined_policy():
     assert "avoid:1" in views.routing_heatmap(trace, 0).figure.layout.title.text
 
 
-def test_the_compare_page_runs_a_user_defined_policy_typed_as_text(monkeypatch):
+@pytest.fixture()
+def app(monkeypatch):
+    """The app on the default model, run in this process (so the policy registered above is known)."""
     from streamlit.testing.v1 import AppTest
 
     model_dir = os.environ.get("MOE_VIZ_MODEL") or moe_viz.DEFAULT_MODEL
@@ -94,7 +96,11 @@ def test_the_compare_page_runs_a_user_defined_policy_typed_as_text(monkeypatch):
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     monkeypatch.setenv("MOE_VIZ_MODEL", model_dir)
-    at = AppTest.from_file(str(ROOT / "app" / "streamlit_app.py"), default_timeout=120)
+    return AppTest.from_file(str(ROOT / "app" / "streamlit_app.py"), default_timeout=120)
+
+
+def test_the_compare_page_runs_a_user_defined_policy_typed_as_text(app):
+    at = app
     at.session_state["prompt"] = "def add(a, b):"
     at.run()
     at.switch_page("app_pages/compare.py").run()
@@ -107,16 +113,8 @@ def test_the_compare_page_runs_a_user_defined_policy_typed_as_text(monkeypatch):
     assert any("Under `avoid:0`" in m.value for m in at.markdown)
 
 
-def test_a_link_with_a_user_defined_policy_is_explained_not_crashed(monkeypatch):
-    from streamlit.testing.v1 import AppTest
-
-    model_dir = os.environ.get("MOE_VIZ_MODEL") or moe_viz.DEFAULT_MODEL
-    if not (Path(model_dir) / "config.json").is_file():
-        pytest.skip(f"no model at {model_dir}")
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    monkeypatch.setenv("MOE_VIZ_MODEL", model_dir)
-    at = AppTest.from_file(str(ROOT / "app" / "streamlit_app.py"), default_timeout=120)
+def test_a_link_with_a_user_defined_policy_is_explained_not_crashed(app):
+    at = app
     at.query_params["policy"] = "avoid:1"
     at.run()
     assert not at.exception, [e.message for e in at.exception]

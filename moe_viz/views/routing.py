@@ -141,7 +141,9 @@ def routing_heatmap(trace: Trace, layer: int) -> View:
             )
         )
     fig.update_layout(
-        title={"text": f"Router probabilities, layer {layer} ({trace.policy})" + bin_note(size, T)},
+        title={
+            "text": f"Router {lt.score_name} per token and expert, layer {layer} ({trace.policy})" + bin_note(size, T)
+        },
         legend={"orientation": "h", "y": -0.25},
         plot_bgcolor="#FFFFFF",
     )
