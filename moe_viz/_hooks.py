@@ -27,7 +27,15 @@ import torch
 from torch import nn
 
 from ._router_inference import Verification, calibrate, describe, infer
-from ._routers import RouterSite, RouterSpec, find_routers, is_attention_path, layer_of, shared_expert_layers
+from ._routers import (
+    RouterSite,
+    RouterSpec,
+    find_routers,
+    is_attention_path,
+    layer_of,
+    read_router_output,
+    shared_expert_layers,
+)
 from .policies import Policy, RouterCall, check_policy
 
 
@@ -134,17 +142,6 @@ def check_deadline() -> None:
         raise TimeBudgetExceeded(f"the request ran past its time budget of {active.budget_s:g} s and was stopped")
 
 
-def _read_output(spec: RouterSpec, output: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(logits, native weights, native index) from a router's output, per layout."""
-    if spec.layout == "logits_only":
-        return output, None, None
-    if spec.layout == "scores_logits":
-        return output[1], None, None
-    if spec.layout == "jetmoe":
-        return output[4], None, None
-    return output[0], output[1], output[2]
-
-
 def _model_pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """Start a new forward in the active recorder, noting its token ids and padding."""
     active = _ACTIVE.get()
@@ -182,7 +179,7 @@ class _RouterHook:
             return None
         check_deadline()
         spec = self.site.spec
-        logits, native_w, native_idx = _read_output(spec, output)
+        logits, native_w, native_idx = read_router_output(spec.layout, output, spec.top_k)
         logits = logits.detach().reshape(-1, spec.num_experts)  # (N, E)
         if native_idx is not None and native_w is not None:
             native_idx, native_w = native_idx.reshape(len(logits), -1), native_w.reshape(len(logits), -1)
@@ -202,6 +199,10 @@ class _RouterHook:
             decision.dropped,
             decision.capacity,
         )
+        if spec.layout == "scores_logits":  # Llama 4: a dense score matrix, 0 off the chosen experts
+            scores = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)  # (N, E)
+            scores.scatter_(1, decision.index, decision.weights.float())
+            return (scores.to(output[0].dtype).reshape(output[0].shape), *output[1:])
         native_w, native_idx = output[1], output[2]
         shape = (*native_idx.shape[:-1], decision.index.shape[-1])
         new_index = decision.index.to(native_idx.dtype).reshape(shape)
@@ -243,7 +244,8 @@ def discover_and_verify(model: nn.Module, tokenizer: Any) -> list[tuple[nn.Modul
     known = find_routers(model)
     known_ids = {id(module) for module, _ in known}
     modules = [(path, m) for path, m in model.named_modules() if path and not is_attention_path(path)]
-    observations = calibrate(model, tokenizer, [m for _, m in modules])
+    layouts = {id(module): (site.spec.layout, site.spec.top_k) for module, site in known}
+    observations = calibrate(model, tokenizer, [m for _, m in modules], layouts)
     shared = shared_expert_layers(model)
     found = list(known)
     for path, module in modules:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ._router_math import gate_weights, select_topk
-from ._routers import RouterSpec
+from ._routers import RouterSpec, read_router_output
 
 CALIBRATION_TEXT = "The quick brown fox jumps over the lazy dog. def add(a, b): return a + b"
 RANDOM_ROWS = 32  # random router inputs per router, on top of the real forward's tokens
@@ -118,15 +118,31 @@ def calibration_ids(model: nn.Module, tokenizer: Any) -> torch.Tensor:
     return torch.randint(0, vocab, (1, 32), generator=torch.Generator().manual_seed(0))
 
 
-def calibrate(model: nn.Module, tokenizer: Any, routers: list[nn.Module]) -> dict[int, Observation]:
+def calibrate(
+    model: nn.Module,
+    tokenizer: Any,
+    routers: list[nn.Module],
+    layouts: dict[int, tuple[str, int]] | None = None,
+) -> dict[int, Observation]:
     """Record each of ``routers``' outputs on a real forward, then on random inputs of the same scale.
 
-    Keyed by ``id(router)``. Routers whose output is not the standard layout get no entry.
+    Keyed by ``id(router)``. ``layouts`` maps known routers to (output layout, k) so that their
+    outputs are read as (logits, weights, index); any other module counts when its output is the
+    standard layout. Routers whose choice cannot be read get no entry.
     """
+    layouts = layouts or {}
     seen: dict[int, tuple[tuple[Any, ...], dict[str, Any], Any]] = {}
     obs: dict[int, Observation] = {}
 
+    def as_std(module: nn.Module, output: Any) -> Any:
+        layout, k = layouts.get(id(module), ("std", 0))
+        if layout == "std":
+            return output
+        logits, weights, index = read_router_output(layout, output, k)
+        return None if weights is None else (logits, weights, index)
+
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        output = as_std(module, output)
         if _looks_like_std_output(output) is None or id(module) in seen:
             return
         seen[id(module)] = (args, kwargs, output)
@@ -152,7 +168,7 @@ def calibrate(model: nn.Module, tokenizer: Any, routers: list[nn.Module]) -> dic
                     noise = torch.randn((RANDOM_ROWS, flat.shape[-1]), generator=gen).to(flat.device, flat.dtype)
                     scale = flat.float().std().clamp_min(1e-3).to(flat.dtype)
                     try:
-                        rand = router(noise * scale, *args[1:], **kwargs)
+                        rand = as_std(router, router(noise * scale, *args[1:], **kwargs))
                     except Exception:  # a router that needs more than a (tokens, hidden) input: real tokens only
                         rand = None
                     if _looks_like_std_output(rand) is not None:

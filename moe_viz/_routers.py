@@ -61,8 +61,8 @@ class RouterSpec:
 
     @property
     def exposes_native(self) -> bool:
-        """True when the router's own (index, weights) reach the hooks (the standard output layout)."""
-        return self.layout == "std"
+        """True when the router's own (index, weights) can be read from its output."""
+        return self.layout in ("std", "scores_logits")
 
     @property
     def group_limit(self) -> int | None:
@@ -220,6 +220,22 @@ def spec_for(router: nn.Module, model_config: object) -> RouterSpec | None:
             **base,
         )
     return RouterSpec("capture", layout=_CAPTURE_LAYOUTS.get(name, "std"), **base)
+
+
+def read_router_output(
+    layout: str, output: Any, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(logits, native weights, native index) from a router's output, per layout. ``scores_logits``
+    (Llama 4) returns a dense (N, E) score matrix that is 0 off the chosen experts, and the logits."""
+    if layout == "logits_only":
+        return output, None, None
+    if layout == "scores_logits":
+        scores, logits = output[0], output[1]
+        index = scores.float().topk(top_k, dim=-1).indices  # (N, k) the chosen experts (all others score 0)
+        return logits, scores.gather(-1, index), index
+    if layout == "jetmoe":
+        return output[4], None, None
+    return output[0], output[1], output[2]
 
 
 def layer_of(path: str) -> int | None:

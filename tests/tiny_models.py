@@ -148,6 +148,17 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
         ),
     ),
     "hunyuan_v1_moe": ("HunYuanMoEV1Config", dict(num_experts=8, moe_topk=2, head_dim=16)),
+    # Llama 4: its router returns a dense score matrix that scales each expert's input (own seam)
+    "llama4_text": (
+        "Llama4TextConfig",
+        dict(
+            intermediate_size_mlp=64,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            head_dim=16,
+            interleave_moe_layer_step=1,
+        ),
+    ),
 }
 
 # Families whose routers are recorded but not substituted.
@@ -162,16 +173,6 @@ CAPTURE_ONLY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
             max_seq_len=512,
             attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
             ffn_config={"moe_num_experts": 4, "moe_top_k": 2, "ffn_hidden_size": 64},
-        ),
-    ),
-    "llama4_text": (
-        "Llama4TextConfig",
-        dict(
-            intermediate_size_mlp=64,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-            head_dim=16,
-            interleave_moe_layer_step=1,
         ),
     ),
     "jetmoe": ("JetMoeConfig", dict(kv_channels=16, num_local_experts=4, num_experts_per_tok=2)),
