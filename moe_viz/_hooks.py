@@ -51,6 +51,7 @@ class LayerCall:
     weights: torch.Tensor | None = None  # (N, k')
     dropped: torch.Tensor | None = None  # (N, k')
     capacity: tuple[int, ...] | None = None  # per sequence of the forward
+    held_native: bool = False  # the policy could not run on this router: native routing kept
 
 
 @dataclass
@@ -172,6 +173,17 @@ class _RouterHook:
     def __init__(self, site: RouterSite, parent: nn.Module | None) -> None:
         self.site = site
         self.parent = parent
+        self._runs: dict[str, bool] = {}  # policy spec -> whether this router can run it (checked once)
+
+    def _can_run(self, policy: Policy) -> bool:
+        key = policy.spec
+        if key not in self._runs:
+            try:
+                policy.validate(self.site.spec)
+                self._runs[key] = True
+            except ValueError:
+                self._runs[key] = False
+        return self._runs[key]
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         active = _ACTIVE.get()
@@ -187,6 +199,9 @@ class _RouterHook:
         forward = active.recorder.current
         forward.layers.append(call)
         if active.policy is None:
+            return None
+        if not self._can_run(active.policy):
+            call.held_native = True  # this router cannot run the policy: its layer keeps native routing
             return None
         bias = spec.selection_bias(module, self.parent, (*args[1:], *kwargs.values()))
         router_call = RouterCall(spec, logits, bias, native_idx, native_w, forward.groups)
@@ -222,15 +237,20 @@ class Instrumentation:
             handle.remove()
 
     def check(self, policy: Policy | None) -> None:
-        """Raise ValueError if ``policy`` cannot run on every router of this model."""
+        """Raise ValueError if ``policy`` is invalid, or cannot run on any router of this model.
+
+        A policy that some routers can run and others cannot (a model mixing verified routers with
+        hash-routed or unproven ones, such as DeepSeek-V4) runs where it can; the other layers keep
+        their native routing and their traces say so (``LayerTrace.held_native``)."""
+        errors = []
         for site in self.sites:
             try:
                 check_policy(policy, site.spec)
             except ValueError as err:
                 why = getattr(site.verification, "reason", "")
-                raise ValueError(
-                    f"{err} [router {site.router_class} at {site.path}{': ' + why if why else ''}]"
-                ) from None
+                errors.append(f"{err} [router {site.router_class} at {site.path}{': ' + why if why else ''}]")
+        if errors and (len(errors) == len(self.sites) or not isinstance(policy, Policy)):
+            raise ValueError(errors[0])
 
 
 def _parent(model: nn.Module, path: str) -> nn.Module | None:

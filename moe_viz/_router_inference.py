@@ -68,9 +68,12 @@ def describe(spec: RouterSpec) -> str:
         return "not reproduced (capture-only)"
     if spec.family == "native":
         return "native choice and weights only"
-    parts = {"softmax": ["softmax"], "topk_softmax": ["top-k of logits, then softmax"], "sigmoid": ["sigmoid"]}[
-        spec.family
-    ]
+    parts = {
+        "softmax": ["softmax"],
+        "topk_softmax": ["top-k of logits, then softmax"],
+        "sigmoid": ["sigmoid"],
+        "sqrtsoftplus": ["sqrt(softplus)"],
+    }[spec.family]
     if spec.bias_path:
         parts.append(f"selection bias `{spec.bias_path}`" + (" on the logits" if spec.bias_on == "logits" else ""))
     if spec.group_limit is not None:
@@ -228,6 +231,7 @@ def candidates(
     biases += [(path, t) for path, t in _bias_candidates(router, parent, E)]
     biases += [(f"arg{i}", t) for i, t in enumerate(bias_args) if t.numel() == E]
     families = [("softmax", True), ("softmax", False), ("topk_softmax", True), ("sigmoid", True), ("sigmoid", False)]
+    families += [("sqrtsoftplus", True), ("sqrtsoftplus", False)]
     bias_sides = ("scores", "logits")
     for (family, renorm), (bias_path, bias), (ng, tg, gs), sc, side in itertools.product(
         families, biases, groups, scales, bias_sides

@@ -15,10 +15,12 @@ from ._routers import RouterSpec
 
 
 def router_scores(spec: RouterSpec, logits: torch.Tensor) -> torch.Tensor:
-    """Per-expert router scores (T, E) in float32: softmax, or sigmoid for sigmoid routers."""
+    """Per-expert router scores (T, E) in float32: softmax, sigmoid, or sqrt(softplus) per the router's family."""
     logits = logits.float()  # (T, E)
     if spec.family == "sigmoid":
         return logits.sigmoid()
+    if spec.family == "sqrtsoftplus":
+        return torch.nn.functional.softplus(logits).sqrt()
     return logits.softmax(dim=-1)
 
 
@@ -68,7 +70,7 @@ def gate_weights(spec: RouterSpec, logits: torch.Tensor, index: torch.Tensor) ->
         total = weights.sum(dim=-1, keepdim=True)
         if spec.norm_min is not None:
             total = total.clamp(min=spec.norm_min)
-        elif spec.family == "sigmoid":
+        elif spec.family in ("sigmoid", "sqrtsoftplus"):
             total = total + 1e-20
         weights = weights / total
     return weights * spec.scale

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-Family = Literal["softmax", "topk_softmax", "sigmoid", "native", "capture"]
+Family = Literal["softmax", "topk_softmax", "sigmoid", "sqrtsoftplus", "native", "capture"]
 OutputLayout = Literal["std", "logits_only", "scores_logits", "jetmoe"]
 
 
@@ -35,6 +35,7 @@ class RouterSpec:
     * ``sigmoid``: scores = sigmoid(logits); select top-k of scores + correction bias inside the
       best ``topk_group`` of ``n_group`` groups (group score = sum of its top-2); weights = the
       unbiased selected scores, renormalised iff ``renorm``, times ``scale`` (DeepSeek-V3 family).
+    * ``sqrtsoftplus``: like ``sigmoid`` with scores = sqrt(softplus(logits)) (DeepSeek-V4).
     * ``native``: the maths is not reproduced, but the router hands back its own choice and
       weights (standard output), so policies that keep the native choice (capacity at the model's
       own k) still run on them.

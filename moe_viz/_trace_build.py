@@ -87,6 +87,7 @@ def _layer_trace(model: MoEModel, layer: int, parts: list[tuple[LayerCall, Rows,
         selection_bias=spec.bias_path is not None,
         group_limited=spec.group_limit is not None,
         shared_expert=site.shared_expert,
+        held_native=any(c.held_native for c, _, _ in parts),
     )
 
 

@@ -127,7 +127,10 @@ class MoEModel:
 
     @property
     def capture_only(self) -> bool:
-        return any(not site.spec.substitutable for site in self.sites)
+        """True when no router's maths is reproduced: only native routing (and, on routers with
+        partial support, capacity at their own k) can run. A model that mixes verified routers with
+        others (DeepSeek-V4's hash-routed layers) is not capture-only: policies run where they can."""
+        return not any(site.spec.substitutable for site in self.sites)
 
     @property
     def max_positions(self) -> int | None:

@@ -35,15 +35,16 @@ class LayerTrace:
     capacity: list[int] | None = None  # per forward step (capacity policy only)
     capture_only: bool = False
     # How this layer's router works, so explanations can say what its numbers mean:
-    router_family: str = "softmax"  # softmax | topk_softmax (top-k of logits, then softmax) | sigmoid | capture
+    router_family: str = "softmax"  # softmax | topk_softmax (top-k, then softmax) | sigmoid | sqrtsoftplus | capture
     selection_bias: bool = False  # a bias added to the scores for choosing only (DeepSeek-V3 style)
     group_limited: bool = False  # experts are chosen only inside each token's best groups
     shared_expert: bool = False  # a shared expert runs for every token beside the routed ones
+    held_native: bool = False  # the run's policy could not run on this router, so it kept its native routing
 
     @property
     def score_name(self) -> str:
         """What ``router_probs`` holds: 'probability' (a softmax over experts) or 'score' (sigmoid)."""
-        return "score" if self.router_family == "sigmoid" else "probability"
+        return "score" if self.router_family in ("sigmoid", "sqrtsoftplus") else "probability"
 
     @property
     def scores_decide(self) -> bool:
@@ -119,6 +120,11 @@ class Trace:
     @property
     def capture_only(self) -> bool:
         return any(layer.capture_only for layer in self.layers)
+
+    @property
+    def held_native_layers(self) -> list[int]:
+        """Layers whose router could not run this run's policy and kept their native routing."""
+        return [layer.layer for layer in self.layers if layer.held_native]
 
     def layer(self, layer: int) -> LayerTrace:
         """The trace of decoder layer ``layer``; ValueError if it is not an MoE layer."""

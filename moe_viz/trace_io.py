@@ -246,6 +246,7 @@ _ROUTER_FACTS: dict[str, object] = {
     "selection_bias": False,
     "group_limited": False,
     "shared_expert": False,
+    "held_native": False,
 }
 
 _LAYER_ARRAYS: dict[str, torch.dtype] = {

@@ -391,6 +391,8 @@ def family_rows() -> list[tuple[str, str, str, str]]:
                 status = (
                     "every mode"
                     if set(statuses) == {"verified"}
+                    else "every mode on verified layers, native elsewhere"
+                    if "verified" in statuses
                     else ("native + capacity at own k" if "capture" not in statuses else "native only")
                 )
                 classes = ", ".join(sorted({site.router_class for site in model.sites}))

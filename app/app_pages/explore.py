@@ -23,6 +23,11 @@ c[2].metric(f"Dropped (layer {layer})", lt.dropped_count, help="Assignments over
 c[3].metric("Dropped (all layers)", sum(item.dropped_count for item in trace.layers))
 c[4].metric("Forward", f"{trace.timings_ms.get('forward_ms', float('nan')):.0f} ms")
 st.caption(views.run_summary(trace))
+if trace.held_native_layers:
+    st.warning(
+        f"Layers {', '.join(map(str, trace.held_native_layers))} keep their native routing: their routers cannot run "
+        f"`{trace.policy}` (hash-routed, or maths moe-viz could not verify; `moe-viz inspect` says why per router)."
+    )
 
 heatmap, text, layer_load = views.explore_views(trace, layer)
 show(heatmap)

@@ -342,7 +342,7 @@ def router_confidence(trace: Trace, layer: int) -> View:
         legend={"orientation": "h", "y": -0.25},
         plot_bgcolor="#FFFFFF",
     )
-    renorm = ", sigmoid scores renormalised to sum to 1" if lt.router_family == "sigmoid" else ""
+    renorm = ", scores renormalised to sum to 1" if lt.score_name == "score" else ""
     text = (
         f"Mean normalised router entropy is **{float(entropy.mean()):.2f}** (1 = the router cannot decide, "
         f"0 = it is certain{renorm})."

@@ -27,11 +27,13 @@ def router_concept(lt: LayerTrace) -> str:
             f"{lt.top_k} alone to get their gate weights. The bars show a softmax over all {lt.num_experts} experts, "
             "for comparison only."
         )
-    if lt.router_family == "sigmoid":
-        text = start + (
-            "A **sigmoid** turns each logit into a score between 0 and 1 on its own: the scores of one token do not "
-            "sum to 1, so they are not probabilities."
+    if lt.score_name == "score":
+        how = (
+            "A **sigmoid** turns each logit into a score between 0 and 1 on its own"
+            if lt.router_family == "sigmoid"
+            else "A **square root of a softplus** turns each logit into a positive score on its own"
         )
+        text = start + how + ": the scores of one token do not sum to 1, so they are not probabilities."
         if not lt.scores_decide:
             text += (
                 f" To choose, this router also uses {selection_rule(lt)}: the chosen experts are not always the "

@@ -33,6 +33,7 @@ from ._plotly import (
 )
 from ._view import View
 
+SCORE_KIND = {"sigmoid": "sigmoid", "sqrtsoftplus": "sqrt-softplus"}  # routers whose scores are not probabilities
 LOW_MARGIN = 0.05  # top-k margins below this count as fragile decisions
 TITLE_EXPERTS = 16  # hover titles list at most this many experts, then the rest summed
 
@@ -171,7 +172,7 @@ def routing_heatmap(trace: Trace, layer: int) -> View:
             f"Columns are the {plural(T, 'token')}, rows the {plural(E, 'expert')}; brighter means a higher router "
             f"{score}. Every expert processes every token in this run, so no choice is marked. "
         )
-    renorm = " (sigmoid scores renormalised to sum to 1)" if lt.router_family == "sigmoid" else ""
+    renorm = " (scores renormalised to sum to 1)" if lt.score_name == "score" else ""
     text = (
         opening + f"The mean router entropy is {float(h.mean()):.2f} of its maximum{renorm} (1 = undecided, "
         f"0 = certain). The most confident token is {code_token(trace.tokens[t_conf])} (position {t_conf}), giving "
@@ -297,8 +298,8 @@ def router_distribution(trace: Trace, layer: int, position: int) -> View:
         ranked = sorted(applied, key=lambda e: -float(p[e]))
         parts = ", ".join(f"expert {e} ({float(p[e]):.2f})" for e in ranked)
         text = f"{token} is sent to {plural(len(ranked), 'expert')}: {parts}"
-        if lt.router_family == "sigmoid":
-            text += f"; their sigmoid scores sum to {sum(float(p[e]) for e in ranked):.2f} (scores need not sum to 1)."
+        if lt.score_name == "score":
+            text += f"; their {SCORE_KIND.get(lt.router_family, lt.router_family)} scores sum to {sum(float(p[e]) for e in ranked):.2f} (scores need not sum to 1)."
         else:
             mass = sum(float(p[e]) for e in ranked) / max(float(p.sum()), 1e-12)
             text += f", carrying {pct(mass)} of the router probability."
