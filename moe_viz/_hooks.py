@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._router_inference import Verification, calibrate, describe, infer
+from ._router_inference import Verification, calibrate, describe, experts_choice, infer
 from ._routers import (
     RouterSite,
     RouterSpec,
@@ -214,6 +214,8 @@ class _RouterHook:
             decision.dropped,
             decision.capacity,
         )
+        if spec.layout == "logits_experts":  # DBRX: the experts seam hands the experts this decision
+            return None
         if spec.layout == "scores_logits":  # Llama 4: a dense score matrix, 0 off the chosen experts
             scores = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)  # (N, E)
             scores.scatter_(1, decision.index, decision.weights.float())
@@ -265,7 +267,8 @@ def discover_and_verify(model: nn.Module, tokenizer: Any) -> list[tuple[nn.Modul
     known_ids = {id(module) for module, _ in known}
     modules = [(path, m) for path, m in model.named_modules() if path and not is_attention_path(path)]
     layouts = {id(module): (site.spec.layout, site.spec.top_k) for module, site in known}
-    observations = calibrate(model, tokenizer, [m for _, m in modules], layouts)
+    seams = {id(module): experts_module(model, site) for module, site in known if site.spec.layout == "logits_experts"}
+    observations = calibrate(model, tokenizer, [m for _, m in modules], layouts, seams)
     shared = shared_expert_layers(model)
     found = list(known)
     for path, module in modules:
@@ -302,6 +305,42 @@ def discover_and_verify(model: nn.Module, tokenizer: Any) -> list[tuple[nn.Modul
     return verified
 
 
+def experts_module(model: nn.Module, site: RouterSite) -> nn.Module:
+    """The experts module a logits-only router's block calls with the chosen (index, weights)."""
+    parent = _parent(model, site.path)
+    experts = getattr(parent, "experts", None)
+    if not isinstance(experts, nn.Module):
+        raise ValueError(f"router {site.path} returns logits only and its block has no experts module to read")
+    return experts
+
+
+class _ExpertsSeam:
+    """A pre-hook on the experts of a block that picks top-k itself (DBRX): it reads the block's own
+    choice (the native routing) and, under a policy, hands the experts the policy's choice instead."""
+
+    def __init__(self, site: RouterSite) -> None:
+        self.site = site
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        active = _ACTIVE.get()
+        if active is None or not active.recorder.forwards:
+            return None
+        calls = [c for c in active.recorder.current.layers if c.layer == self.site.layer]
+        if not calls:
+            return None
+        call = calls[-1]
+        index, weights = experts_choice(args, kwargs)
+        N = call.logits.shape[0]
+        call.native_index, call.native_weights = index.reshape(N, -1), weights.reshape(N, -1)
+        if call.index is None or call.weights is None:
+            return None
+        new_index = call.index.to(index.dtype).reshape(*index.shape[:-1], call.index.shape[-1])
+        new_weights = call.weights.to(weights.dtype).reshape(*weights.shape[:-1], call.weights.shape[-1])
+        if "top_k_index" in kwargs:
+            return args, {**kwargs, "top_k_index": new_index, "top_k_weights": new_weights}
+        return (args[0], new_index, new_weights, *args[3:]), kwargs
+
+
 def instrument(model: nn.Module, tokenizer: Any = None) -> Instrumentation:
     """Find and verify every router (``discover_and_verify``), then install the model's pre/post
     hooks and one forward hook per router (once, at load)."""
@@ -309,6 +348,11 @@ def instrument(model: nn.Module, tokenizer: Any = None) -> Instrumentation:
     handles = [
         module.register_forward_hook(_RouterHook(site, _parent(model, site.path)), with_kwargs=True)
         for module, site in found
+    ]
+    handles += [
+        experts_module(model, site).register_forward_pre_hook(_ExpertsSeam(site), with_kwargs=True)
+        for _, site in found
+        if site.spec.layout == "logits_experts"
     ]
     if found:
         handles.append(model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True))

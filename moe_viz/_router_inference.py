@@ -126,12 +126,14 @@ def calibrate(
     tokenizer: Any,
     routers: list[nn.Module],
     layouts: dict[int, tuple[str, int]] | None = None,
+    seams: dict[int, nn.Module] | None = None,
 ) -> dict[int, Observation]:
     """Record each of ``routers``' outputs on a real forward, then on random inputs of the same scale.
 
     Keyed by ``id(router)``. ``layouts`` maps known routers to (output layout, k) so that their
     outputs are read as (logits, weights, index); any other module counts when its output is the
-    standard layout. Routers whose choice cannot be read get no entry.
+    standard layout. ``seams`` maps routers that return logits only to the experts module their
+    block calls with the chosen (index, weights) (DBRX). Routers whose choice cannot be read get no entry.
     """
     layouts = layouts or {}
     seen: dict[int, tuple[tuple[Any, ...], dict[str, Any], Any]] = {}
@@ -144,13 +146,30 @@ def calibrate(
         logits, weights, index = read_router_output(layout, output, k)
         return None if weights is None else (logits, weights, index)
 
+    pending: dict[int, tuple[tuple[Any, ...], dict[str, Any], torch.Tensor]] = {}  # experts id -> router call
+
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if id(module) in experts_of:  # the choice is read when the block calls its experts
+            pending.setdefault(id(experts_of[id(module)]), (args, kwargs, output))
+            owners[id(experts_of[id(module)])] = module
+            return
         output = as_std(module, output)
         if _looks_like_std_output(output) is None or id(module) in seen:
             return
         seen[id(module)] = (args, kwargs, output)
 
+    def experts_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        router_call = pending.get(id(module))
+        owner = owners.get(id(module))
+        if router_call is None or owner is None or id(owner) in seen:
+            return
+        index, weights = experts_choice(args, kwargs)
+        seen[id(owner)] = (router_call[0], router_call[1], (router_call[2], weights, index))
+
+    experts_of = {rid: seam for rid, seam in (seams or {}).items()}
+    owners: dict[int, nn.Module] = {}
     handles = [r.register_forward_hook(hook, with_kwargs=True) for r in routers]
+    handles += [e.register_forward_pre_hook(experts_hook, with_kwargs=True) for e in experts_of.values()]
     try:
         ids = calibration_ids(model, tokenizer)
         device = next(model.parameters()).device
@@ -171,7 +190,11 @@ def calibrate(
                     noise = torch.randn((RANDOM_ROWS, flat.shape[-1]), generator=gen).to(flat.device, flat.dtype)
                     scale = flat.float().std().clamp_min(1e-3).to(flat.dtype)
                     try:
-                        rand = as_std(router, router(noise * scale, *args[1:], **kwargs))
+                        rand = (
+                            None
+                            if id(router) in experts_of
+                            else as_std(router, router(noise * scale, *args[1:], **kwargs))
+                        )
                     except Exception:  # a router that needs more than a (tokens, hidden) input: real tokens only
                         rand = None
                     if _looks_like_std_output(rand) is not None:
@@ -183,6 +206,13 @@ def calibrate(
         for h in handles:
             h.remove()
     return obs
+
+
+def experts_choice(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index, weights) from an experts call ``experts(hidden, top_k_index, top_k_weights)``."""
+    index = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
+    weights = kwargs.get("top_k_weights", args[2] if len(args) > 2 else None)
+    return index, weights
 
 
 # ----------------------------------------------------------------------------- the grammar

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 Family = Literal["softmax", "topk_softmax", "sigmoid", "sqrtsoftplus", "native", "capture"]
-OutputLayout = Literal["std", "logits_only", "scores_logits", "jetmoe"]
+OutputLayout = Literal["std", "logits_only", "logits_experts", "scores_logits", "jetmoe"]
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class RouterSpec:
     @property
     def exposes_native(self) -> bool:
         """True when the router's own (index, weights) can be read from its output."""
-        return self.layout in ("std", "scores_logits")
+        return self.layout in ("std", "scores_logits", "logits_experts")
 
     @property
     def group_limit(self) -> int | None:
@@ -133,7 +133,7 @@ _SIGMOID_GROUP = {
 # Non-standard routers: recorded only, with the output layout we know how to read.
 _CAPTURE_LAYOUTS: dict[str, OutputLayout] = {
     "PhimoeTopKRouter": "std",  # sparsemixer: weights are not a function of one k
-    "DbrxRouter": "logits_only",  # top-k happens in the block
+    "DbrxRouter": "logits_experts",  # logits only; the block picks top-k and calls experts(h, index, weights)
     "Llama4Router": "scores_logits",  # dense score matrix; weight scales the expert input
     "JetMoeTopKGating": "jetmoe",  # sorted-dispatch tuple
 }
@@ -228,7 +228,7 @@ def read_router_output(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(logits, native weights, native index) from a router's output, per layout. ``scores_logits``
     (Llama 4) returns a dense (N, E) score matrix that is 0 off the chosen experts, and the logits."""
-    if layout == "logits_only":
+    if layout in ("logits_only", "logits_experts"):  # logits_experts: the choice is read at the experts call
         return output, None, None
     if layout == "scores_logits":
         scores, logits = output[0], output[1]

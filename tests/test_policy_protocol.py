@@ -69,7 +69,7 @@ def test_a_user_defined_policy_is_validated_and_bounded_like_the_built_in_ones()
     assert moe_viz.parse_policy("avoid:2") == AvoidExpert(2)
 
 
-@pytest.mark.parametrize(("family", "kind"), [("dbrx", "capture-only"), ("phimoe", "partial support")])
+@pytest.mark.parametrize(("family", "kind"), [("jetmoe", "capture-only"), ("phimoe", "partial support")])
 def test_a_router_whose_maths_is_not_proven_refuses_a_user_defined_policy(family, kind):
     model = build(family)
     with pytest.raises(ValueError, match=kind):

@@ -159,11 +159,7 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
             interleave_moe_layer_step=1,
         ),
     ),
-}
-
-# Families whose routers are recorded but not substituted.
-CAPTURE_ONLY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "phimoe": ("PhimoeConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    # DBRX: the router returns logits only; the block picks top-k and calls its experts (own seam)
     "dbrx": (
         "DbrxConfig",
         dict(
@@ -175,6 +171,11 @@ CAPTURE_ONLY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
             ffn_config={"moe_num_experts": 4, "moe_top_k": 2, "ffn_hidden_size": 64},
         ),
     ),
+}
+
+# Families whose routers are recorded but not substituted.
+CAPTURE_ONLY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "phimoe": ("PhimoeConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
     "jetmoe": ("JetMoeConfig", dict(kv_channels=16, num_local_experts=4, num_experts_per_tok=2)),
 }
 
