@@ -32,6 +32,7 @@ from ._routers import (
     RouterSpec,
     find_routers,
     is_attention_path,
+    jetmoe_output,
     layer_of,
     read_router_output,
     shared_expert_layers,
@@ -216,6 +217,8 @@ class _RouterHook:
         )
         if spec.layout == "logits_experts":  # DBRX: the experts seam hands the experts this decision
             return None
+        if spec.layout == "jetmoe":  # sorted dispatch, rebuilt from the decision
+            return jetmoe_output(decision.index, decision.weights, output[4], output)
         if spec.layout == "scores_logits":  # Llama 4: a dense score matrix, 0 off the chosen experts
             scores = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)  # (N, E)
             scores.scatter_(1, decision.index, decision.weights.float())

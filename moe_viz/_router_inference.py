@@ -73,12 +73,13 @@ def describe(spec: RouterSpec) -> str:
         "topk_softmax": ["top-k of logits, then softmax"],
         "sigmoid": ["sigmoid"],
         "sqrtsoftplus": ["sqrt(softplus)"],
+        "sparsemixer": [f"sparsemixer (threshold {spec.jitter_eps or 0.0:g})"],
     }[spec.family]
     if spec.bias_path:
         parts.append(f"selection bias `{spec.bias_path}`" + (" on the logits" if spec.bias_on == "logits" else ""))
     if spec.group_limit is not None:
         parts.append(f"groups {spec.n_group}→{spec.topk_group} ({spec.group_score})")
-    if spec.family != "topk_softmax":
+    if spec.family not in ("topk_softmax", "sparsemixer"):
         parts.append(
             "renormalised" + (f" (min {spec.norm_min:g})" if spec.norm_min is not None else "")
             if spec.renorm

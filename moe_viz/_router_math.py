@@ -46,7 +46,7 @@ def select_topk(
     The group limit applies while ``k`` fits inside it; a larger k ignores groups (the native
     code would otherwise have to pick masked experts arbitrarily).
     """
-    if spec.family == "topk_softmax":
+    if spec.family in ("topk_softmax", "sparsemixer"):
         choice = logits.float()  # (T, E)
     else:
         choice = router_scores(spec, logits)  # (T, E)
@@ -61,8 +61,30 @@ def select_topk(
     return choice.topk(k, dim=-1).indices  # (T, k), sorted best first
 
 
+def sparsemixer_weights(logits: torch.Tensor, index: torch.Tensor, jitter_eps: float) -> torch.Tensor:
+    """(T, k') sparsemixer weights (PhiMoE, eval mode) of the experts in ``index``, slot by slot in
+    order of their logits: each weight is the softmax of its logit over the experts not taken by an
+    earlier slot whose logits lie within a relative 2 * jitter_eps of it."""
+    scores = logits.float()  # (T, E)
+    order = scores.gather(1, index).argsort(dim=-1, descending=True)  # (T, k') slot order
+    ranked = index.gather(1, order)  # (T, k') experts, highest logit first
+    remaining = scores.clone()  # (T, E) -inf where an earlier slot took the expert
+    out = torch.empty(ranked.shape, dtype=torch.float32)  # (T, k')
+    for slot in range(ranked.shape[1]):
+        e = ranked[:, slot : slot + 1]  # (T, 1)
+        top = remaining.gather(1, e)  # (T, 1) this slot's logit (the max of what remains)
+        factor = scores.abs().clamp(min=top)  # (T, E) as the architecture computes it
+        far = (top - scores) / factor > 2 * jitter_eps  # (T, E) too far below to share the slot
+        gates = remaining.masked_fill(far, float("-inf")).softmax(dim=-1)  # (T, E)
+        out[:, slot] = gates.gather(1, e).squeeze(1)
+        remaining = remaining.scatter(1, e, float("-inf"))
+    return torch.empty_like(out).scatter_(1, order, out)  # back to ``index``'s order
+
+
 def gate_weights(spec: RouterSpec, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(T, k') float32 weights the architecture gives to the experts in ``index``."""
+    if spec.family == "sparsemixer":
+        return sparsemixer_weights(logits, index, spec.jitter_eps or 0.0) * spec.scale
     if spec.family == "topk_softmax":
         return logits.float().gather(1, index).softmax(dim=-1)  # (T, k')
     weights = router_scores(spec, logits).gather(1, index)  # (T, k')

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-Family = Literal["softmax", "topk_softmax", "sigmoid", "sqrtsoftplus", "native", "capture"]
+Family = Literal["softmax", "topk_softmax", "sigmoid", "sqrtsoftplus", "sparsemixer", "native", "capture"]
 OutputLayout = Literal["std", "logits_only", "logits_experts", "scores_logits", "jetmoe"]
 
 
@@ -36,6 +36,10 @@ class RouterSpec:
       best ``topk_group`` of ``n_group`` groups (group score = sum of its top-2); weights = the
       unbiased selected scores, renormalised iff ``renorm``, times ``scale`` (DeepSeek-V3 family).
     * ``sqrtsoftplus``: like ``sigmoid`` with scores = sqrt(softplus(logits)) (DeepSeek-V4).
+    * ``sparsemixer`` (PhiMoE, eval mode): experts chosen in order of their logits; the expert of
+      slot i gets the softmax of its logit over the experts still available at slot i (the earlier
+      slots' experts removed) whose logits are within a relative ``2 * jitter_eps`` of it. Other k
+      run the same rule for k slots; the gate ensemble runs it for E slots.
     * ``native``: the maths is not reproduced, but the router hands back its own choice and
       weights (standard output), so policies that keep the native choice (capacity at the model's
       own k) still run on them.
@@ -53,17 +57,18 @@ class RouterSpec:
     norm_min: float | None = None
     bias_path: str | None = None  # attribute path of a selection-only bias on the router
     bias_on: Literal["scores", "logits"] = "scores"  # what the selection bias is added to
+    jitter_eps: float | None = None  # sparsemixer's relative threshold (PhiMoE's router_jitter_noise)
     layout: OutputLayout = "std"
 
     @property
     def substitutable(self) -> bool:
         """True when moe-viz reproduces this router's maths, so any policy can run on it."""
-        return self.family not in ("capture", "native")
+        return self.family not in ("capture", "native")  # sparsemixer included: reproduced in eval mode
 
     @property
     def exposes_native(self) -> bool:
         """True when the router's own (index, weights) can be read from its output."""
-        return self.layout in ("std", "scores_logits", "logits_experts")
+        return self.layout in ("std", "scores_logits", "logits_experts", "jetmoe")
 
     @property
     def group_limit(self) -> int | None:
@@ -132,7 +137,6 @@ _SIGMOID_GROUP = {
 }
 # Non-standard routers: recorded only, with the output layout we know how to read.
 _CAPTURE_LAYOUTS: dict[str, OutputLayout] = {
-    "PhimoeTopKRouter": "std",  # sparsemixer: weights are not a function of one k
     "DbrxRouter": "logits_experts",  # logits only; the block picks top-k and calls experts(h, index, weights)
     "Llama4Router": "scores_logits",  # dense score matrix; weight scales the expert input
     "JetMoeTopKGating": "jetmoe",  # sorted-dispatch tuple
@@ -173,6 +177,7 @@ def spec_for(router: nn.Module, model_config: object) -> RouterSpec | None:
         or name in _SIGMOID_GROUP
         or name == "DeepseekV2TopkRouter"
         or name == "Ernie4_5_MoeTopKRouter"
+        or name == "PhimoeTopKRouter"
         or name in _CAPTURE_LAYOUTS
         or _STD_NAME.search(name) is not None
     )
@@ -212,6 +217,8 @@ def spec_for(router: nn.Module, model_config: object) -> RouterSpec | None:
             group_score="max" if grouped else None,
             **base,
         )
+    if name == "PhimoeTopKRouter":
+        return RouterSpec("sparsemixer", jitter_eps=float(router.router_jitter_noise), **base)
     if name == "Ernie4_5_MoeTopKRouter":
         return RouterSpec(
             "softmax",
@@ -234,9 +241,31 @@ def read_router_output(
         scores, logits = output[0], output[1]
         index = scores.float().topk(top_k, dim=-1).indices  # (N, k) the chosen experts (all others score 0)
         return logits, scores.gather(-1, index), index
-    if layout == "jetmoe":
-        return output[4], None, None
+    if layout == "jetmoe":  # sorted dispatch: (sorted slots, token per slot, gate per slot, sizes, logits)
+        sorted_slots, _, gates, sizes, logits = output[:5]
+        N, E = logits.shape[0], logits.shape[-1]
+        k = sorted_slots.numel() // max(N, 1)
+        per_slot = torch.repeat_interleave(
+            torch.arange(E, device=logits.device), torch.as_tensor(sizes, device=logits.device)
+        )  # (N*k,) expert of each sorted slot: slots are grouped by expert, ascending
+        index = torch.empty(N * k, dtype=torch.long, device=logits.device)
+        index[sorted_slots] = per_slot
+        weights = torch.empty(N * k, dtype=gates.dtype, device=gates.device)
+        weights[sorted_slots] = gates
+        return logits, weights.view(N, k), index.view(N, k)
     return output[0], output[1], output[2]
+
+
+def jetmoe_output(index: torch.Tensor, weights: torch.Tensor, logits: torch.Tensor, template: Any) -> tuple[Any, ...]:
+    """A JetMoE router output (sorted dispatch) for the choice ``index`` / ``weights`` (N, k')."""
+    N, k = index.shape
+    E = logits.shape[-1]
+    flat = index.reshape(-1)  # (N*k,)
+    _, sorted_slots = flat.sort(dim=0, stable=True)  # (N*k,) slots grouped by expert
+    batch_index = sorted_slots.div(k, rounding_mode="trunc")  # (N*k,) token of each slot
+    gates = weights.reshape(-1)[sorted_slots].to(template[2].dtype)  # (N*k,)
+    sizes = torch.bincount(flat, minlength=E).tolist()
+    return (sorted_slots, batch_index, gates, sizes, logits, *template[5:])
 
 
 def layer_of(path: str) -> int | None:

@@ -168,11 +168,13 @@ def test_inspect_prints_one_line_per_router_with_its_spec_and_check(capsys):
 def test_inspect_names_why_a_partial_router_refuses_other_k():
     from moe_viz.cli import router_lines
 
-    model = wrap_model(build_model("phimoe"), ByteTokenizer(), "phimoe")
+    model = wrap_model(build_family("minimax_m3_vl_text"), ByteTokenizer(), "minimax_m3_vl_text")
     lines = router_lines(model)
-    assert all("partial: no spec of the grammar reproduces this router; the closest" in line for line in lines)
+    assert lines and all(
+        "partial: no spec of the grammar reproduces this router; the closest" in line for line in lines
+    )
     assert all("runs: native, capacity at k=2" in line for line in lines)
-    assert "partial support on 2" in model.routing_summary
+    assert f"partial support on {len(lines)}" in model.routing_summary
 
 
 def test_a_multimodal_checkpoint_with_an_moe_text_stack_loads_and_runs_text(tmp_path):

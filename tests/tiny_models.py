@@ -171,13 +171,13 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
             ffn_config={"moe_num_experts": 4, "moe_top_k": 2, "ffn_hidden_size": 64},
         ),
     ),
-}
-
-# Families whose routers are recorded but not substituted.
-CAPTURE_ONLY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    # PhiMoE (sparsemixer) and JetMoE (sorted dispatch): each re-routed through its own seam
     "phimoe": ("PhimoeConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
     "jetmoe": ("JetMoeConfig", dict(kv_channels=16, num_local_experts=4, num_experts_per_tok=2)),
 }
+
+# Families whose routers are recorded but not substituted.
+CAPTURE_ONLY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {}  # every tiny family is re-routable now
 
 
 class ByteTokenizer:
