@@ -217,17 +217,26 @@ def load_model(
     return wrap_model(model, tokenizer, model_id=name_or_path)
 
 
-def _auto_model(source: str, kwargs: dict[str, Any]) -> nn.Module:
-    """The causal LM of ``source``; for a multimodal checkpoint whose text stack is an MoE
-    (Qwen3-VL-MoE, Aria, MiniMax-M3-VL, ...), the image-text-to-text model, which runs text alone."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+# Auto classes tried in turn: a causal LM, then the multimodal wrappers whose text stack is an MoE
+# (Qwen3-VL-MoE, Aria, GLM-4.5V, MiniMax-M3-VL: image-text-to-text; Qwen3-Omni-MoE: multimodal LM).
+AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForMultimodalLM")
 
-    try:
-        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except ValueError as err:
-        if "Unrecognized configuration class" not in str(err):
-            raise
-        return AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+
+def _auto_model(source: str, kwargs: dict[str, Any]) -> nn.Module:
+    """The model of ``source`` from the first Auto class in ``AUTO_CLASSES`` that knows its config;
+    a multimodal model runs text prompts alone."""
+    import transformers
+
+    for name in AUTO_CLASSES:
+        auto = getattr(transformers, name, None)
+        if auto is None:
+            continue
+        try:
+            return auto.from_pretrained(source, **kwargs)
+        except ValueError as err:
+            if "Unrecognized configuration class" not in str(err) or name == AUTO_CLASSES[-1]:
+                raise
+    raise ValueError(f"no Auto class of this transformers loads {source!r}")
 
 
 def wrap_model(model: nn.Module, tokenizer: Any, model_id: str) -> MoEModel:

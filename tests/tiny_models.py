@@ -317,11 +317,21 @@ def generic_config(config_class: Any) -> Any:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     depth = getattr(text, "num_hidden_layers", None)
     for name, value in GENERIC_SIZES.items():
-        if getattr(text, name, None) is not None:
-            try:
-                setattr(text, name, value)
-            except (AttributeError, TypeError):
+        current = getattr(text, name, None)
+        if current is not None:
+            try:  # a size given per modality (a list) keeps its length
+                setattr(text, name, [value] * len(current) if isinstance(current, list) else value)
+            except (AttributeError, TypeError, ValueError):
                 pass
+    rope = getattr(text, "rope_parameters", None)
+    if isinstance(rope, dict) and text is not config:  # multimodal rotary sections must fit the tiny head
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        partial = rope.get("partial_rotary_factor", getattr(text, "partial_rotary_factor", 1.0)) or 1.0
+        half = int(head_dim * partial) // 2
+        sections = rope.get("mrope_section") or [8, 12, 12]
+        scaled = [max(1, round(x * half / sum(sections))) for x in sections]
+        scaled[-1] += half - sum(scaled)
+        rope["mrope_section"] = scaled
     if getattr(text, "qk_rope_head_dim", None) is not None and getattr(text, "head_dim", None) is not None:
         text.head_dim = text.qk_rope_head_dim  # MLA: rotary embeddings are built for the rope part only
     for name in ("vision_config", "audio_config"):  # multimodal wrappers: their encoders shrunk too
@@ -344,13 +354,17 @@ def generic_config(config_class: Any) -> Any:
 
 
 def _from_config(config: Any) -> nn.Module:
-    """The causal LM of ``config``; a multimodal wrapper's image-text-to-text model, which runs text alone."""
-    try:
-        return transformers.AutoModelForCausalLM.from_config(config)
-    except ValueError as err:
-        if "Unrecognized configuration class" not in str(err):
-            raise
-        return transformers.AutoModelForImageTextToText.from_config(config)
+    """The causal LM of ``config``; for a multimodal wrapper, the first multimodal Auto class that
+    takes it (image-text-to-text, then multimodal LM), which runs text alone."""
+    from moe_viz.models import AUTO_CLASSES
+
+    for name in AUTO_CLASSES:
+        try:
+            return getattr(transformers, name).from_config(config)
+        except ValueError as err:
+            if "Unrecognized configuration class" not in str(err) or name == AUTO_CLASSES[-1]:
+                raise
+    raise AssertionError("unreachable")
 
 
 def build_family(model_type: str, seed: int = 0) -> nn.Module:
