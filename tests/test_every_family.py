@@ -18,7 +18,7 @@ from tiny_models import ByteTokenizer, build_family, build_model, router_familie
 from torch import nn
 
 from moe_viz import Capacity, TopK, run_prompt, wrap_model
-from moe_viz._router_math import select_topk
+from moe_viz._router_math import gate_weights, select_topk
 
 FAMILIES = sorted(router_families())
 PROMPT = "every family, routed the way it routes"
@@ -66,6 +66,8 @@ def test_every_buildable_family_is_traced_exactly_and_runs_every_mode_it_can_pro
         for lt, site in zip(native.layers, model.sites, strict=True):
             mine = select_topk(site.spec, lt.router_logits, site.spec.top_k, _bias(model, site))
             assert torch.equal(mine.sort(-1).values, lt.native_index.sort(-1).values), site.path
+            weights = gate_weights(site.spec, lt.router_logits, lt.native_index)  # (T, k) in the native order
+            torch.testing.assert_close(weights, lt.native_weights, rtol=1e-5, atol=1e-6)
         one = run_prompt(model, PROMPT, TopK(1))
         assert not torch.allclose(one.output.vocab_logprobs, native.output.vocab_logprobs)
     elif any(site.spec.substitutable for site in model.sites):  # mixed (DeepSeek-V4: hash-routed layers)
