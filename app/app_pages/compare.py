@@ -12,7 +12,7 @@ from app.ui import downloads, prompt_form, require_model, show, shows_errors, st
 from moe_viz import Policy, Trace, metrics, parse_policy, policy_spec, views
 from moe_viz.policies import POLICY_SYNTAX
 
-POLICY_HELP = f"Write {POLICY_SYNTAX}."
+POLICY_HELP = "Write " + POLICY_SYNTAX.replace("'", "`") + "."  # code spans: [..][..] would read as a link
 
 st.title("Compare modes")
 ctx = require_model()
