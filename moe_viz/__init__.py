@@ -16,6 +16,7 @@ limits and a fair compute gate). Modules starting with ``_`` are implementation.
 from ._hooks import TimeBudgetExceeded
 from ._routers import RouterSite, RouterSpec
 from ._runs import Generation, Recording, Sampling, generate, record, run_batch, run_prompt
+from .interventions import Ablate, Force
 from .models import DEFAULT_MODEL, MoEModel, default_model_path, load_model, wrap_model
 from .policies import (
     Capacity,
@@ -33,11 +34,13 @@ from .serving import Busy, ComputeGate, Limits
 from .trace import LayerTrace, OutputTrace, Trace
 
 __all__ = [
+    "Ablate",
     "Busy",
     "Capacity",
     "ComputeGate",
     "DEFAULT_MODEL",
     "Ensemble",
+    "Force",
     "Generation",
     "LayerTrace",
     "Limits",

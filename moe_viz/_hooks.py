@@ -205,7 +205,7 @@ class _RouterHook:
             call.held_native = True  # this router cannot run the policy: its layer keeps native routing
             return None
         bias = spec.selection_bias(module, self.parent, (*args[1:], *kwargs.values()))
-        router_call = RouterCall(spec, logits, bias, native_idx, native_w, forward.groups)
+        router_call = RouterCall(spec, logits, bias, native_idx, native_w, forward.groups, self.site.layer)
         decision = active.policy.decide(router_call)
         if decision is None:
             return None
@@ -256,6 +256,13 @@ class Instrumentation:
                 errors.append(f"{err} [router {site.router_class} at {site.path}{': ' + why if why else ''}]")
         if errors and (len(errors) == len(self.sites) or not isinstance(policy, Policy)):
             raise ValueError(errors[0])
+        named = policy.layers if isinstance(policy, Policy) else None
+        missing = sorted(set(named or ()) - {site.layer for site in self.sites})
+        if missing:
+            raise ValueError(
+                f"policy {policy.spec!r} names layer {missing[0]}, which is not an MoE layer of this model; "
+                f"the MoE layers are {sorted({site.layer for site in self.sites})}"
+            )
 
 
 def _parent(model: nn.Module, path: str) -> nn.Module | None:

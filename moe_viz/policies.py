@@ -62,6 +62,7 @@ class RouterCall:
     native_index: torch.Tensor | None = None  # (N, k) the model's own choice, when the router exposes it
     native_weights: torch.Tensor | None = None  # (N, k)
     groups: torch.Tensor | None = None  # (N,) long: the sequence each row belongs to, -1 = padding; None = one
+    layer: int | None = None  # the decoder layer of this router (interventions act per layer)
 
     @property
     def num_tokens(self) -> int:
@@ -95,6 +96,12 @@ class Policy(ABC):
 
     runs_every_expert: ClassVar[bool] = False
     recompute_when_generating: ClassVar[bool] = False
+
+    @property
+    def layers(self) -> frozenset[int] | None:
+        """The decoder layers this policy names (None: it acts on every layer); a model without
+        one of them refuses the policy with a message."""
+        return None
 
     @property
     def spec(self) -> str:
@@ -342,14 +349,26 @@ POLICY_PARSERS: dict[str, PolicyParser] = {
     "capacity": _parse_capacity,
     "ensemble": _parse_ensemble,
 }
-POLICY_SYNTAX = "'native', 'top-k:K', 'capacity:FACTOR[:position|probs][:k=K]' or 'ensemble:gate|uniform'"
+POLICY_SYNTAX = (
+    "'native', 'top-k:K', 'capacity:FACTOR[:position|probs][:k=K]' or 'ensemble:gate|uniform', optionally followed "
+    "by interventions such as '+ablate:LAYER:E,E[:zero]' or '+force:LAYER:E,E[@POS,POS]'"
+)
 
 
-def register_policy(kind: str, parser: PolicyParser) -> None:
-    """Make ``parse_policy`` read ``kind:ARG:ARG...`` with ``parser(args)`` (a user's own policy)."""
-    if not isinstance(kind, str) or not kind or ":" in kind or kind != kind.strip().lower():
-        raise ValueError(f"kind must be a non-empty lower-case name without ':'; got {kind!r}")
+# kind -> parser(args, base) of policies that wrap another one (interventions): read after a '+'.
+CHAINABLE_PARSERS: dict[str, Callable[[list[str], Policy | None], Policy]] = {}
+
+
+def register_policy(kind: str, parser: Callable[..., Policy | None], chainable: bool = False) -> None:
+    """Make ``parse_policy`` read ``kind:ARG:ARG...`` with ``parser(args)`` (a user's own policy).
+
+    A ``chainable`` parser takes ``(args, base)`` and wraps the policy before it in a ``+`` chain
+    (``capacity:1.0+ablate:0:2,5``)."""
+    if not isinstance(kind, str) or not kind or ":" in kind or "+" in kind or kind != kind.strip().lower():
+        raise ValueError(f"kind must be a non-empty lower-case name without ':' or '+'; got {kind!r}")
     POLICY_PARSERS[kind] = parser
+    if chainable:
+        CHAINABLE_PARSERS[kind] = parser
 
 
 def parse_policy(text: str) -> Policy | None:
@@ -357,6 +376,22 @@ def parse_policy(text: str) -> Policy | None:
     (and any kind added with ``register_policy``)."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError("policy must be a non-empty string such as 'top-k:2', 'capacity:1.25', 'ensemble:gate'")
+    if "+" in text:  # a base policy, then interventions applied on top of it, left to right
+        first, *rest = text.split("+")
+        policy = parse_policy(first)
+        for part in rest:
+            kind, *args = [p.strip() for p in part.strip().lower().split(":")]
+            chained = CHAINABLE_PARSERS.get(kind)
+            if chained is None:
+                raise ValueError(
+                    f"policy {text!r}: only interventions ({', '.join(sorted(CHAINABLE_PARSERS)) or 'none'}) can "
+                    f"follow '+'; got {kind!r}"
+                )
+            try:
+                policy = chained(args, policy)
+            except ValueError as err:
+                raise ValueError(f"policy {text!r}: {err}") from None
+        return policy
     parts = [p.strip() for p in text.strip().lower().split(":")]
     kind, args = parts[0], parts[1:]
     if kind == "native" and not args:
