@@ -660,3 +660,50 @@ def routing_diff(reference: Trace, other: Trace, layer: int) -> RoutingDiff:
 
 if __name__ == "__main__":
     print(metrics_markdown_table())
+
+
+# ----------------------------------------------------------------------------- expert paths across layers
+@dataclass(frozen=True)
+class Paths:
+    """Each token's first-choice expert in every MoE layer, read as a path through the layers."""
+
+    layers: list[int]
+    paths: torch.Tensor  # (T, L) long: first-choice expert per token and layer
+    marginals: torch.Tensor  # (L, E) float64: share of tokens with each first choice, per layer
+    top: list[tuple[tuple[int, ...], int, float, float]]  # (path, tokens, share, share under independence)
+    path_entropy: float  # H(path) in nats
+    independent_entropy: float  # sum over layers of H(first choice): the path entropy if layers were independent
+    total_correlation: float  # independent_entropy - path_entropy >= 0: how much the layers agree
+
+
+def independence_probability(marginals: torch.Tensor, path: tuple[int, ...]) -> float:
+    """The probability of ``path`` if every layer picked independently: the product of the marginals."""
+    return float(torch.prod(torch.stack([marginals[layer, e] for layer, e in enumerate(path)])))
+
+
+def expert_paths(trace: Trace, which: SetKind = "routed", top: int = 10) -> Paths:
+    """First-choice paths of the traced tokens, the most frequent ones against the independence
+    baseline (product of per-layer marginals), and how concentrated they are (total correlation)."""
+    _check_trace(trace)
+    if not trace.layers:
+        raise ValueError("trace has no MoE layers: there are no expert paths")
+    E = max(lt.num_experts for lt in trace.layers)
+    paths = torch.stack([first_choice(lt, which) for lt in trace.layers], dim=1)  # (T, L)
+    T, L = paths.shape
+    marginals = torch.stack([torch.bincount(paths[:, i], minlength=E).double() / T for i in range(L)])  # (L, E)
+    counts: dict[tuple[int, ...], int] = {}
+    for row in paths.tolist():
+        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    shares = torch.tensor([c / T for c in counts.values()], dtype=torch.float64)
+    h_path = float(entropy(shares))
+    h_indep = float(sum(entropy(marginals[i]) for i in range(L)))
+    return Paths(
+        layers=trace.layer_ids,
+        paths=paths,
+        marginals=marginals,
+        top=[(p, c, c / T, independence_probability(marginals, p)) for p, c in ranked],
+        path_entropy=h_path,
+        independent_entropy=h_indep,
+        total_correlation=max(0.0, h_indep - h_path),
+    )

@@ -96,7 +96,7 @@ def test_explore_shows_heatmap_coloured_text_router_distribution_and_predictions
     no_exception(at)
     assert not at.error
     charts = at.get("plotly_chart")
-    assert len(charts) == 4  # heatmap, router distribution, predictions, layer load
+    assert len(charts) == 5  # heatmap, router distribution, predictions, layer load, expert paths
     assert metric(at, "Tokens") == str(run_prompt(model, PROMPT).num_tokens)
     assert routing_shown(at) == f"top-k:{model.top_k}"
     assert at.sidebar.selectbox(key="layer").options == [f"layer {i}" for i in model.moe_layers]
@@ -192,7 +192,7 @@ def test_a_long_prompt_renders_every_explore_view(app, model):
     no_exception(at)
     assert not at.error
     assert metric(at, "Tokens") == str(run_prompt(model, long_prompt).num_tokens)
-    assert len(at.get("plotly_chart")) == 4
+    assert len(at.get("plotly_chart")) == 5
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -207,7 +207,7 @@ def test_empty_prompt_shows_an_error_and_the_session_keeps_working(app, bad):
     submit(at)
     no_exception(at)
     assert not at.error
-    assert len(at.get("plotly_chart")) == 4
+    assert len(at.get("plotly_chart")) == 5
 
 
 def test_every_page_reports_an_empty_prompt_once(app):
@@ -234,7 +234,7 @@ def test_prompt_over_the_token_limit_shows_an_error(app, monkeypatch):
 def test_bad_model_id_shows_an_error_and_keeps_the_loaded_model(app, name, message):
     at = load_custom_model(app, name)
     assert any(message in e.value for e in at.sidebar.error)
-    assert len(at.get("plotly_chart")) == 4  # the page still shows the previous model's trace
+    assert len(at.get("plotly_chart")) == 5  # the page still shows the previous model's trace
 
 
 def test_dense_model_folder_shows_an_error(app, model, tmp_path):
@@ -272,7 +272,7 @@ def test_a_local_checkpoint_folder_gets_the_same_views(app, model, tmp_path, mod
     at = load_custom_model(app, str(tmp_path))
     assert not at.sidebar.error
     assert any(model_type in c.value for c in at.sidebar.caption)
-    assert len(at.get("plotly_chart")) == 4
+    assert len(at.get("plotly_chart")) == 5
     capture_only = model_type == "minimax_m3_vl_text"
     assert routing_shown(at) == ("native" if capture_only else f"top-k:{config.num_experts_per_tok}")
     at.switch_page("app_pages/learn.py").run()

@@ -173,7 +173,7 @@ def test_type_a_prompt_switch_each_mode_and_download_a_trace(server, browser):
     html_path = ARTIFACTS / "browser-figures.html"
     info.value.save_as(html_path)
     html = html_path.read_text()
-    assert html.count("<section>") == 4 and '<script src="http' not in html  # every chart, plotly.js inline
+    assert html.count("<section>") == 5 and '<script src="http' not in html  # every chart, plotly.js inline
 
     for name in ("Load balance", "Compare modes", "Learn"):
         page.get_by_test_id("stSidebarNav").get_by_text(name, exact=True).click()

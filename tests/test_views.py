@@ -11,6 +11,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 import moe_viz
 from moe_viz import Capacity, Ensemble, TopK, views
@@ -205,3 +206,21 @@ def test_metric_cards_take_their_help_from_the_metric_definitions(trace):
     cards = views.metric_cards(trace, LAYER)
     definitions = {m.definition for m in moe_viz.metrics.METRICS}
     assert cards and all(any(card.help.startswith(d) for d in definitions) for card in cards)
+
+
+def test_expert_paths_cite_the_commonest_path_against_the_product_of_marginals(trace):
+    from moe_viz.metrics import expert_paths, independence_probability
+
+    view = views.expert_paths(trace)
+    p = expert_paths(trace)
+    path, tokens, share, indep = p.top[0]
+    first = torch.stack([moe_viz.metrics.first_choice(lt) for lt in trace.layers], dim=1)
+    assert tokens == int((first == torch.tensor(path)).all(dim=1).sum())
+    manual = 1.0
+    for i, e in enumerate(path):
+        manual *= float((first[:, i] == e).double().mean())
+    assert indep == pytest.approx(manual) == pytest.approx(independence_probability(p.marginals, path))
+    assert f"carries {tokens} of" in view.explanation and " → ".join(f"e{e}" for e in path) in view.explanation
+    sankey = view.figure.data[0]
+    assert sum(sankey["link"]["value"]) == trace.num_tokens * (len(trace.layers) - 1)
+    assert p.total_correlation >= 0

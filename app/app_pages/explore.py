@@ -29,7 +29,7 @@ if trace.held_native_layers:
         f"`{trace.policy}` (hash-routed, or maths moe-viz could not verify; `moe-viz inspect` says why per router)."
     )
 
-heatmap, text, layer_load = views.explore_views(trace, layer)
+heatmap, text, layer_load, paths = views.explore_views(trace, layer)
 show(heatmap)
 show(text)
 
@@ -53,5 +53,6 @@ def token_close_up() -> None:
 
 token_close_up()
 show(layer_load, key="explore_layer_load")
+show(paths, key="explore_paths")
 
 downloads(trace, "explore")

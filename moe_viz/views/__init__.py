@@ -27,12 +27,13 @@ from .balance import (
     router_confidence,
 )
 from .compare import mode_effect, routing_diff
+from .paths import expert_paths
 from .routing import coloured_text, predictions, router_distribution, routing_heatmap
 
 
 def explore_views(trace: Trace, layer: int) -> list[View]:
     """The Explore page, top to bottom (the token close-up is ``token_views``)."""
-    return [routing_heatmap(trace, layer), coloured_text(trace, layer), layer_load(trace)]
+    return [routing_heatmap(trace, layer), coloured_text(trace, layer), layer_load(trace), expert_paths(trace)]
 
 
 def token_views(trace: Trace, layer: int, position: int) -> list[View]:
@@ -86,6 +87,7 @@ __all__ = [
     "display_token",
     "expert_colors",
     "expert_load",
+    "expert_paths",
     "explore_views",
     "layer_load",
     "metric_cards",
