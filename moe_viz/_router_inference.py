@@ -167,7 +167,7 @@ def calibrate(
         index, weights = experts_choice(args, kwargs)
         seen[id(owner)] = (router_call[0], router_call[1], (router_call[2], weights, index))
 
-    experts_of = {rid: seam for rid, seam in (seams or {}).items()}
+    experts_of = seams or {}
     owners: dict[int, nn.Module] = {}
     handles = [r.register_forward_hook(hook, with_kwargs=True) for r in routers]
     handles += [e.register_forward_pre_hook(experts_hook, with_kwargs=True) for e in experts_of.values()]
@@ -233,15 +233,8 @@ def _bias_candidates(router: nn.Module, parent: nn.Module | None, E: int) -> lis
         if owner is None:
             continue
         for name, tensor in [*owner.named_buffers(), *owner.named_parameters()]:
-            if (
-                prefix
-                and name.split(".")[0] in dict(owner.named_children())
-                and owner.get_submodule(name.rsplit(".", 1)[0]) is router
-            ):
-                continue  # the router's own tensors, seen above
-            if "bias" in name.rsplit(".", 1)[-1] and tensor.dim() == 1 and tensor.numel() == E:
-                if any(t is tensor for _, t in found):
-                    continue
+            seen = any(t is tensor for _, t in found)  # the router's own tensors reappear under its parent
+            if not seen and "bias" in name.rsplit(".", 1)[-1] and tensor.dim() == 1 and tensor.numel() == E:
                 found.append((prefix + name, tensor))
     return found
 
