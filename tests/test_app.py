@@ -306,6 +306,7 @@ def test_load_balance_page_shows_metrics_tables_and_charts(app, model):
     labels = {m.label for m in at.metric}
     assert {"CV", "MaxVio", "Gini", "Aux loss (HF)", "Aux loss (normalised)", "Router z-loss"} <= labels
     assert len(at.get("plotly_chart")) == 4  # load bars, layer load, router confidence, co-activation
+    assert any("Imbalance metrics use the load each expert processed" in c.value for c in at.caption)
     assert at.dataframe and len(at.dataframe[0].value) == len(model.moe_layers) + 1  # + the "all" row
 
 

@@ -22,7 +22,8 @@ for row in range(0, len(cards), 6):
     for col, card in zip(st.columns(6), cards[row : row + 6]):
         col.metric(card.label, card.value, help=card.help)
 st.caption(
-    "Imbalance metrics use the routed load (kept + dropped); hover a number for its definition and its value "
+    "Imbalance metrics use the load each expert processed (dropped assignments are counted apart); hover a "
+    "number for its definition and its value "
     "under perfectly even routing."
 )
 
