@@ -31,6 +31,7 @@ from ._routers import (
     RouterSite,
     RouterSpec,
     find_routers,
+    in_layer_with_shared_expert,
     is_attention_path,
     jetmoe_output,
     layer_of,
@@ -292,7 +293,7 @@ def discover_and_verify(model: nn.Module, tokenizer: Any) -> list[tuple[nn.Modul
             layer=len(found) if layer is None else layer,
             spec=RouterSpec("capture", num_experts=E, top_k=k),
             router_class=type(module).__name__,
-            shared_expert=any(path.startswith(prefix + ".") for prefix in shared),
+            shared_expert=in_layer_with_shared_expert(path, shared),
         )
         found.append((module, site))
     config = getattr(model, "config", None)

@@ -290,6 +290,11 @@ def shared_expert_layers(model: nn.Module) -> set[str]:
     return shared
 
 
+def in_layer_with_shared_expert(path: str, shared: set[str]) -> bool:
+    """True when the module at ``path`` sits in one of the decoder layers ``shared_expert_layers`` found."""
+    return any(path.startswith(prefix + ".") for prefix in shared)
+
+
 def find_routers(model: nn.Module) -> list[tuple[nn.Module, RouterSite]]:
     """Every router of a known class in ``model`` with its site, in layer order (routers of other
     classes are found at load by what they return: see ``_hooks.instrument``)."""
@@ -309,7 +314,7 @@ def find_routers(model: nn.Module) -> list[tuple[nn.Module, RouterSite]]:
             layer=len(found) if layer is None else layer,
             spec=spec,
             router_class=type(module).__name__,
-            shared_expert=any(path.startswith(prefix + ".") for prefix in shared),
+            shared_expert=in_layer_with_shared_expert(path, shared),
         )
         found.append((module, site))
     found.sort(key=lambda item: item[1].layer)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import pandas as pd
 import torch
 
+from ._hooks import active_call
 from ._runs import Prompt, encode, run_prompt
 from .interventions import ABLATION_MODES
 from .models import MoEModel
@@ -81,7 +82,7 @@ def expert_importance(
     native = run_prompt(model, prompt, None, max_tokens=max_tokens)
     if native.num_tokens < 2:
         raise ValueError("prompt must have at least 2 tokens: the loss is over the actual next tokens")
-    base_loss = -float(native.output.target_logprob[:-1].mean())
+    base_loss = native.next_token_loss()
     ids = encode(model, prompt, max_tokens)  # (1, T)
     targets = ids[0, 1:]  # (T-1,)
     rows, correlations = [], {}
@@ -91,8 +92,6 @@ def expert_importance(
         E = site.spec.num_experts
         batch = ids.expand(E, -1)  # (E, T): row e ablates expert e
         policy = _AblateOnePerRow(site.layer, mode)
-        from ._hooks import active_call
-
         with torch.inference_mode(), active_call(policy):
             logits = model.model(input_ids=batch, use_cache=False).logits  # (E, T, V)
         logp = logits[:, :-1].float().log_softmax(-1)  # (E, T-1, V)

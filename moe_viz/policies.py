@@ -155,6 +155,21 @@ def top_k_routing(call: RouterCall, k: int) -> tuple[torch.Tensor, torch.Tensor]
     return index, gate_weights(call.router, call.logits, index)  # (N, k)
 
 
+def capacity_decision(
+    call: RouterCall, index: torch.Tensor, weights: torch.Tensor, factors: list[float], priority: str
+) -> RoutingDecision:
+    """Drop the assignments of ``index`` / ``weights`` (N, k) over each expert's capacity, counted
+    per sequence of the forward (padding excluded); sequence i uses ``factors[i % len(factors)]``."""
+    k, E = index.shape[1], call.router.num_experts
+    dropped = torch.zeros_like(index, dtype=torch.bool)  # (N, k)
+    capacities = []
+    for i, rows in enumerate(call.sequences()):
+        capacity = capacity_for(factors[i % len(factors)], len(rows), k, E)
+        capacities.append(capacity)
+        dropped[rows] = apply_capacity(index[rows], weights[rows], capacity, priority)
+    return RoutingDecision(index, weights.masked_fill(dropped, 0.0), dropped, tuple(capacities))
+
+
 @dataclass(frozen=True)
 class TopK(Policy):
     """Send each token to its ``k`` highest-scoring experts (1 <= k <= E)."""
@@ -229,20 +244,13 @@ class Capacity(Policy):
         super().validate(router)
 
     def decide(self, call: RouterCall) -> RoutingDecision | None:
-        E = call.router.num_experts
         k = self.experts_per_token(call.router)
         if call.router.substitutable:
             index, weights = top_k_routing(call, k)  # (N, k) each
         else:  # partial support: capacity on the router's own choice and weights
             assert call.native_index is not None and call.native_weights is not None
             index, weights = call.native_index.long(), call.native_weights.float()  # (N, k) each
-        dropped = torch.zeros_like(index, dtype=torch.bool)  # (N, k)
-        capacities = []
-        for rows in call.sequences():  # capacity is counted per sequence, padding excluded
-            capacity = capacity_for(self.factor, len(rows), k, E)
-            capacities.append(capacity)
-            dropped[rows] = apply_capacity(index[rows], weights[rows], capacity, self.priority)
-        return RoutingDecision(index, weights.masked_fill(dropped, 0.0), dropped, tuple(capacities))
+        return capacity_decision(call, index, weights, [self.factor], self.priority)
 
 
 @dataclass(frozen=True)

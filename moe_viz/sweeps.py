@@ -18,10 +18,9 @@ import pandas as pd
 import torch
 
 from . import metrics
-from ._router_math import apply_capacity, capacity_for
 from ._runs import Prompt, run_batch, run_prompt
 from .models import MoEModel
-from .policies import Policy, RouterCall, RoutingDecision, top_k_routing
+from .policies import Policy, RouterCall, RoutingDecision, capacity_decision, top_k_routing
 from .trace import Trace
 
 DEFAULT_FACTORS = tuple(round(0.25 * 2 ** (i / 2), 4) for i in range(9))  # 0.25 .. 4, log-spaced
@@ -41,15 +40,8 @@ class _CapacityPerRow(Policy):
         return "capacity-sweep:" + ",".join(f"{f:g}" for f in self.factors)
 
     def decide(self, call: RouterCall) -> RoutingDecision | None:
-        k, E = call.router.top_k, call.router.num_experts
-        index, weights = top_k_routing(call, k)  # (N, k)
-        dropped = torch.zeros_like(index, dtype=torch.bool)
-        capacities = []
-        for i, rows in enumerate(call.sequences()):
-            capacity = capacity_for(self.factors[i % len(self.factors)], len(rows), k, E)
-            capacities.append(capacity)
-            dropped[rows] = apply_capacity(index[rows], weights[rows], capacity, self.priority)
-        return RoutingDecision(index, weights.masked_fill(dropped, 0.0), dropped, tuple(capacities))
+        index, weights = top_k_routing(call, call.router.top_k)  # (N, k)
+        return capacity_decision(call, index, weights, list(self.factors), self.priority)
 
 
 @dataclass(frozen=True)
@@ -80,8 +72,7 @@ def _effects(native: Trace, traces: list[Trace]) -> list[dict[str, float]]:
     out = []
     for trace in traces:
         effect = metrics.mode_effect(native, trace)
-        loss = -float(trace.output.target_logprob[:-1].mean()) if trace.num_tokens > 1 else float("nan")
-        out.append({"mean_kl": effect.mean_kl, "flip_rate": effect.flip_rate, "loss": loss})
+        out.append({"mean_kl": effect.mean_kl, "flip_rate": effect.flip_rate, "loss": trace.next_token_loss()})
     return out
 
 

@@ -149,6 +149,11 @@ class Trace:
             raise ValueError(f"position must be an integer with {-T} <= position < {T}; got {position!r}")
         return position % T
 
+    def next_token_loss(self) -> float:
+        """Mean negative log-probability of the actual next token over the traced positions that
+        have one (nats); NaN for a single token."""
+        return -float(self.output.target_logprob[:-1].mean()) if self.num_tokens > 1 else float("nan")
+
     def predictions(self, position: int = -1, n: int = 10) -> list[tuple[str, float]]:
         """The ``n`` most likely next tokens after ``position``, as (token text, probability)."""
         position = self.check_position(position)
