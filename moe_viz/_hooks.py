@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextvars
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -99,6 +99,10 @@ class TimeBudgetExceeded(RuntimeError):
     """A call ran past its time budget; raised between MoE layers so the forward stops early."""
 
 
+# probe(site, router module, parent block, router args, router kwargs, logits (N, E)) -> None
+RouterProbe = Callable[[RouterSite, nn.Module, "nn.Module | None", tuple[Any, ...], dict[str, Any], torch.Tensor], None]
+
+
 @dataclass
 class _Active:
     """The state of one call, private to its context (thread)."""
@@ -109,6 +113,7 @@ class _Active:
     budget_s: float | None = None
     keep_logits: bool = False  # keep each forward's output logits (``record`` builds traces from them)
     token_mask: torch.Tensor | None = None  # (B, T) 1 = real token, for forwards given no attention mask
+    probe: RouterProbe | None = None  # called at every router with its input (fragility measurements)
 
 
 _ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("moe_viz_active_call", default=None)
@@ -120,8 +125,14 @@ def active_call(
     time_budget_s: float | None = None,
     keep_logits: bool = False,
     token_mask: torch.Tensor | None = None,
+    probe: RouterProbe | None = None,
 ) -> Iterator[Recorder]:
     """Run the model calls inside the block under ``policy``; yields their recorder.
+
+    ``probe(site, router, parent, args, kwargs, logits)`` is called at every router before the
+    policy decides, with the router's own input: it may run ``router.forward`` again on a changed
+    input (that call fires no hook) to measure what the router would do, but it must not change
+    the forward (``fragility.noise_sensitivity`` uses it).
 
     ``token_mask`` (B, T) marks the real tokens of right-padded input that is run without an
     attention mask (causal attention never lets a real token see the padding after it).
@@ -131,7 +142,7 @@ def active_call(
     """
     recorder = Recorder()
     deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
-    token = _ACTIVE.set(_Active(policy, recorder, deadline, time_budget_s, keep_logits, token_mask))
+    token = _ACTIVE.set(_Active(policy, recorder, deadline, time_budget_s, keep_logits, token_mask, probe))
     try:
         yield recorder
     finally:
@@ -200,6 +211,8 @@ class _RouterHook:
         call = LayerCall(self.site.layer, logits, native_idx, native_w)
         forward = active.recorder.current
         forward.layers.append(call)
+        if active.probe is not None:
+            active.probe(self.site, module, self.parent, args, kwargs, logits)
         if active.policy is None:
             return None
         if not self._can_run(active.policy):

@@ -22,6 +22,7 @@ Conventions used throughout (they are also listed in ``CONVENTIONS`` and on ``ba
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -668,7 +669,8 @@ class Paths:
     """Each token's first-choice expert in every MoE layer, read as a path through the layers."""
 
     layers: list[int]
-    paths: torch.Tensor  # (T, L) long: first-choice expert per token and layer
+    positions: list[int]  # the token positions the paths are of (all, or a chosen subset)
+    paths: torch.Tensor  # (T, L) long: first-choice expert per token and layer, rows in ``positions`` order
     marginals: torch.Tensor  # (L, E) float64: share of tokens with each first choice, per layer
     top: list[tuple[tuple[int, ...], int, float, float]]  # (path, tokens, share, share under independence)
     path_entropy: float  # H(path) in nats
@@ -681,14 +683,36 @@ def independence_probability(marginals: torch.Tensor, path: tuple[int, ...]) -> 
     return float(torch.prod(torch.stack([marginals[layer, e] for layer, e in enumerate(path)])))
 
 
-def expert_paths(trace: Trace, which: SetKind = "routed", top: int = 10) -> Paths:
-    """First-choice paths of the traced tokens, the most frequent ones against the independence
-    baseline (product of per-layer marginals), and how concentrated they are (total correlation)."""
+def positions_matching(trace: Trace, pattern: str) -> list[int]:
+    """Positions whose token text matches the regular expression ``pattern`` (``re.search``, on
+    the token as the tokenizer decodes it, leading space included). ValueError for a bad pattern."""
+    _check_trace(trace)
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError(f"pattern must be a non-empty regular expression; got {pattern!r}")
+    if len(pattern) > 200:
+        raise ValueError(f"pattern must be at most 200 characters; got {len(pattern)}")
+    try:
+        compiled = re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {err}") from None
+    return [t for t, token in enumerate(trace.tokens) if compiled.search(token)]
+
+
+def expert_paths(trace: Trace, which: SetKind = "routed", top: int = 10, positions: list[int] | None = None) -> Paths:
+    """First-choice paths of the traced tokens (or only those at ``positions``), the most frequent
+    ones against the independence baseline (product of per-layer marginals, over the same tokens),
+    and how concentrated they are (total correlation)."""
     _check_trace(trace)
     if not trace.layers:
         raise ValueError("trace has no MoE layers: there are no expert paths")
     E = max(lt.num_experts for lt in trace.layers)
     paths = torch.stack([first_choice(lt, which) for lt in trace.layers], dim=1)  # (T, L)
+    chosen = list(range(trace.num_tokens))
+    if positions is not None:
+        chosen = sorted({trace.check_position(p) for p in positions})
+        if not chosen:
+            raise ValueError("positions must name at least one token (no token matched)")
+        paths = paths[chosen]  # (T', L)
     T, L = paths.shape
     marginals = torch.stack([torch.bincount(paths[:, i], minlength=E).double() / T for i in range(L)])  # (L, E)
     counts: dict[tuple[int, ...], int] = {}
@@ -696,10 +720,11 @@ def expert_paths(trace: Trace, which: SetKind = "routed", top: int = 10) -> Path
         counts[tuple(row)] = counts.get(tuple(row), 0) + 1
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
     shares = torch.tensor([c / T for c in counts.values()], dtype=torch.float64)
-    h_path = float(entropy(shares))
+    h_path = max(0.0, float(entropy(shares)))
     h_indep = float(sum(entropy(marginals[i]) for i in range(L)))
     return Paths(
         layers=trace.layer_ids,
+        positions=chosen,
         paths=paths,
         marginals=marginals,
         top=[(p, c, c / T, independence_probability(marginals, p)) for p, c in ranked],

@@ -35,6 +35,19 @@ class Limits:
     max_capacity_factor: float | None = None
     max_ensemble_experts: int | None = None
     time_budget_s: float | None = None
+    max_analysis_tokens: int | None = None  # token rows one analysis (ablation grid, sweep) may run in all
+
+    def check_analysis(self, what: str, forwards: int, copies: int, tokens: int) -> None:
+        """Raise ValueError when ``what`` (an analysis that runs ``forwards`` batched forwards of
+        ``copies`` copies of a ``tokens``-token prompt) is bigger than this server allows."""
+        total = forwards * copies * tokens
+        if self.max_analysis_tokens is not None and total > self.max_analysis_tokens:
+            fits = self.max_analysis_tokens // max(1, forwards * copies)
+            raise ValueError(
+                f"{what} runs {forwards} forward(s) of {copies} copies of the {tokens}-token prompt ({total} token "
+                f"rows); this server allows at most {self.max_analysis_tokens} token rows per analysis. "
+                + (f"Shorten the prompt to {fits} tokens or fewer." if fits else "It cannot run on this model here.")
+            )
 
     def check_policy(self, policy: Policy | None, num_experts: int, top_k: int | None = None) -> None:
         """Raise ValueError if ``policy`` is outside these limits or cannot run on a layer of

@@ -121,9 +121,46 @@ def to_dict(trace: Trace, include_vocab: bool = False) -> dict[str, Any]:
 
 
 def from_dict(data: dict[str, Any]) -> Trace:
-    """Rebuild a trace from ``to_dict`` output; ValueError on a foreign or newer schema."""
-    if data.get("schema") != SCHEMA:
-        raise ValueError(f"not a moe-viz trace: schema is {data.get('schema')!r}, expected {SCHEMA!r}")
+    """Rebuild a trace from ``to_dict`` output; ValueError on a foreign or newer schema, and on a
+    malformed one (missing fields, arrays of the wrong shape, expert ids out of range): a trace
+    file may come from anywhere, and a bad one must not crash what reads it later."""
+    try:
+        trace = _from_dict(data)
+    except (KeyError, TypeError, IndexError, RuntimeError, AttributeError) as err:
+        raise ValueError(
+            f"not a valid moe-viz trace: missing or malformed field ({type(err).__name__}: {err})"
+        ) from None
+    _check_consistent(trace)
+    return trace
+
+
+def _check_consistent(trace: Trace) -> None:
+    T = trace.num_tokens
+    if len(trace.tokens) != T or len(trace.step) != T:
+        raise ValueError(f"not a valid moe-viz trace: {T} token ids but {len(trace.tokens)} token texts")
+    for lt in trace.layers:
+        E = lt.num_experts
+        if isinstance(E, bool) or not isinstance(E, int) or E < 1:
+            raise ValueError(f"not a valid moe-viz trace: layer {lt.layer} has num_experts {E!r}")
+        for name in ("router_logits", "router_probs"):
+            if tuple(getattr(lt, name).shape) != (T, E):
+                raise ValueError(f"not a valid moe-viz trace: layer {lt.layer} {name} is not ({T}, {E})")
+        shapes = {tuple(getattr(lt, name).shape) for name in ("index", "weights", "dropped")}
+        native = {tuple(lt.native_index.shape), tuple(lt.native_weights.shape)}
+        if len(shapes) != 1 or len(native) != 1 or next(iter(shapes))[:1] != (T,) or next(iter(native))[:1] != (T,):
+            raise ValueError(f"not a valid moe-viz trace: layer {lt.layer} routing arrays are not (T={T}, k)")
+        for name in ("index", "native_index"):
+            ids = getattr(lt, name)
+            if ids.dim() != 2 or (ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < E)):
+                raise ValueError(
+                    f"not a valid moe-viz trace: layer {lt.layer} {name} has expert ids outside 0..{E - 1}"
+                )
+
+
+def _from_dict(data: dict[str, Any]) -> Trace:
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        schema = data.get("schema") if isinstance(data, dict) else None
+        raise ValueError(f"not a moe-viz trace: schema is {schema!r}, expected {SCHEMA!r}")
     if data.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"trace schema_version {data.get('schema_version')!r} is not supported (expected 1)")
     meta, out = data["meta"], data["output"]
