@@ -106,7 +106,8 @@ def _native(model: MoEModel, prompt: Prompt) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _native_loss(native: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    return _effects(native, native.unsqueeze(0), targets)[0]
+    """The effects of the native run against itself: no KL, no flip, the native loss."""
+    return {**_effects(native, native.unsqueeze(0), targets)[0], "mean_kl": 0.0, "flip_rate": 0.0}
 
 
 def _drop_free(model: MoEModel, forward: Forward, factor: float, T: int) -> bool:

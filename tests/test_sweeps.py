@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import build
 
-from moe_viz import Capacity, TopK, run_prompt
+from moe_viz import Capacity, TopK, metrics, run_prompt
 from moe_viz.sweeps import DEFAULT_FACTORS, capacity_sweep, k_sweep
 
 TEXT = "sweep the capacity factor and k over one prompt and watch the drops"
@@ -49,3 +49,17 @@ def test_bad_sweep_settings_are_refused_with_a_message(model):
         capacity_sweep(model, TEXT, factors=(0.5, -1.0))
     with pytest.raises(ValueError, match="ks must be integers with 1 <= k <= 8"):
         k_sweep(model, TEXT, ks=(0, 2))
+
+
+def test_sweep_effects_equal_mode_effect_of_separate_runs_including_points_that_are_not_rerun(model):
+    native = run_prompt(model, TEXT)
+    effects, drops = capacity_sweep(model, TEXT, factors=(0.5, 8.0))  # 8.0: C = 2T covers any expert
+    assert (drops[drops.factor == 8.0].drop_rate == 0).all()
+    for factor in (0.5, 8.0):
+        alone = run_prompt(model, TEXT, Capacity(factor))
+        expected = metrics.mode_effect(native, alone)
+        point = effects[effects.factor == factor].iloc[0]
+        assert point.mean_kl == pytest.approx(expected.mean_kl, rel=1e-2, abs=1e-6)
+        assert point.flip_rate == pytest.approx(expected.flip_rate)
+        assert point.loss == pytest.approx(alone.next_token_loss(), abs=1e-4)
+    assert effects[effects.factor == 0.5].iloc[0].flip_rate > 0  # the dropping point differs: the test can fail
