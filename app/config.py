@@ -21,6 +21,7 @@ request is bounded. Any single setting below can still be overridden by its own 
 | model computations at once | ``MOE_VIZ_COMPUTE_SLOTS`` | unbounded | 2 |
 | longest wait for a free slot, seconds | ``MOE_VIZ_MAX_WAIT_S`` | — | 120 |
 | traces kept per session | ``MOE_VIZ_TRACES_PER_SESSION`` | 24 | 6 |
+| token rows per analysis (ablation grid, sweeps: copies x tokens x forwards) | ``MOE_VIZ_MAX_ANALYSIS_TOKENS`` | unbounded | 16384 |
 | torch threads (set once, process-wide) | ``MOE_VIZ_TORCH_THREADS`` | torch's default | cores / slots |
 """
 
@@ -93,6 +94,7 @@ class AppConfig:
     compute_slots: int | None = None
     max_wait_s: float = 120.0
     traces_per_session: int = 24
+    max_analysis_tokens: int | None = None
 
     @property
     def limits(self) -> Limits:
@@ -105,6 +107,7 @@ class AppConfig:
             max_capacity_factor=self.max_capacity_factor,
             max_ensemble_experts=self.max_ensemble_experts,
             time_budget_s=self.time_budget_s,
+            max_analysis_tokens=self.max_analysis_tokens,
         )
 
     def check_model_request(self, name: str, trust_remote_code: bool = False) -> None:
@@ -147,6 +150,10 @@ class AppConfig:
             ("time per request", f"{self.time_budget_s:g} s" if self.time_budget_s else unlimited),
             ("computations at once", str(self.compute_slots) if self.compute_slots else unlimited),
             ("traces kept per session", str(self.traces_per_session)),
+            (
+                "analyses (ablation grid, sweeps)",
+                f"at most {self.max_analysis_tokens} token rows each" if self.max_analysis_tokens else unlimited,
+            ),
         ]
 
 
@@ -181,4 +188,5 @@ def load_config() -> AppConfig:
         compute_slots=slots,
         max_wait_s=_env_float("MOE_VIZ_MAX_WAIT_S", 120.0) or 120.0,
         traces_per_session=_env_int("MOE_VIZ_TRACES_PER_SESSION", 6 if hosted else 24),
+        max_analysis_tokens=_env_int("MOE_VIZ_MAX_ANALYSIS_TOKENS", 16_384 if hosted else 0, low=0) or None,
     )

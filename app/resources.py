@@ -34,6 +34,9 @@ from moe_viz import (
     policy_spec,
     run_prompt,
 )
+from moe_viz.fragility import NoiseSensitivity, noise_sensitivity
+from moe_viz.importance import Importance, expert_importance
+from moe_viz.sweeps import DEFAULT_FACTORS, capacity_sweep, k_sweep
 
 
 class Keys:
@@ -58,6 +61,7 @@ class Keys:
     POSITION = "position"  # widget: selected token position
     TRACES = "traces"  # OrderedDict[(model, prompt, policy spec)] -> Trace
     GENERATIONS = "generations"  # dict[(model, prompt, spec, n)] -> Generation
+    ANALYSES = "analyses"  # OrderedDict[(kind, model, prompt, args)] -> importance / sweep / noise results
 
 
 MODES = ("top-k", "capacity", "ensemble")
@@ -272,3 +276,68 @@ def get_generation(
 def has_generation(model: MoEModel, prompt: str, policy: Policy | None, max_new_tokens: int) -> bool:
     key = (model.model_id, prompt, policy_spec(policy), max_new_tokens)
     return key in st.session_state.get(Keys.GENERATIONS, {})
+
+
+def _analysis(kind: str, model: MoEModel, prompt: str, args: tuple[Any, ...], work: Callable[[], T]) -> T:
+    cache: OrderedDict[tuple[Any, ...], Any] = st.session_state.setdefault(Keys.ANALYSES, OrderedDict())
+    key = (kind, model.model_id, prompt, args)
+    if key not in cache:
+        cache[key] = compute(work)
+        while len(cache) > config().traces_per_session:
+            cache.popitem(last=False)
+    cache.move_to_end(key)
+    return cache[key]
+
+
+def has_analysis(kind: str, model: MoEModel, prompt: str, args: tuple[Any, ...]) -> bool:
+    return (kind, model.model_id, prompt, args) in st.session_state.get(Keys.ANALYSES, {})
+
+
+def _prompt_tokens(model: MoEModel, prompt: str) -> int:
+    return get_trace(model, prompt, None).num_tokens  # also checks the prompt (empty, too long)
+
+
+def _ablated_layers(model: MoEModel) -> int:
+    return sum(1 for site in model.sites if site.spec.substitutable)
+
+
+def get_importance(model: MoEModel, prompt: str, mode: str) -> Importance:
+    """The ablation grid: one batched forward of E copies of the prompt per MoE layer (bounded in
+    hosted mode)."""
+    cfg = config()
+    T = _prompt_tokens(model, prompt)
+    cfg.limits.check_analysis("The ablation grid", _ablated_layers(model), model.num_experts, T)
+    return _analysis(
+        "importance",
+        model,
+        prompt,
+        (mode,),
+        lambda: expert_importance(model, prompt, mode=mode, max_tokens=cfg.max_prompt_tokens),
+    )
+
+
+def get_capacity_sweep(model: MoEModel, prompt: str) -> tuple[Any, Any]:
+    cfg = config()
+    cfg.limits.check_analysis("The capacity sweep", 1, len(DEFAULT_FACTORS), _prompt_tokens(model, prompt))
+    return _analysis("capacity_sweep", model, prompt, (), lambda: capacity_sweep(model, prompt))
+
+
+def get_k_sweep(model: MoEModel, prompt: str) -> Any:
+    cfg = config()
+    cfg.limits.check_analysis("The k sweep", 1, model.num_experts, _prompt_tokens(model, prompt))
+    return _analysis("k_sweep", model, prompt, (), lambda: k_sweep(model, prompt))
+
+
+def get_noise(model: MoEModel, prompt: str) -> NoiseSensitivity:
+    """Router-input noise at 1/5/10 %: one forward plus a router call per level and layer."""
+    _prompt_tokens(model, prompt)
+    cfg = config()
+    return _analysis(
+        "noise", model, prompt, (), lambda: noise_sensitivity(model, prompt, max_tokens=cfg.max_prompt_tokens)
+    )
+
+
+def noise_if_measured(model: MoEModel, prompt: str) -> NoiseSensitivity | None:
+    if not has_analysis("noise", model, prompt, ()):
+        return None
+    return get_noise(model, prompt)

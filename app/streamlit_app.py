@@ -28,6 +28,7 @@ navigation = st.navigation(
         st.Page(PAGES / "explore.py", title="Explore", icon=":material/search:", default=True),
         st.Page(PAGES / "load_balance.py", title="Load balance", icon=":material/balance:"),
         st.Page(PAGES / "compare.py", title="Compare modes", icon=":material/compare_arrows:"),
+        st.Page(PAGES / "interventions.py", title="Interventions", icon=":material/science:"),
         st.Page(PAGES / "learn.py", title="Learn", icon=":material/school:"),
     ]
 )

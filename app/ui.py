@@ -108,8 +108,29 @@ def show(view: View, key: str | None = None, ratio: tuple[int, int] = (3, 2), he
                 st.html(view.html)  # long texts scroll
         else:
             st.dataframe(view.table, hide_index=isinstance(view.table.index, pd.RangeIndex), width="stretch")
+            table = view.table
+            st.download_button(
+                "Table (CSV)",
+                data=lambda: table.to_csv(index=False),
+                file_name=f"moe-viz-{slug(view.name)}.csv",
+                mime="text/csv",
+                key=f"csv_{key or view.name}",
+                on_click="ignore",
+            )
     with right:
         st.markdown(view.explanation)
+
+
+def csv_download(label: str, frame: pd.DataFrame, name: str, key: str) -> None:
+    """A download button for the numbers behind an analysis (built only when pressed)."""
+    st.download_button(
+        label,
+        data=lambda: frame.to_csv(index=False),
+        file_name=f"moe-viz-{name}.csv",
+        mime="text/csv",
+        key=key,
+        on_click="ignore",
+    )
 
 
 def figures_html(figures: dict[str, go.Figure], title: str) -> str:

@@ -103,7 +103,16 @@ def test_explore_shows_heatmap_coloured_text_router_distribution_and_predictions
     assert at.sidebar.slider(key="k").max == model.num_experts
     html = at.get("html")
     assert html and "span" in html[0].proto.body
-    assert len(at.get("download_button")) == 4
+    buttons = {b.key for b in at.get("download_button")}
+    assert {k for k in buttons if k.startswith("dl_")} == {
+        f"dl_{kind}_explore" for kind in ("json", "parquet", "csv", "html")
+    }
+    # every table view carries its own CSV: token fragility, the margin ranking, the path table
+    assert {k for k in buttons if k.startswith("csv_")} == {
+        "csv_explore_token_fragility",
+        "csv_explore_margin_ranking",
+        "csv_explore_paths_table",
+    }
     assert any(f"{model.device}" in c.value for c in at.sidebar.caption)  # device shown
 
 

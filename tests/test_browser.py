@@ -183,3 +183,42 @@ def test_type_a_prompt_switch_each_mode_and_download_a_trace(server, browser):
         shot(page, f"4-{name.lower().replace(' ', '-')}")
     assert not errors, errors
     context.close()
+
+
+def test_interventions_page_rejects_a_bad_spec_and_runs_the_ablation_grid(server, browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    page.goto(server)
+    wait_ready(page)
+    page.get_by_test_id("stSidebarNav").get_by_text("Interventions", exact=True).click()
+    wait_ready(page, timeout_ms=180_000)
+    page.get_by_test_id("stMetric").filter(has_text="Mean KL(base ‖ intervened)").wait_for(timeout=120_000)
+    assert not page.locator("[data-testid='stException']").count()
+    assert not page.get_by_test_id("stAlertContentError").count()
+
+    spec = page.get_by_label("Intervention", exact=True)
+    spec.fill("ablate:99:1")
+    page.get_by_role("button", name="Apply", exact=True).click()
+    wait_ready(page, timeout_ms=120_000)
+    alert = page.get_by_test_id("stAlertContentError").filter(has_text="layer 99")
+    alert.first.wait_for(timeout=60_000)
+    assert "ablate:99:1" in alert.first.inner_text()
+    assert not page.locator("[data-testid='stException']").count()
+    assert not page.get_by_test_id("stMetric").filter(has_text="Mean KL").count()  # no stale metrics
+    shot(page, "5-interventions-bad-spec")
+
+    spec.fill("ablate:0:1")
+    page.get_by_role("button", name="Apply", exact=True).click()
+    wait_ready(page, timeout_ms=120_000)
+    page.get_by_test_id("stMetric").filter(has_text="Mean KL(base ‖ intervened)").wait_for(timeout=120_000)
+    assert not page.get_by_test_id("stAlertContentError").filter(has_text="Intervention").count()
+    page.get_by_role("button", name="Run the ablation grid", exact=True).click()
+    wait_ready(page, timeout_ms=300_000)
+    page.get_by_role("heading", name="Causal importance per expert").wait_for(timeout=300_000)
+    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 3", timeout=120_000)
+    assert not page.locator("[data-testid='stException']").count()
+    shot(page, "6-interventions-grid")
+    assert not errors, errors
+    context.close()

@@ -7,10 +7,19 @@ import math
 import pandas as pd
 import streamlit as st
 
-from app.resources import config, get_generation, get_trace, has_generation
-from app.ui import downloads, prompt_form, require_model, show, shows_errors, start_figures
+from app.resources import (
+    config,
+    get_capacity_sweep,
+    get_generation,
+    get_k_sweep,
+    get_trace,
+    has_analysis,
+    has_generation,
+)
+from app.ui import csv_download, downloads, prompt_form, require_model, show, shows_errors, start_figures
 from moe_viz import Policy, Trace, metrics, parse_policy, policy_spec, views
 from moe_viz.policies import POLICY_SYNTAX
+from moe_viz.sweeps import DEFAULT_FACTORS
 
 POLICY_HELP = "Write " + POLICY_SYNTAX.replace("'", "`") + "."  # code spans: [..][..] would read as a link
 
@@ -124,6 +133,31 @@ if generate_now or all(has_generation(model, prompt, p, new_tokens) for _, p in 
             st.code(prompt + result.text, language=None, wrap_lines=True)
 else:
     st.caption("Press **Generate** to decode greedily under native routing and each policy (the progress is shown).")
+
+st.subheader("Sweeps: the whole curve instead of one setting")
+st.caption(
+    f"The capacity factor from {DEFAULT_FACTORS[0]:g} to {DEFAULT_FACTORS[-1]:g} (log-spaced, "
+    f"{len(DEFAULT_FACTORS)} points) and k from 1 to {model.num_experts}, each sweep one batched forward of the prompt "
+    "repeated once per setting."
+    + (
+        f" This server runs at most {cfg.max_analysis_tokens} token rows per analysis."
+        if cfg.max_analysis_tokens
+        else ""
+    )
+)
+sweep_now = st.button("Run the sweeps", key="compare_sweeps")
+if sweep_now or has_analysis("capacity_sweep", model, prompt, ()):
+    try:
+        with st.spinner("Sweeping the capacity factor and k …"):
+            effects, drops = get_capacity_sweep(model, prompt)
+            ks = get_k_sweep(model, prompt)
+    except ValueError as err:
+        st.error(str(err))
+    else:
+        show(views.capacity_sweep(effects, drops, native.next_token_loss()), key="compare_capacity_sweep")
+        csv_download("Capacity sweep (CSV)", drops.merge(effects, on="factor"), "capacity-sweep", "csv_capacity_sweep")
+        show(views.k_sweep(ks, model.top_k, native.next_token_loss()), key="compare_k_sweep")
+        csv_download("k sweep (CSV)", ks, "k-sweep", "csv_k_sweep")
 
 st.divider()
 names = [trace.policy for trace in traces]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.resources import Keys, display_name
+from app.resources import Keys, current_prompt, display_name, get_noise, get_trace, has_analysis, noise_if_measured
+from app.sidebar import page_context
 from app.ui import downloads, show, traced_page
-from moe_viz import views
+from moe_viz import fragility, metrics, views
 
 model, layer, trace = traced_page("Explore routing", "explore")
 lt = trace.layer(layer)
@@ -29,7 +30,7 @@ if trace.held_native_layers:
         f"`{trace.policy}` (hash-routed, or maths moe-viz could not verify; `moe-viz inspect` says why per router)."
     )
 
-heatmap, text, layer_load, paths = views.explore_views(trace, layer)
+heatmap, text, layer_load, _paths = views.explore_views(trace, layer)
 show(heatmap)
 show(text)
 
@@ -47,12 +48,84 @@ def token_close_up() -> None:
         key=Keys.POSITION,
         format_func=lambda i: f"{i}: {trace.tokens[i]!r}",
     )
-    for view in views.token_views(trace, layer, position):
+    noise = noise_if_measured(model, current_prompt())
+    for view in views.token_views(trace, layer, position, noise):
         show(view, key=f"explore_{view.name}", heading=False)
 
 
 token_close_up()
+
+
+@st.fragment
+def routing_fragility() -> None:
+    """Margins, noise and prompt edits: how easily the routing would change."""
+    st.subheader("Routing fragility")
+    reason = fragility.margin_reason(trace.layer(layer))
+    if reason is None:
+        show(views.margin_ranking(trace, layer), key="explore_margin_ranking", heading=False)
+    else:
+        st.info(f"No top-k margin ranking for this layer: {reason}.")
+    prompt = current_prompt()
+    if st.button("Measure routing under router-input noise (1%, 5%, 10%)", key="explore_noise") or has_analysis(
+        "noise", model, prompt, ()
+    ):
+        try:
+            with st.spinner("Perturbing every router's input …"):
+                noise = get_noise(model, prompt)
+        except ValueError as err:
+            st.error(str(err))
+        else:
+            show(views.noise_sensitivity(noise), key="explore_noise_view", heading=False)
+    if not st.session_state.get("explore_edited_prompt"):
+        st.session_state["explore_edited_prompt"] = prompt
+    with st.form("edit_diff_form"):
+        edited_text = st.text_area(
+            "Edited prompt: change a word and see which tokens' routing moves", key="explore_edited_prompt", height=80
+        )
+        compare_edit = st.form_submit_button("Compare routing with the edit")
+    if compare_edit or edited_text != prompt:
+        try:
+            edited = get_trace(model, edited_text, trace_policy)
+            show(views.edit_diff(fragility.edit_diff(trace, edited, layer)), key="explore_edit_diff", heading=False)
+        except ValueError as err:
+            st.error(f"Edited prompt: {err}")
+
+
+trace_policy = page_context().policy  # the edited prompt runs under the same policy
+routing_fragility()
 show(layer_load, key="explore_layer_load")
-show(paths, key="explore_paths")
+
+
+@st.fragment
+def expert_paths() -> None:
+    """Paths for all tokens, one token, or tokens matching a pattern."""
+    st.subheader("Expert paths across layers")
+    scope = st.radio(
+        "Tokens",
+        ["all tokens", "tokens matching a pattern", "the token picked above"],
+        horizontal=True,
+        key="explore_paths_scope",
+    )
+    positions = None
+    if scope == "tokens matching a pattern":
+        pattern = st.text_input(
+            "Pattern (a regular expression, matched anywhere in the token text)", value=r"^\s", key="explore_pattern"
+        )
+        try:
+            positions = metrics.positions_matching(trace, pattern)
+        except ValueError as err:
+            st.error(str(err))
+            return
+        if not positions:
+            st.warning(f"No token matches {pattern!r}; showing all tokens.")
+            positions = None
+    elif scope == "the token picked above":
+        positions = [int(st.session_state.get(Keys.POSITION, trace.num_tokens - 1))]
+    show(views.expert_paths(trace, positions=positions), key="explore_paths", heading=False)
+    if positions is None or len(positions) > 1:
+        show(views.paths_table(trace, positions=positions), key="explore_paths_table", heading=False)
+
+
+expert_paths()
 
 downloads(trace, "explore")

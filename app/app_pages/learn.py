@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from app.resources import Keys, get_trace
+from app.resources import Keys, get_capacity_sweep, get_trace, has_analysis
 from app.ui import prompt_form, require_model, show, shows_errors, start_figures
 from moe_viz import Capacity, Ensemble, TopK, metrics, views
 from moe_viz.views import learn
@@ -97,6 +97,17 @@ else:
         capped = get_trace(model, prompt, Capacity(factor))
     show(views.expert_load(capped, layer), key="learn_capacity", heading=False)
     st.markdown(learn.capacity_concept(capped, layer))
+    st.markdown("**The whole curve.** One setting shows one point; the sweep shows why factors above 1 exist.")
+    if st.button("Sweep the capacity factor from 0.25 to 4", key="learn_sweep") or has_analysis(
+        "capacity_sweep", model, prompt, ()
+    ):
+        try:
+            with st.spinner("One batched forward, one copy of the prompt per factor …"):
+                effects, drops = get_capacity_sweep(model, prompt)
+        except ValueError as err:
+            st.error(str(err))
+        else:
+            show(views.capacity_sweep(effects, drops, native.next_token_loss()), key="learn_sweep_view", heading=False)
 
 st.header("6 · Ensemble: let every expert vote")
 if model.capture_only:

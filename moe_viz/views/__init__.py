@@ -12,10 +12,12 @@ a chart and its sentence can never be paired by hand. Needs plotly (the ``app`` 
 
 from __future__ import annotations
 
+from ..fragility import NoiseSensitivity
 from ..trace import Trace
 from ._display import code_token, display_token, pct, token_bins
 from ._plotly import expert_colors
 from ._view import View
+from .agreement import agreement_by_layer, agreement_tokens
 from .balance import (
     Card,
     balance_table,
@@ -27,8 +29,12 @@ from .balance import (
     router_confidence,
 )
 from .compare import mode_effect, routing_diff
-from .paths import expert_paths
+from .fragility import edit_diff, margin_ranking, noise_sensitivity, token_fragility
+from .importance import importance_heatmap, importance_vs_load
+from .paths import expert_paths, paths_table
+from .phases import prefill_decode
 from .routing import coloured_text, predictions, router_distribution, routing_heatmap
+from .sweeps import capacity_sweep, k_sweep
 
 
 def explore_views(trace: Trace, layer: int) -> list[View]:
@@ -36,9 +42,20 @@ def explore_views(trace: Trace, layer: int) -> list[View]:
     return [routing_heatmap(trace, layer), coloured_text(trace, layer), layer_load(trace), expert_paths(trace)]
 
 
-def token_views(trace: Trace, layer: int, position: int) -> list[View]:
-    """One token up close: its router distribution and the next-token predictions after it."""
-    return [router_distribution(trace, layer, position), predictions(trace, position)]
+def token_views(trace: Trace, layer: int, position: int, noise: NoiseSensitivity | None = None) -> list[View]:
+    """One token up close: its router distribution, the next-token predictions after it, and how
+    fragile its routing is in every layer (with the noise measurement when one is given)."""
+    return [
+        router_distribution(trace, layer, position),
+        predictions(trace, position),
+        token_fragility(trace, position, noise),
+    ]
+
+
+def generation_views(trace: Trace, layer: int) -> list[View]:
+    """A generation's routing: the heatmap with the prompt / generated boundary, and prefill
+    against decode load."""
+    return [routing_heatmap(trace, layer), prefill_decode(trace, layer)]
 
 
 def balance_views(trace: Trace, layer: int) -> list[View]:
@@ -78,22 +95,34 @@ def run_summary(trace: Trace) -> str:
 __all__ = [
     "Card",
     "View",
+    "agreement_by_layer",
+    "agreement_tokens",
     "balance_table",
     "balance_views",
-    "code_token",
+    "capacity_sweep",
     "coactivation",
+    "code_token",
     "coloured_text",
     "compare_views",
     "display_token",
+    "edit_diff",
     "expert_colors",
     "expert_load",
     "expert_paths",
     "explore_views",
+    "generation_views",
+    "importance_heatmap",
+    "importance_vs_load",
+    "k_sweep",
     "layer_load",
+    "margin_ranking",
     "metric_cards",
     "mode_effect",
+    "noise_sensitivity",
+    "paths_table",
     "pct",
     "predictions",
+    "prefill_decode",
     "reuse",
     "router_confidence",
     "router_distribution",
@@ -101,5 +130,6 @@ __all__ = [
     "routing_heatmap",
     "run_summary",
     "token_bins",
+    "token_fragility",
     "token_views",
 ]

@@ -16,6 +16,11 @@ BIN_THRESHOLD = 512  # tokens above which token axes are aggregated into bins
 MAX_BINS = 256
 
 
+def visible(token: str) -> str:
+    """A token with its whitespace made visible (for tables): '␣', '↵', '⇥'."""
+    return _visible(token)
+
+
 def _visible(token: str) -> str:
     return token.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥").replace("\r", "")
 

@@ -146,6 +146,24 @@ class FigureBuilder:
                 }
             )
 
+    def add_vline(self, x: float, line: dict[str, Any] | None = None, annotation_text: str | None = None) -> None:
+        """A vertical line from the bottom to the top of the plot, with an optional label at its top."""
+        shape = {"type": "line", "yref": "y domain", "y0": 0, "y1": 1, "xref": "x", "x0": x, "x1": x}
+        self.layout.setdefault("shapes", []).append({**shape, "line": line or {}})
+        if annotation_text is not None:
+            self.layout.setdefault("annotations", []).append(
+                {
+                    "text": annotation_text,
+                    "showarrow": False,
+                    "xref": "x",
+                    "x": x,
+                    "xanchor": "left",
+                    "yref": "y domain",
+                    "y": 1,
+                    "yanchor": "bottom",
+                }
+            )
+
 
 def wrap(text: str, width: int) -> list[str]:
     lines, line = [], ""

@@ -150,6 +150,13 @@ def routing_heatmap(trace: Trace, layer: int) -> View:
     )
     token_axis(fig, trace, size)
     expert_axis(fig, E)
+    boundary = trace.prompt_length  # a generation: prompt tokens first, then the generated ones
+    if 0 < boundary < T:
+        fig.add_vline(
+            boundary - 0.5 if size == 1 else boundary - size / 2,
+            line={"color": "#D55E00", "width": 2, "dash": "dash"},
+            annotation_text="generated →",
+        )
 
     score = lt.score_name
     h = metrics.router_entropy(lt)  # (T,)
@@ -179,6 +186,11 @@ def routing_heatmap(trace: Trace, layer: int) -> View:
         f"{float(top.values[t_conf]):.2f} to expert {int(top.indices[t_conf])}. "
     )
     text += fragility_sentence(lt)
+    if 0 < boundary < T:
+        text += (
+            f" The dashed line marks where the prompt ends: {plural(boundary, 'prompt token')} to its left, "
+            f"{plural(T - boundary, 'generated token')} to its right."
+        )
     if lt.dropped_count:
         if size == 1:
             text += f" Crosses mark the {plural(len(dropped_x), 'assignment')} dropped because their expert was full."
