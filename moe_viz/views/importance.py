@@ -61,10 +61,13 @@ def importance_heatmap(imp: Importance) -> View:
     text = (
         f"Each cell is the change in the prompt's mean next-token loss (base {num(imp.base_loss)} nats) when that "
         f"expert is ablated in that layer — {_mode_words(imp.mode)} — and everything else runs as the model does. "
-        f"The most important is expert {int(best.expert)} in layer {int(best.layer)}: Δ loss "
-        f"{best.delta_loss:+.4f} nats, while it carries {pct(best.load_share)} of that layer's load."
+        f"The largest effect is expert {int(best.expert)} in layer {int(best.layer)}: Δ loss "
+        f"{best.delta_loss:+.4f} nats ("
+        + ("the loss rises without it" if best.delta_loss >= 0 else "the prompt does better without it")
+        + f"), while it carries {pct(best.load_share)} of that layer's load."
     )
-    if helps.delta_loss < 0:
+    same = (int(helps.expert), int(helps.layer)) == (int(best.expert), int(best.layer))
+    if helps.delta_loss < 0 and not same:
         text += (
             f" Blue cells are experts the prompt does better without; the strongest is expert {int(helps.expert)} "
             f"in layer {int(helps.layer)} ({helps.delta_loss:+.4f})."
