@@ -105,6 +105,7 @@ def test_hosted_mode_bounds_the_ablation_grid_and_the_sweeps_and_says_how_to_fit
     at = click(at, "Run the ablation grid")
     clean(at)
     assert any("this server allows at most 100 token rows" in e and "Shorten the prompt" in e for e in errors(at))
+    assert "Agreement between two routings of the prompt" in headings(at)  # the refusal leaves the rest of the page
     at = click(at.switch_page("app_pages/compare.py").run(), "Run the sweeps")
     clean(at)
     assert any("The capacity sweep runs 1 forward(s) of 9 copies" in e for e in errors(at)), errors(at)

@@ -111,11 +111,15 @@ with st.form("importance_form"):
     mode = st.radio("Ablation", ["reroute", "zero"], horizontal=True, key="importance_mode")
     run_grid = st.form_submit_button("Run the ablation grid")
 if run_grid or has_analysis("importance", model, prompt, (mode,)):
-    with shows_errors(), st.spinner("Ablating every expert, one batched forward per layer …"):
-        imp = get_importance(model, prompt, mode)
-    show(views.importance_heatmap(imp), key="interventions_importance")
-    show(views.importance_vs_load(imp, layer), key="interventions_importance_load")
-    csv_download("Importance (CSV)", imp.table, f"importance-{mode}", key="csv_importance")
+    try:  # a refusal (hosted bound, a model whose routers cannot be re-routed) leaves the rest of the page
+        with st.spinner("Ablating every expert, one batched forward per layer …"):
+            imp = get_importance(model, prompt, mode)
+    except ValueError as err:
+        st.error(str(err))
+    else:
+        show(views.importance_heatmap(imp), key="interventions_importance")
+        show(views.importance_vs_load(imp, layer), key="interventions_importance_load")
+        csv_download("Importance (CSV)", imp.table, f"importance-{mode}", key="csv_importance")
 
 # ----------------------------------------------------------------------------- agreement
 st.subheader("Agreement between two routings of the prompt")
