@@ -28,6 +28,7 @@ from ._hooks import active_call
 from ._router_math import select_topk
 from ._routers import RouterSite, read_router_output
 from ._runs import Prompt, encode
+from ._trace_build import token_texts
 from .models import MoEModel
 from .trace import LayerTrace, Trace
 
@@ -188,7 +189,7 @@ def noise_sensitivity(
             "this model has no router whose maths moe-viz reproduces: noise sensitivity cannot be measured "
             f"({'; '.join(f'layer {k}: {v}' for k, v in sorted(skipped.items()))})"
         )
-    tokens = [model.tokenizer.decode([i]) for i in ids[0].tolist()]
+    tokens = token_texts(model.tokenizer, ids[0].tolist())  # the same token texts a trace holds
     return NoiseSensitivity(
         levels=levels,
         layers=layers,

@@ -113,8 +113,9 @@ def _native_loss(native: torch.Tensor, targets: torch.Tensor) -> dict[str, float
 def _drop_free(model: MoEModel, forward: Forward, factor: float, T: int) -> bool:
     """True when capacity ``factor`` drops nothing: C covers the busiest expert of the native run in
     every MoE layer, so every layer sees its native input and the run equals native routing."""
+    specs = {site.layer: site.spec for site in model.sites}
     for call in forward.layers:
-        spec = next(site.spec for site in model.sites if site.layer == call.layer)
+        spec = specs[call.layer]
         if call.native_index is None or not spec.substitutable:
             return False
         busiest = int(torch.bincount(call.native_index.reshape(-1), minlength=spec.num_experts).max())
@@ -142,10 +143,11 @@ def capacity_sweep(
     same = _native_loss(native, targets)
     effects = pd.DataFrame([{"factor": f, **(same if skip else next(ran))} for f, skip in zip(factors, free)])
     rows, i = [], 0
+    specs = {site.layer: site.spec for site in model.sites}
     for f, skip in zip(factors, free, strict=True):
         calls = native_forward.layers if skip else forward.layers
         for call in calls:
-            spec = next(site.spec for site in model.sites if site.layer == call.layer)
+            spec = specs[call.layer]
             capacity = capacity_for(f, T, spec.top_k, spec.num_experts) if spec.substitutable else None
             if skip or call.dropped is None:
                 rate = 0.0
