@@ -1,0 +1,392 @@
+"""Run a model over a corpus under a routing policy and keep aggregates only.
+
+    from moe_viz import load_model
+    from moe_viz.corpus import open_source, run_corpus
+    agg = run_corpus(load_model(), open_source("my_corpus/"), out="runs/mine")
+
+Documents are tokenized and cut into chunks of at most ``window`` tokens; consecutive chunks
+are packed into right-padded batches of at most ``token_budget`` tokens (padding included); each
+batch runs once under the policy and is reduced to counts (``reduce.reduce_batch``) that are
+folded into the running total with ``aggregates.merge``. With ``out``, the total is saved every
+``checkpoint_every`` batches; a run started again with the same settings resumes after the last
+saved batch, and the batches it forms are the same as an uninterrupted run's, so the result is
+identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .._hooks import active_call
+from ..importance import _AblateOnePerRow
+from ..models import MoEModel
+from ..policies import Policy, policy_spec
+from .aggregates import CorpusAggregates, CorpusMeta, empty, load, merge, save
+from .reduce import BatchRows, LayerRouting, reduce_batch
+from .sources import CorpusSource, Document
+
+DEFAULT_WINDOW = 512
+DEFAULT_TOKEN_BUDGET = 4096
+MAX_GROUPS = 200
+GROUP_CELLS = 2**24  # cap on G * L * E * E, the per-group co-activation counts
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """At most ``window`` consecutive tokens of one document."""
+
+    doc: Document
+    ids: list[int]
+    start: int = 0  # offset of the chunk's first token in its document
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a run stands, for a progress bar."""
+
+    documents_done: int
+    documents_total: int | None
+    tokens_done: int
+    batches_done: int
+    elapsed_s: float
+
+    @property
+    def fraction(self) -> float | None:
+        if not self.documents_total:
+            return None
+        return min(1.0, self.documents_done / self.documents_total)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything besides the model and the source that decides a run's aggregates."""
+
+    policy: str
+    window: int
+    token_budget: int
+    groups: int
+    seed: int
+    importance_every: int
+    max_documents: int | None
+    reference_model: str | None
+
+
+def default_groups(num_layers: int, num_experts: int) -> int:
+    """Resampling groups: MAX_GROUPS, fewer when the per-group co-activation counts would be large."""
+    return int(max(20, min(MAX_GROUPS, GROUP_CELLS // max(1, num_layers * num_experts * num_experts))))
+
+
+def chunk_documents(
+    model: MoEModel, documents: Iterator[Document], window: int, max_documents: int | None = None
+) -> Iterator[Chunk]:
+    """Each document tokenized and cut into chunks of at most ``window`` tokens."""
+    for doc in documents:
+        if max_documents is not None and doc.ordinal >= max_documents:
+            return
+        ids = model.tokenizer(doc.text)["input_ids"]
+        for start in range(0, len(ids), window):
+            piece = ids[start : start + window]
+            if piece:
+                yield Chunk(doc, piece, start)
+
+
+def pack_batches(chunks: Iterator[Chunk], token_budget: int) -> Iterator[list[Chunk]]:
+    """Consecutive chunks grouped so that (chunks x longest chunk) <= ``token_budget``."""
+    batch: list[Chunk] = []
+    longest = 0
+    for chunk in chunks:
+        grown = max(longest, len(chunk.ids))
+        if batch and grown * (len(batch) + 1) > token_budget:
+            yield batch
+            batch, grown = [], len(chunk.ids)
+        batch.append(chunk)
+        longest = grown
+    if batch:
+        yield batch
+
+
+def _pad_id(model: MoEModel) -> int:
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(model.tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _padded(model: MoEModel, batch: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) right-padded ids and (B, T) mask of real tokens."""
+    T = max(len(c.ids) for c in batch)
+    ids = torch.full((len(batch), T), _pad_id(model), dtype=torch.long)
+    mask = torch.zeros(len(batch), T, dtype=torch.long)
+    for b, c in enumerate(batch):
+        ids[b, : len(c.ids)] = torch.tensor(c.ids)
+        mask[b, : len(c.ids)] = 1
+    return ids, mask
+
+
+def _layer_routing(call, valid: torch.Tensor, top_k: int) -> LayerRouting:  # noqa: ANN001 - LayerCall
+    logits = call.logits[valid].float().cpu()  # (N, E)
+    native = call.native_index[valid].long().cpu() if call.native_index is not None else None
+    if native is None:
+        native = logits.topk(top_k, dim=-1).indices
+    if call.index is not None:
+        index = call.index[valid].long().cpu()
+        dropped = call.dropped[valid].cpu() if call.dropped is not None else torch.zeros_like(index, dtype=torch.bool)
+    else:
+        index, dropped = native, torch.zeros_like(native, dtype=torch.bool)
+    return LayerRouting(index=index, dropped=dropped, logits=logits, native_index=native)
+
+
+def _forward(model: MoEModel, ids: torch.Tensor, mask: torch.Tensor, policy: Policy | None):  # noqa: ANN202
+    with torch.inference_mode(), active_call(policy, token_mask=mask.to(model.device)) as recorder:
+        logits = model.model(input_ids=ids.to(model.device), use_cache=False).logits  # (B, T, V)
+    return logits, recorder.forwards[0]
+
+
+def _token_rows(batch: list[Chunk], logits: torch.Tensor, mask: torch.Tensor) -> BatchRows:
+    """Per real token row: document, chunk, position, token, next token, prediction, loss."""
+    docs: list[Document] = list({id(c.doc): c.doc for c in batch}.values())
+    doc_pos = {d.ordinal: i for i, d in enumerate(docs)}
+    doc_col, pos_col, chunk_col, tok_col, tgt_col = [], [], [], [], []
+    for b, c in enumerate(batch):
+        n = len(c.ids)
+        doc_col.append(np.full(n, doc_pos[c.doc.ordinal]))
+        pos_col.append(np.arange(n))
+        chunk_col.append(np.full(n, b))
+        tok_col.append(np.asarray(c.ids))
+        tgt_col.append(np.asarray(c.ids[1:] + [-1]))
+    valid = mask.reshape(-1).bool()
+    flat = logits.reshape(-1, logits.shape[-1])[valid.to(logits.device)].float()  # (N, V)
+    target = np.concatenate(tgt_col)
+    logp = flat.log_softmax(-1)
+    has = torch.from_numpy(target >= 0).to(flat.device)
+    picked = logp.gather(1, torch.from_numpy(np.maximum(target, 0)).to(flat.device).unsqueeze(1)).squeeze(1)
+    nll = torch.where(has, -picked, torch.zeros_like(picked)).double().cpu().numpy()
+    frame = pd.DataFrame(
+        {"ordinal": [d.ordinal for d in docs], "name": [d.name for d in docs], "domain": [d.domain for d in docs]}
+    )
+    return BatchRows(
+        doc=np.concatenate(doc_col),
+        position=np.concatenate(pos_col),
+        chunk=np.concatenate(chunk_col),
+        token=np.concatenate(tok_col),
+        target=target,
+        predicted=flat.argmax(-1).cpu().numpy(),
+        nll=nll,
+        docs=frame,
+    )
+
+
+def _sampled_for_importance(doc: Document, every: int, seed: int) -> bool:
+    return every > 0 and doc.ordinal % every == seed % every
+
+
+def _importance(model: MoEModel, chunk: Chunk, agg: CorpusAggregates) -> None:
+    """Add chunk's loss change with each expert ablated (reroute), per layer, against native routing."""
+    ids = torch.tensor([chunk.ids])  # (1, T)
+    if ids.shape[1] < 2:
+        return
+    targets = ids[0, 1:].to(model.device)  # (T-1,)
+    with torch.inference_mode(), active_call(None):
+        native = model.model(input_ids=ids.to(model.device), use_cache=False).logits[0, :-1]  # (T-1, V)
+    base = -native.float().log_softmax(-1).gather(1, targets.unsqueeze(1)).squeeze(1).double().sum()
+    g = chunk.doc.ordinal % agg.meta.groups
+    for li, layer in enumerate(agg.meta.layers):
+        site = next(s for s in model.sites if s.layer == layer)
+        if not site.spec.substitutable:
+            continue
+        E = site.spec.num_experts
+        with torch.inference_mode(), active_call(_AblateOnePerRow(layer)):
+            logits = model.model(input_ids=ids.expand(E, -1).to(model.device), use_cache=False).logits  # (E, T, V)
+        logp = logits[:, :-1].float().log_softmax(-1)  # (E, T-1, V)
+        nll = -logp.gather(2, targets.expand(E, -1).unsqueeze(-1)).squeeze(-1).double().sum(dim=1)  # (E,)
+        agg.importance[g, li] += (nll - base).cpu().numpy()
+    agg.importance_scored[g] += ids.shape[1] - 1
+
+
+def _check_settings(folder: Path, settings: RunSettings, source: CorpusSource, model: MoEModel) -> None:
+    wanted = {"settings": asdict(settings), "source": source.describe(), "model": model.model_id}
+    path = folder / "run.json"
+    if path.exists():
+        had = json.loads(path.read_text())
+        if had != wanted:
+            diff = [k for k in ("model", "source") if had.get(k) != wanted[k]]
+            diff += [k for k in wanted["settings"] if had.get("settings", {}).get(k) != wanted["settings"][k]]
+            raise ValueError(
+                f"out folder {str(folder)!r} holds a run with other settings ({', '.join(diff)} differ); "
+                "choose another folder or start over with resume=False"
+            )
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(wanted, indent=1))
+
+
+def _meta(model: MoEModel, settings: RunSettings, source: CorpusSource, forward, layer_ids: list[int]) -> CorpusMeta:  # noqa: ANN001
+    ks = []
+    for call in forward.layers:
+        index = call.index if call.index is not None else call.native_index
+        site = next(s for s in model.sites if s.layer == call.layer)
+        ks.append(int(index.shape[1]) if index is not None else site.spec.top_k)
+    vocab = int(model.model.get_input_embeddings().num_embeddings)
+    return CorpusMeta(
+        model_id=model.model_id,
+        policy=settings.policy,
+        layers=tuple(layer_ids),
+        num_experts=model.num_experts,
+        top_k=tuple(ks),
+        vocab_size=vocab,
+        window=settings.window,
+        groups=settings.groups,
+        position_bucket=max(1, -(-settings.window // 64)),
+        source=source.describe(),
+        seed=settings.seed,
+        reference_model=settings.reference_model,
+        native_top_k=tuple(next(s.spec.top_k for s in model.sites if s.layer == layer) for layer in layer_ids),
+    )
+
+
+def count_documents(source: CorpusSource, max_documents: int | None = None) -> int:
+    """Documents in ``source`` (one pass over the text), capped at ``max_documents``."""
+    n = 0
+    for _ in source.documents():
+        n += 1
+        if max_documents is not None and n >= max_documents:
+            break
+    return n
+
+
+def run_corpus(
+    model: MoEModel,
+    source: CorpusSource,
+    policy: Policy | None = None,
+    *,
+    out: str | Path | None = None,
+    window: int | None = None,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+    groups: int | None = None,
+    seed: int = 0,
+    importance_every: int = 0,
+    reference: MoEModel | None = None,
+    max_documents: int | None = None,
+    checkpoint_every: int = 20,
+    resume: bool = True,
+    progress: Callable[[Progress], None] | None = None,
+) -> CorpusAggregates:
+    """Run ``model`` over ``source`` under ``policy`` and return the aggregates (saved in ``out``).
+
+    ``importance_every`` = n > 0 ablates each expert of each MoE layer, one at a time, on every n-th
+    document (from the seed's offset), for causal importance. ``reference``: another checkpoint of
+    the same architecture and tokenizer, run on the same batches, for router saturation.
+    ``progress`` is called after every batch; raising from it stops the run (the last checkpoint
+    stays, so it can resume).
+    """
+    if model.capture_only and policy is not None:
+        raise ValueError("this model's routers can only be captured: a corpus run needs policy=None (native routing)")
+    if not model.sites:
+        raise ValueError("this model has no MoE router moe-viz can read")
+    if policy is not None:
+        model.instrumentation.check(policy)
+    limit = model.max_positions
+    window = int(window or min(DEFAULT_WINDOW, limit or DEFAULT_WINDOW))
+    if window < 2 or (limit is not None and window > limit):
+        raise ValueError(f"window must satisfy 2 <= window <= {limit or 'the model limit'}; got {window}")
+    if token_budget < window:
+        raise ValueError(f"token_budget must be at least the window ({window} tokens); got {token_budget}")
+    if reference is not None and (
+        reference.moe_layers != model.moe_layers or reference.num_experts != model.num_experts
+    ):
+        raise ValueError(
+            "reference must have the same MoE layers and experts as the model "
+            f"(layers {model.moe_layers}, {model.num_experts} experts); got layers {reference.moe_layers}, "
+            f"{reference.num_experts} experts"
+        )
+    layer_ids = [s.layer for s in model.sites]
+    settings = RunSettings(
+        policy=policy_spec(policy),
+        window=window,
+        token_budget=token_budget,
+        groups=int(groups or default_groups(len(layer_ids), model.num_experts)),
+        seed=seed,
+        importance_every=importance_every,
+        max_documents=max_documents,
+        reference_model=reference.model_id if reference is not None else None,
+    )
+    folder = Path(out) if out is not None else None
+    total: CorpusAggregates | None = None
+    if folder is not None:
+        if not resume and (folder / "run.json").exists():
+            (folder / "run.json").unlink()
+        _check_settings(folder, settings, source, model)
+        if resume and (folder / "checkpoint" / "meta.json").exists():
+            total = load(folder / "checkpoint")
+    skip = total.chunks_done if total is not None else 0
+    documents_total = count_documents(source, max_documents)
+    start = time.perf_counter()
+    batches_done = 0
+    chunks = chunk_documents(model, source.documents(), window, max_documents)
+    for _ in range(skip):
+        next(chunks, None)
+    for batch in pack_batches(chunks, token_budget):
+        ids, mask = _padded(model, batch)
+        logits, forward = _forward(model, ids, mask, policy)
+        valid = mask.reshape(-1).bool().to(model.device)
+        if total is None:
+            total = empty(_meta(model, settings, source, forward, layer_ids))
+        rows = _token_rows(batch, logits, mask)
+        del logits
+        by_layer = {c.layer: c for c in forward.layers}
+        routing = [
+            _layer_routing(by_layer[layer], valid, site.spec.top_k) for layer, site in zip(layer_ids, model.sites)
+        ]
+        ref = None
+        if reference is not None:
+            _, ref_forward = _forward(reference, ids, mask, None)
+            ref_by_layer = {c.layer: c for c in ref_forward.layers}
+            ref = []
+            for layer, site in zip(layer_ids, reference.sites):
+                r = _layer_routing(ref_by_layer[layer], valid, site.spec.top_k)
+                order = r.logits.gather(1, r.native_index).argsort(dim=1, descending=True, stable=True)
+                ref.append(r.native_index.gather(1, order))  # highest-scoring first
+        part = reduce_batch(total.meta, rows, routing, ref)
+        part.chunks_done = len(batch)
+        part.documents_done = batch[-1].doc.ordinal + 1
+        for chunk in batch:
+            if _sampled_for_importance(chunk.doc, importance_every, seed):
+                if chunk.start == 0:
+                    part.meta = replace(part.meta, importance_docs=part.meta.importance_docs + 1)
+                _importance(model, chunk, part)
+        total = merge(total, part)
+        batches_done += 1
+        if folder is not None and batches_done % checkpoint_every == 0:
+            save(total, folder / "checkpoint")
+        if progress is not None:
+            progress(
+                Progress(
+                    total.documents_done, documents_total, total.total_tokens, batches_done, time.perf_counter() - start
+                )
+            )
+    if total is None:
+        raise ValueError(f"corpus source {source.path} produced no tokens")
+    if folder is not None:
+        save(total, folder / "checkpoint")
+        save(total, folder / "aggregates")
+    return total
+
+
+def source_fingerprint(source: CorpusSource, max_documents: int | None = None) -> str:
+    """12 hex digits of the documents' names and texts (what a cached run was computed on)."""
+    digest = hashlib.sha256()
+    for doc in source.documents():
+        if max_documents is not None and doc.ordinal >= max_documents:
+            break
+        digest.update(f"{doc.name}\0{doc.domain}\0{doc.text}\0".encode())
+    return digest.hexdigest()[:12]
