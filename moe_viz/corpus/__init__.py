@@ -3,7 +3,7 @@ statistics with bootstrap confidence intervals.
 
     from moe_viz import load_model
     from moe_viz.corpus import open_source, run_corpus, corpus_report
-    agg = run_corpus(load_model(), open_source("assets/demo-corpus"), out="runs/demo")
+    agg = run_corpus(load_model(), open_source("assets/demo-corpus/texts"), out="runs/demo")
     report = corpus_report(agg)
 
 Modules: ``sources`` (reading a corpus), ``aggregates`` (the counts and their merge, Parquet

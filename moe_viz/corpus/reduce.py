@@ -96,10 +96,10 @@ def reduce_batch(
     meta: CorpusMeta,
     rows: BatchRows,
     layers: list[LayerRouting],
-    reference: list[torch.Tensor] | None = None,
+    reference: list[LayerRouting] | None = None,
 ) -> CorpusAggregates:
-    """Aggregates of one batch. ``reference``: per layer, a reference checkpoint's native choice
-    (N, k) on the same tokens, for router saturation."""
+    """Aggregates of one batch. ``reference``: per layer, a reference checkpoint's routing of the
+    same tokens, for router saturation (native choices compared)."""
     G, E = meta.groups, meta.num_experts
     domains = list(dict.fromkeys(rows.docs["domain"].tolist()))
     D = len(domains)
@@ -155,15 +155,12 @@ def reduce_batch(
         vocab["target"].append(_vocab(group, li, rows.target, first, has_target.numpy()))
         vocab["predicted"].append(_vocab(group, li, rows.predicted, first, everywhere))
         if reference is not None:
-            ref = reference[li]  # (N, k)
-            own = route.native_index
-            ref_sets = torch.zeros_like(sets).scatter_(1, ref, True)
-            own_sets = torch.zeros_like(sets).scatter_(1, own, True)
+            own_sets = torch.zeros_like(sets).scatter_(1, route.native_index, True)
+            ref_sets = torch.zeros_like(sets).scatter_(1, reference[li].native_index, True)
             overlap = (ref_sets & own_sets).sum(dim=1).double()  # (N,)
-            logits = route.logits.float()
-            same_first = (
-                logits.masked_fill(~own_sets, float("-inf")).argmax(-1) == ref[:, 0]
-            ).double()  # the reference's first entry is its highest-scoring expert (see corpus.run)
+            own_first = route.logits.float().masked_fill(~own_sets, float("-inf")).argmax(-1)
+            ref_first = reference[li].logits.float().masked_fill(~ref_sets, float("-inf")).argmax(-1)
+            same_first = (own_first == ref_first).double()
             agg.saturation[:, li, 0] = _bincount(group, G, overlap).round().astype(np.int64)
             agg.saturation[:, li, 1] = _bincount(group, G, same_first).round().astype(np.int64)
             agg.saturation[:, li, 2] = _bincount(group, G)

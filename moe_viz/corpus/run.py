@@ -73,6 +73,7 @@ class RunSettings:
     policy: str
     window: int
     token_budget: int
+    max_batch_chunks: int | None
     groups: int
     seed: int
     importance_every: int
@@ -93,19 +94,25 @@ def chunk_documents(
         if max_documents is not None and doc.ordinal >= max_documents:
             return
         ids = model.tokenizer(doc.text)["input_ids"]
+        if hasattr(ids, "tolist"):  # a tensor, (1, T) or (T,)
+            ids = ids.tolist()
+        if ids and isinstance(ids[0], list):
+            ids = ids[0]
         for start in range(0, len(ids), window):
             piece = ids[start : start + window]
             if piece:
                 yield Chunk(doc, piece, start)
 
 
-def pack_batches(chunks: Iterator[Chunk], token_budget: int) -> Iterator[list[Chunk]]:
-    """Consecutive chunks grouped so that (chunks x longest chunk) <= ``token_budget``."""
+def pack_batches(chunks: Iterator[Chunk], token_budget: int, max_chunks: int | None = None) -> Iterator[list[Chunk]]:
+    """Consecutive chunks grouped so that (chunks x longest chunk) <= ``token_budget`` and, when
+    given, at most ``max_chunks`` chunks share a batch."""
     batch: list[Chunk] = []
     longest = 0
     for chunk in chunks:
         grown = max(longest, len(chunk.ids))
-        if batch and grown * (len(batch) + 1) > token_budget:
+        full = max_chunks is not None and len(batch) >= max_chunks
+        if batch and (full or grown * (len(batch) + 1) > token_budget):
             yield batch
             batch, grown = [], len(chunk.ids)
         batch.append(chunk)
@@ -272,6 +279,7 @@ def run_corpus(
     out: str | Path | None = None,
     window: int | None = None,
     token_budget: int = DEFAULT_TOKEN_BUDGET,
+    max_batch_chunks: int | None = None,
     groups: int | None = None,
     seed: int = 0,
     importance_every: int = 0,
@@ -286,6 +294,8 @@ def run_corpus(
     ``importance_every`` = n > 0 ablates each expert of each MoE layer, one at a time, on every n-th
     document (from the seed's offset), for causal importance. ``reference``: another checkpoint of
     the same architecture and tokenizer, run on the same batches, for router saturation.
+    ``max_batch_chunks`` = 1 runs every chunk alone: the counts then equal per-prompt traces bit
+    for bit (padded batches can flip a near-tie by float rounding, in bfloat16 especially).
     ``progress`` is called after every batch; raising from it stops the run (the last checkpoint
     stays, so it can resume).
     """
@@ -301,6 +311,10 @@ def run_corpus(
         raise ValueError(f"window must satisfy 2 <= window <= {limit or 'the model limit'}; got {window}")
     if token_budget < window:
         raise ValueError(f"token_budget must be at least the window ({window} tokens); got {token_budget}")
+    if max_batch_chunks is not None and (
+        isinstance(max_batch_chunks, bool) or not isinstance(max_batch_chunks, int) or max_batch_chunks < 1
+    ):
+        raise ValueError(f"max_batch_chunks must be an integer >= 1 or None; got {max_batch_chunks!r}")
     if reference is not None and (
         reference.moe_layers != model.moe_layers or reference.num_experts != model.num_experts
     ):
@@ -314,6 +328,7 @@ def run_corpus(
         policy=policy_spec(policy),
         window=window,
         token_budget=token_budget,
+        max_batch_chunks=max_batch_chunks,
         groups=int(groups or default_groups(len(layer_ids), model.num_experts)),
         seed=seed,
         importance_every=importance_every,
@@ -335,7 +350,7 @@ def run_corpus(
     chunks = chunk_documents(model, source.documents(), window, max_documents)
     for _ in range(skip):
         next(chunks, None)
-    for batch in pack_batches(chunks, token_budget):
+    for batch in pack_batches(chunks, token_budget, max_batch_chunks):
         ids, mask = _padded(model, batch)
         logits, forward = _forward(model, ids, mask, policy)
         valid = mask.reshape(-1).bool().to(model.device)
@@ -351,11 +366,10 @@ def run_corpus(
         if reference is not None:
             _, ref_forward = _forward(reference, ids, mask, None)
             ref_by_layer = {c.layer: c for c in ref_forward.layers}
-            ref = []
-            for layer, site in zip(layer_ids, reference.sites):
-                r = _layer_routing(ref_by_layer[layer], valid, site.spec.top_k)
-                order = r.logits.gather(1, r.native_index).argsort(dim=1, descending=True, stable=True)
-                ref.append(r.native_index.gather(1, order))  # highest-scoring first
+            ref = [
+                _layer_routing(ref_by_layer[layer], valid, site.spec.top_k)
+                for layer, site in zip(layer_ids, reference.sites)
+            ]
         part = reduce_batch(total.meta, rows, routing, ref)
         part.chunks_done = len(batch)
         part.documents_done = batch[-1].doc.ordinal + 1
