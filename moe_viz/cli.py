@@ -9,6 +9,9 @@
 * ``moe-viz sweep MODEL --prompt TEXT --over capacity|k [--factors F1,F2,...] [--out FILE.csv]``
   sweeps the capacity factor (drop rate, KL to native, top-1 flips, loss per factor) or k (compute
   share, KL, flips, loss per k) on the prompt; ``--out`` writes the table as CSV.
+* ``moe-viz corpus MODEL SOURCE --out DIR [--policy SPEC] [--domain-column COL] ...`` runs a corpus
+  and writes its aggregates (Parquet, ``DIR/aggregates``) and statistics with bootstrap intervals
+  (``DIR/report.json``); an interrupted run resumes (``moe_viz.corpus.cli``).
 * ``moe-viz train-default`` reproduces the shipped default model.
 
 Bad values exit with status 2 and a one-line message.
@@ -21,6 +24,7 @@ import math
 import sys
 from pathlib import Path
 
+from .corpus import cli as corpus_cli
 from .policies import parse_policy
 
 POLICY_HELP = (
@@ -94,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
         help="write the table to this .csv file (capacity: one row per factor and layer, with the factor's "
         "effects; k: one row per k)",
     )
+    corpus_cli.add_parser(sub, MODEL_HELP, POLICY_HELP, DEVICE_HELP)
     sub.add_parser(
         "train-default",
         help="retrain the default model (the remaining arguments go to moe_viz.training.train_default; see --help)",
@@ -284,6 +289,16 @@ def _sweep_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _corpus_command(args: argparse.Namespace) -> int:
+    from .models import DEFAULT_MODEL, load_model
+
+    def load(name: str) -> object:
+        source = DEFAULT_MODEL if name == "default" else name
+        return load_model(source, device=args.device, trust_remote_code=args.trust_remote_code)
+
+    return corpus_cli.command(args, load)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train-default"]:
@@ -301,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         "inspect": _inspect_command,
         "importance": _importance_command,
         "sweep": _sweep_command,
+        "corpus": _corpus_command,
     }
     try:
         return commands[args.command](args)
