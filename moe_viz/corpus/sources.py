@@ -136,7 +136,10 @@ def _table_rows(source: CorpusSource) -> Iterator[tuple[str, str, str]]:
         with source.path.open(encoding="utf-8") as f:
             for i, line in enumerate(f):
                 if line.strip():
-                    text, domain = _row_fields(source, json.loads(line), f"line {i + 1}")
+                    row = json.loads(line)
+                    if not isinstance(row, dict):
+                        raise KeyError(f"line {i + 1} is not a JSON object (got {type(row).__name__})")
+                    text, domain = _row_fields(source, row, f"line {i + 1}")
                     yield f"{name}:{i + 1}", domain, text
     elif suffix == ".csv":
         with source.path.open(encoding="utf-8", newline="") as f:
