@@ -91,7 +91,7 @@ def test_corpus_aggregates_equal_the_sum_of_per_prompt_traces(model, corpus, pol
     assert np.array_equal(agg.first.sum(axis=0), want["first"])
     assert np.array_equal(agg.dropped.sum(axis=0), want["dropped"])
     assert np.array_equal(agg.pairs.sum(axis=0), want["pairs"])
-    assert np.array_equal(agg.reuse.sum(axis=0), want["reuse"])
+    assert np.array_equal(agg.reuse.sum(axis=(0, 2)), want["reuse"])
     assert np.array_equal(agg.tokens.sum(axis=0), want["tokens"])
     assert np.allclose(agg.nll.sum(axis=0), want["nll"], rtol=1e-3)  # padded batches: float rounding only
     got_vocab = agg.vocab["input"].groupby(["layer", "token", "expert"])["count"].sum()
@@ -179,5 +179,5 @@ def test_every_token_of_every_document_is_counted_once(model, corpus):
     agg = run_corpus(model, corpus, window=24, token_budget=24)
     expected = sum(len(model.tokenizer(t)["input_ids"]) for docs in TEXTS.values() for t in docs)
     assert agg.total_tokens == expected
-    assert int(agg.reuse[:, 0, 0].sum()) == expected - agg.chunks_done  # consecutive pairs stay inside chunks
+    assert int(agg.reuse[:, 0, :, 0].sum()) == expected - agg.chunks_done  # consecutive pairs stay inside chunks
     assert torch.equal(torch.tensor(agg.positions.sum(axis=(1, 2))), torch.tensor(agg.assigned.sum(axis=(0, 2, 3))))

@@ -334,9 +334,9 @@ def test_coactivation_is_pair_count_over_tokens_of_a_with_nan_diagonal_and_indep
 def test_reuse_rates_are_count_ratios_and_baselines_are_the_uniform_routing_ones():
     meta = make_meta(num_experts=8, top_k=(2, 8), layers=(0, 1), groups=2)
     agg = empty(meta, ["web"])
-    agg.reuse[0, 0] = [100, 30, 60, 80]  # pairs, same first choice, sets intersect, summed overlap
-    agg.reuse[1, 0] = [100, 10, 40, 40]
-    agg.reuse[:, 1] = [[50, 5, 50, 400], [50, 5, 50, 400]]
+    agg.reuse[0, 0, 0] = [100, 30, 60, 80]  # pairs, same first choice, sets intersect, summed overlap
+    agg.reuse[1, 0, 0] = [100, 10, 40, 40]
+    agg.reuse[:, 1, 0] = [[50, 5, 50, 400], [50, 5, 50, 400]]
     agg.tokens[:, 0] = [102, 102]
     r = stats.reuse(agg, stats.Resampler(agg, replicates=20))
     np.testing.assert_array_equal(r.pairs, [200, 100])
@@ -490,13 +490,22 @@ def test_merge_sums_counts_aligns_domains_by_name_and_offsets_first_seen():
     b.first_seen[0, 0] = [4, 1, -1, 3]
     m = aggregates.merge(a, b)
     assert m.domains == ["web", "code", "math"]
-    for name, axis in (("assigned", 2), ("dropped", 2), ("first", 2), ("tokens", 1), ("nll", 1), ("scored", 1)):
+    domain_axes = (
+        ("assigned", 2),
+        ("dropped", 2),
+        ("first", 2),
+        ("reuse", 2),
+        ("tokens", 1),
+        ("nll", 1),
+        ("scored", 1),
+    )
+    for name, axis in domain_axes:
         got, x, y = getattr(m, name), getattr(a, name), getattr(b, name)
         web, code, math_ = (np.take(got, i, axis=axis) for i in range(3))
         np.testing.assert_allclose(web, np.take(x, 0, axis=axis))
         np.testing.assert_allclose(code, np.take(x, 1, axis=axis) + np.take(y, 0, axis=axis))
         np.testing.assert_allclose(math_, np.take(y, 1, axis=axis))
-    for name in ("pairs", "adjacent", "reuse", "positions", "saturation", "importance", "importance_scored"):
+    for name in ("pairs", "adjacent", "positions", "saturation", "importance", "importance_scored"):
         np.testing.assert_allclose(getattr(m, name), getattr(a, name) + getattr(b, name), err_msg=name)
     a_tokens0 = int(a.tokens[0].sum())
     np.testing.assert_array_equal(m.first_seen[0, 0], [4 + a_tokens0, 2, -1, 0])
@@ -571,7 +580,7 @@ def simulated_corpus(
     agg.tokens[g, dom] = lengths
     s = rng.beta(stay_true * concentration, (1 - stay_true) * concentration, n_docs)
     same = rng.binomial(lengths - 1, s)
-    agg.reuse[g, 0] = np.column_stack([lengths - 1, same, same, same])  # top-1: intersect = overlap = same
+    agg.reuse[g, 0, dom] = np.column_stack([lengths - 1, same, same, same])  # top-1: intersect = overlap = same
     return agg
 
 

@@ -73,7 +73,7 @@ class CorpusAggregates:
     scored: np.ndarray  # (G, D) tokens with a next token in their chunk
     pairs: np.ndarray  # (G, L, E, E) tokens whose set holds a and b (diagonal: tokens routed to a)
     adjacent: np.ndarray  # (G, L, E, E) a and b at neighbouring ranks of a token's sorted set (both ways)
-    reuse: np.ndarray  # (G, L, 4): consecutive pairs, same first choice, sets intersect, summed overlap
+    reuse: np.ndarray  # (G, L, D, 4): consecutive pairs, same first choice, sets intersect, summed overlap
     positions: np.ndarray  # (L, P, E) assignments by position bucket in the chunk
     first_seen: np.ndarray  # (G, L, E) tokens of the group before e's first assignment, -1 = never
     saturation: np.ndarray  # (G, L, 3): summed |S ∩ S_ref|, same first choice, tokens (reference runs)
@@ -132,6 +132,7 @@ class CorpusAggregates:
             assigned=spread(self.assigned, 2),
             dropped=spread(self.dropped, 2),
             first=spread(self.first, 2),
+            reuse=spread(self.reuse, 2),
             tokens=spread(self.tokens, 1),
             nll=spread(self.nll, 1),
             scored=spread(self.scored, 1),
@@ -155,7 +156,7 @@ def empty(meta: CorpusMeta, domains: list[str] | None = None) -> CorpusAggregate
         scored=np.zeros((G, D), i64),
         pairs=np.zeros((G, L, E, E), i64),
         adjacent=np.zeros((G, L, E, E), i64),
-        reuse=np.zeros((G, L, 4), i64),
+        reuse=np.zeros((G, L, D, 4), i64),
         positions=np.zeros((L, P, E), i64),
         first_seen=np.full((G, L, E), -1, i64),
         saturation=np.zeros((G, L, 3), i64),
@@ -294,7 +295,7 @@ TABLES = {
     "scored": ("scored", ["group", "domain"], "count"),
     "pairs": ("pairs", ["group", "layer", "a", "b"], "count"),
     "pairs_adjacent": ("adjacent", ["group", "layer", "a", "b"], "count"),
-    "reuse": ("reuse", ["group", "layer", "stat"], "count"),
+    "reuse": ("reuse", ["group", "layer", "domain", "stat"], "count"),
     "positions": ("positions", ["layer", "bucket", "expert"], "count"),
     "saturation": ("saturation", ["group", "layer", "stat"], "count"),
     "importance": ("importance", ["group", "layer", "expert"], "delta_nll"),

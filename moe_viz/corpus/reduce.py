@@ -144,11 +144,10 @@ def reduce_batch(
         if len(consecutive):
             t0, t1 = consecutive, consecutive + 1
             overlap = (sets[t0] & sets[t1]).sum(dim=1)  # (n_pairs,)
-            gp = group[t0]
-            agg.reuse[:, li, 0] = _bincount(gp, G)
-            agg.reuse[:, li, 1] = _bincount(gp, G, (first[t0] == first[t1]).double()).round().astype(np.int64)
-            agg.reuse[:, li, 2] = _bincount(gp, G, (overlap > 0).double()).round().astype(np.int64)
-            agg.reuse[:, li, 3] = _bincount(gp, G, overlap.double()).round().astype(np.int64)
+            gd = group[t0] * D + domain[t0]  # a pair lies in one chunk, so in one document and domain
+            counted = [None, (first[t0] == first[t1]).double(), (overlap > 0).double(), overlap.double()]
+            for i, weights in enumerate(counted):
+                agg.reuse[:, li, :, i] = _bincount(gd, G * D, weights).round().astype(np.int64).reshape(G, D)
         agg.first_seen[:, li] = _first_seen(sets, group, groups_here, G)
         everywhere = np.ones(len(rows.token), dtype=bool)
         vocab["input"].append(_vocab(group, li, rows.token, first, everywhere))

@@ -284,21 +284,28 @@ def coactivation(agg: CorpusAggregates, rs: Resampler, adjacent: bool = False) -
 # ------------------------------------------------------------------ reuse
 @dataclass(frozen=True)
 class CorpusReuse:
-    """Consecutive-token reuse (Mixtral Table 5) per layer, within chunks, with random baselines."""
+    """Consecutive-token reuse (Mixtral Table 5) per layer, and per layer x domain, within chunks,
+    with random baselines: same first choice (1/E), sets intersect (1 - C(E-k,k)/C(E,k)), mean
+    overlap |S_t ∩ S_t+1| (k^2/E)."""
 
     layers: tuple[int, ...]
+    domains: list[str]
     pairs: np.ndarray  # (L,)
     first_choice_same: Estimate  # (L,)
     sets_intersect: Estimate  # (L,)
     mean_overlap: Estimate  # (L,)
     baselines: np.ndarray  # (L, 3): 1/E, 1 - C(E-k,k)/C(E,k), k^2/E
+    by_domain_first_choice_same: Estimate  # (L, D)
+    by_domain_sets_intersect: Estimate  # (L, D)
 
 
 def reuse(agg: CorpusAggregates, rs: Resampler) -> CorpusReuse:
-    r, r_b = rs.sums(agg.reuse)  # (L, 4), (B, L, 4)
+    rd, rd_b = rs.sums(agg.reuse)  # (L, D, 4), (B, L, D, 4)
+    r, r_b = rd.sum(axis=1), rd_b.sum(axis=2)  # (L, 4), (B, L, 4)
     est = [rs.estimate(_div(r[:, i], r[:, 0]), _div(r_b[..., i], r_b[..., 0])) for i in (1, 2, 3)]
+    by_domain = [rs.estimate(_div(rd[..., i], rd[..., 0]), _div(rd_b[..., i], rd_b[..., 0])) for i in (1, 2)]
     base = np.array([reuse_baselines(agg.num_experts, min(k, agg.num_experts)) for k in agg.meta.top_k])
-    return CorpusReuse(agg.meta.layers, r[:, 0], *est, base)
+    return CorpusReuse(agg.meta.layers, list(agg.domains), r[:, 0], *est, base, *by_domain)
 
 
 # ------------------------------------------------------------------ coverage and dormant experts
