@@ -1,0 +1,641 @@
+"""Views of corpus statistics: each chart with its interval and a sentence citing the numbers.
+
+Every view takes a ``CorpusReport`` (``moe_viz.corpus.report``) and, where the chart is per layer,
+a decoder-layer id. Intervals are the report's bootstrap percentile intervals over groups of
+documents; the explanations say so and say how many documents the run held.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from ..corpus.aggregates import CorpusAggregates
+from ..corpus.report import CorpusReport
+from ..corpus.stats import Estimate
+from ._display import num, pct, times
+from ._plotly import OKABE_ITO, TOL_MUTED, FigureBuilder, expert_axis, expert_colors, finish, plotly_trace
+from ._view import View
+
+TokenText = Callable[[int], str]
+
+
+def domain_colors(n: int) -> list[str]:
+    """One colour per domain (Okabe-Ito, then Tol's muted palette), distinct from nothing else."""
+    palette = OKABE_ITO[:7] + TOL_MUTED
+    return [palette[i % len(palette)] for i in range(n)]
+
+
+def ci_text(value: float, low: float, high: float, fmt: Callable[[float], str] = num) -> str:
+    """'0.412 (95% CI 0.380–0.447)' style, with the given number format."""
+    if not math.isfinite(value):
+        return "n/a"
+    return f"{fmt(value)} (CI {fmt(low)}–{fmt(high)})"
+
+
+def _layer_index(report: CorpusReport, layer: int) -> int:
+    layers = list(report.domain.layers)
+    if layer not in layers:
+        raise ValueError(f"layer must be one of the MoE layers {layers}; got {layer!r}")
+    return layers.index(layer)
+
+
+def _error(est: Estimate, *index: int | slice) -> dict:
+    v, lo, hi = est.value[index], est.low[index], est.high[index]
+    return {"type": "data", "symmetric": False, "array": np.nan_to_num(hi - v), "arrayminus": np.nan_to_num(v - lo)}
+
+
+def intervals_note(report: CorpusReport) -> str:
+    return (
+        f"Intervals: {report.level:.0%} bootstrap percentile intervals from {report.replicates} resamples of the "
+        f"run's {report.documents} documents (whole documents, in groups; seed {report.seed})."
+    )
+
+
+# ------------------------------------------------------------------ domains
+def domain_shares(report: CorpusReport, layer: int) -> View:
+    """Grouped bars per expert: each domain's share of its assignments that went to the expert,
+    with intervals and the fair share 1/E (Mixtral Fig. 7 style)."""
+    li = _layer_index(report, layer)
+    d = report.domain
+    E = d.share.value.shape[-1]
+    colors = domain_colors(len(d.domains))
+    fig = FigureBuilder()
+    for j, name in enumerate(d.domains):
+        fig.add_trace(
+            plotly_trace(
+                go.Bar,
+                x=list(range(E)),
+                y=d.share.value[li, j],
+                name=name,
+                marker={"color": colors[j]},
+                error_y=_error(d.share, li, j),
+                hovertemplate=f"{name}, expert %{{x}}: %{{y:.1%}} of its assignments<extra></extra>",
+            )
+        )
+    fig.add_hline(d.fair_share, line={"dash": "dash", "color": "#555"}, annotation_text=f"fair share 1/{E}")
+    fig.update_layout(
+        title={"text": f"Share of each domain's assignments per expert, layer {layer}"},
+        barmode="group",
+        yaxis={"title": {"text": "share of the domain's assignments"}, "tickformat": ".0%"},
+        legend={"title": {"text": "domain"}},
+        plot_bgcolor="#FFFFFF",
+    )
+    expert_axis(fig, E, "x")
+    j, e = np.unravel_index(np.nanargmax(d.ratio.value[li]), d.ratio.value[li].shape)
+    mi = d.mi_bits.at(li)
+    text = (
+        f"Each bar is the share of a domain's expert assignments in layer {layer} that went to that expert "
+        f"(c_de / Σ_e c_de; every bar group would sit on the dashed fair share 1/{E} = {pct(1 / E)} if routing "
+        f"ignored the domain). The most over-used pair is **{d.domains[j]} → expert {e}**: "
+        f"{ci_text(*d.share.at(li, j, e), pct)} of that domain's assignments, "
+        f"{times(float(d.ratio.value[li, j, e]))} the fair share. "
+        f"Mutual information between domain and expert in this layer: {ci_text(*mi)} bits; shuffling the documents' "
+        f"domains gives at most {num(float(d.mi_null_95[li]))} bits (95th percentile of {d.null_permutations} "
+        "shuffles), "
+        + (
+            "so the domain does shape the routing here."
+            if mi[1] > d.mi_null_95[li]
+            else "so this layer's routing is not shown to depend on the domain."
+        )
+    )
+    return View(
+        "corpus_domain_shares",
+        f"Expert share per domain (layer {layer})",
+        text + " " + intervals_note(report),
+        figure=finish(fig),
+    )
+
+
+def domain_information(report: CorpusReport) -> View:
+    """Mutual information between domain and expert per layer, with intervals and the shuffled-domain
+    chance level."""
+    d = report.domain
+    layers = [str(x) for x in d.layers]
+    fig = FigureBuilder(
+        plotly_trace(
+            go.Bar,
+            x=layers,
+            y=d.mi_bits.value,
+            name="I(domain; expert)",
+            marker={"color": OKABE_ITO[4]},
+            error_y=_error(d.mi_bits, slice(None)),
+            hovertemplate="layer %{x}: %{y:.3f} bits<extra></extra>",
+        )
+    )
+    fig.add_trace(
+        plotly_trace(
+            go.Scatter,
+            x=layers,
+            y=d.mi_null_95,
+            mode="markers",
+            name="chance (shuffled domains, 95th pct)",
+            marker={"symbol": "line-ew-open", "size": 28, "color": "#000", "line": {"width": 3}},
+            hovertemplate="layer %{x}: chance up to %{y:.3f} bits<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title={"text": "How much the domain tells about the expert, per layer (bits)"},
+        xaxis={"title": {"text": "MoE layer"}, "type": "category"},
+        yaxis={"title": {"text": "mutual information (bits)"}, "rangemode": "tozero"},
+        plot_bgcolor="#FFFFFF",
+    )
+    best = int(np.nanargmax(d.mi_bits.value))
+    above = [str(layer) for i, layer in enumerate(d.layers) if d.mi_bits.low[i] > d.mi_null_95[i]]
+    D = len(d.domains)
+    text = (
+        f"I(domain; expert) over all assignments, in bits: 0 when routing ignores the domain, at most "
+        f"log₂({D}) = {num(math.log2(D)) if D > 1 else '0'} bits with {D} domains. Highest in layer "
+        f"{d.layers[best]}: {ci_text(*d.mi_bits.at(best))} bits. The black marks are chance: the 95th percentile "
+        f"of the same statistic with the documents' domain labels shuffled ({d.null_permutations} shuffles). "
+        + (
+            f"The interval's lower end clears chance in layers {', '.join(above)}."
+            if above
+            else "No layer's interval clears chance: this corpus does not show domain specialisation."
+        )
+    )
+    return View(
+        "corpus_domain_information",
+        "Domain information per layer",
+        text + " " + intervals_note(report),
+        figure=finish(fig),
+    )
+
+
+def domain_loss(report: CorpusReport) -> View:
+    """Next-token loss per domain with intervals."""
+    loss = report.loss
+    colors = domain_colors(len(loss.domains))
+    fig = FigureBuilder(
+        plotly_trace(
+            go.Bar,
+            x=loss.domains,
+            y=loss.loss.value,
+            marker={"color": colors},
+            error_y=_error(loss.loss, slice(None)),
+            hovertemplate="%{x}: %{y:.3f} nats per token<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title={"text": "Next-token loss per domain (nats per token)"},
+        yaxis={"title": {"text": "loss (nats / token)"}},
+        plot_bgcolor="#FFFFFF",
+    )
+    hard, easy = int(np.nanargmax(loss.loss.value)), int(np.nanargmin(loss.loss.value))
+    text = (
+        f"Mean loss of the actual next token over the run: {ci_text(*loss.overall.at())} nats. The model finds "
+        f"**{loss.domains[easy]}** easiest ({ci_text(*loss.loss.at(easy))}) and **{loss.domains[hard]}** hardest "
+        f"({ci_text(*loss.loss.at(hard))})."
+    )
+    return View("corpus_domain_loss", "Loss per domain", text + " " + intervals_note(report), figure=finish(fig))
+
+
+# ------------------------------------------------------------------ vocabulary
+VOCAB_LABELS = {"input": "input token", "target": "true next token", "predicted": "predicted next token"}
+
+
+def vocabulary_specialisation(report: CorpusReport) -> View:
+    """Per layer, OLMoE's vocabulary specialisation for input, true next and predicted next tokens,
+    with intervals and the share a token-blind router would give."""
+    kinds = list(report.vocabulary)
+    layers = [str(x) for x in report.domain.layers]
+    fig = FigureBuilder()
+    for i, kind in enumerate(kinds):
+        v = report.vocabulary[kind]
+        fig.add_trace(
+            plotly_trace(
+                go.Bar,
+                x=layers,
+                y=v.mean.value,
+                name=VOCAB_LABELS[kind],
+                marker={"color": OKABE_ITO[i]},
+                error_y=_error(v.mean, slice(None)),
+                hovertemplate=f"{VOCAB_LABELS[kind]}, layer %{{x}}: %{{y:.1%}}<extra></extra>",
+            )
+        )
+    base = report.vocabulary[kinds[0]].baseline
+    fig.add_trace(
+        plotly_trace(
+            go.Scatter,
+            x=layers,
+            y=base,
+            mode="markers",
+            name="if the token did not matter",
+            marker={"symbol": "line-ew-open", "size": 34, "color": "#000", "line": {"width": 3}},
+            hovertemplate="layer %{x}: busiest expert's share of first choices %{y:.1%}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title={"text": "Vocabulary specialisation: how reliably a token id goes to one expert"},
+        barmode="group",
+        xaxis={"title": {"text": "MoE layer"}, "type": "category"},
+        yaxis={"title": {"text": "share to the token's top expert"}, "tickformat": ".0%", "range": [0, 1.05]},
+        plot_bgcolor="#FFFFFF",
+    )
+    v = report.vocabulary["input"]
+    li = int(np.nanargmax(v.mean.value))
+    text = (
+        "For each token id seen at least "
+        f"{v.min_count} times, the share of its occurrences whose first-choice expert is the id's most frequent "
+        "one (OLMoE's vocabulary specialisation, top-1), averaged over ids; by input token, by the true next "
+        f"token and by the predicted next token. Input tokens are most specialised in layer {v.layers[li]}: "
+        f"{ci_text(*v.mean.at(li), pct)} over {int(v.tokens_counted[li])} ids, against "
+        f"{pct(float(v.baseline[li]))} if the router ignored which token it saw (the busiest expert's share). "
+        "OLMoE's script averages over every id; rare ids inflate that average, hence the minimum count."
+    )
+    return View(
+        "corpus_vocabulary",
+        "Vocabulary specialisation per layer",
+        text + " " + intervals_note(report),
+        figure=finish(fig),
+    )
+
+
+def vocabulary_table(
+    report: CorpusReport, layer: int, token_text: TokenText | None = None, per_expert: int = 5
+) -> View:
+    """The most specialised input tokens of each expert in one layer (at least the minimum count)."""
+    _layer_index(report, layer)
+    v = report.vocabulary["input"]
+    t = v.table[v.table["layer"] == layer]
+    rows = (
+        t.sort_values(["expert", "spec", "occurrences"], ascending=[True, False, False])
+        .groupby("expert")
+        .head(per_expert)
+    )
+    table = pd.DataFrame(
+        {
+            "expert": rows["expert"].astype(int),
+            "token": [token_text(int(x)) if token_text else str(int(x)) for x in rows["token"]],
+            "token id": rows["token"].astype(int),
+            "occurrences": rows["occurrences"].astype(int),
+            "share to this expert": rows["spec"].map(pct),
+        }
+    ).reset_index(drop=True)
+    if len(t):
+        top = t.iloc[0]
+        name = token_text(int(top.token)) if token_text else str(int(top.token))
+        text = (
+            f"Per expert of layer {layer}, the input tokens that most reliably go to it (first choice), among the "
+            f"{len(t)} ids seen at least {v.min_count} times. The most reliable: {name!r} goes to expert "
+            f"{int(top.expert)} in {pct(float(top.spec))} of its {int(top.occurrences)} occurrences."
+        )
+    else:
+        text = f"No token id occurs {v.min_count} times in this run; a larger corpus gives this table its rows."
+    return View("corpus_vocabulary_table", f"Tokens each expert takes (layer {layer})", text, table=table)
+
+
+# ------------------------------------------------------------------ co-activation
+def coactivation_heatmap(
+    report: CorpusReport, layer: int, adjacent: bool = False, order: list[int] | None = None
+) -> View:
+    """A[a, b] (row a, column b) = share of a's tokens that also have b (OLMoE), in percent; the
+    adjacent-rank variant counts only neighbouring ranks of the sorted set."""
+    li = _layer_index(report, layer)
+    co = report.coactivation_adjacent if adjacent else report.coactivation
+    m = co.matrix.value[li]
+    E = m.shape[0]
+    order = order or list(range(E))
+    z = m[np.ix_(order, order)] * 100
+    lo = co.matrix.low[li][np.ix_(order, order)] * 100
+    hi = co.matrix.high[li][np.ix_(order, order)] * 100
+    custom = np.dstack([lo, hi])
+    labels = [str(e) for e in order]
+    fig = FigureBuilder(
+        plotly_trace(
+            go.Heatmap,
+            z=z,
+            x=labels,
+            y=labels,
+            customdata=custom,
+            colorscale="Reds",
+            zmin=0,
+            colorbar={"title": {"text": "% of a's tokens"}},
+            hovertemplate="expert %{y} → expert %{x}: %{z:.1f}% (CI %{customdata[0]:.1f}–%{customdata[1]:.1f})<extra></extra>",
+        )
+    )
+    kind = "adjacent-rank co-activation (OLMoE script variant)" if adjacent else "co-activation"
+    fig.update_layout(
+        title={"text": f"Expert {kind}, layer {layer}: % of row expert's tokens that also use the column expert"},
+        xaxis={"title": {"text": "expert b"}, "type": "category"},
+        yaxis={"title": {"text": "expert a"}, "type": "category", "autorange": "reversed"},
+        plot_bgcolor="#FFFFFF",
+    )
+    base = float(co.baseline[li])
+    strongest = co.strongest(li)
+    definition = (
+        "A[a, b] = tokens whose ranked set has a and b next to each other (either order) ÷ tokens routed to a"
+        if adjacent
+        else "A[a, b] = tokens routed to both a and b ÷ tokens routed to a"
+    )
+    text = f"{definition}; independent routing would give {pct(base)} everywhere."
+    if strongest:
+        a, b, v, low, high = strongest
+        text += (
+            f" The strongest pair is expert {a} → {b}: {ci_text(v, low, high, pct)} of expert {a}'s tokens, "
+            f"{times(v / base) if base else 'n/a'} independence."
+        )
+    return View(
+        f"corpus_coactivation{'_adjacent' if adjacent else ''}",
+        f"Co-activation (layer {layer})",
+        text + " " + intervals_note(report),
+        figure=finish(fig),
+    )
+
+
+# ------------------------------------------------------------------ reuse
+def reuse_table(report: CorpusReport, by_domain: bool = False) -> View:
+    """Mixtral Table 5: how often consecutive tokens share their first choice, and share any expert,
+    per layer (and per domain), with random-routing baselines."""
+    r = report.reuse
+    rows = []
+    for i, layer in enumerate(r.layers):
+        if by_domain:
+            for j, dom in enumerate(r.domains):
+                rows.append(
+                    {
+                        "layer": layer,
+                        "domain": dom,
+                        "same first choice": ci_text(*r.by_domain_first_choice_same.at(i, j), pct),
+                        "sets share an expert": ci_text(*r.by_domain_sets_intersect.at(i, j), pct),
+                    }
+                )
+        else:
+            rows.append(
+                {
+                    "layer": layer,
+                    "same first choice": ci_text(*r.first_choice_same.at(i), pct),
+                    "random": pct(float(r.baselines[i, 0])),
+                    "sets share an expert": ci_text(*r.sets_intersect.at(i), pct),
+                    "random ": pct(float(r.baselines[i, 1])),
+                    "mean overlap": ci_text(*r.mean_overlap.at(i)),
+                    "random  ": num(float(r.baselines[i, 2])),
+                }
+            )
+    best = int(np.nanargmax(r.first_choice_same.value))
+    text = (
+        "Consecutive tokens of the same chunk: how often they share their first-choice expert, and how often their "
+        f"expert sets share any expert. Layer {r.layers[best]} reuses most: the next token keeps the first choice "
+        f"{ci_text(*r.first_choice_same.at(best), pct)} of the time against {pct(float(r.baselines[best, 0]))} for "
+        f"random routing over {int(r.pairs[best]):,} pairs. "
+        + ("Per domain, as Mixtral's Table 5 reports it. " if by_domain else "")
+        + intervals_note(report)
+    )
+    name = "corpus_reuse_by_domain" if by_domain else "corpus_reuse"
+    return View(name, "Consecutive-token reuse" + (" per domain" if by_domain else ""), text, table=pd.DataFrame(rows))
+
+
+# ------------------------------------------------------------------ coverage and dormant experts
+def coverage_curves(report: CorpusReport) -> View:
+    """Per layer: share of assignments taken by the N busiest experts, with intervals, against uniform."""
+    cov = report.coverage
+    E = cov.curve.value.shape[-1]
+    x = list(range(1, E + 1))
+    fig = FigureBuilder(
+        plotly_trace(
+            go.Scatter, x=x, y=[n / E for n in x], mode="lines", name="uniform", line={"dash": "dash", "color": "#777"}
+        )
+    )
+    colors = expert_colors(max(8, len(cov.layers)))
+    for i, layer in enumerate(cov.layers):
+        fig.add_trace(
+            plotly_trace(
+                go.Scatter,
+                x=x,
+                y=cov.curve.value[i],
+                mode="lines+markers",
+                name=f"layer {layer}",
+                line={"color": colors[i % len(colors)]},
+                error_y=_error(cov.curve, i, slice(None)),
+                hovertemplate=f"layer {layer}: the %{{x}} busiest experts take %{{y:.1%}}<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        title={"text": "Coverage: share of assignments taken by the N busiest experts"},
+        xaxis={"title": {"text": "N busiest experts"}},
+        yaxis={"title": {"text": "share of assignments"}, "tickformat": ".0%", "range": [0, 1.02]},
+        plot_bgcolor="#FFFFFF",
+    )
+    half = [cov.experts_for(i, 0.5) for i in range(len(cov.layers))]
+    li = int(np.argmin(half))
+    top1 = cov.curve.at(li, 0)
+    text = (
+        f"Experts ranked by load in each layer, then the cumulative share of assignments. Uniform routing is the "
+        f"dashed diagonal. Half of all assignments go to {half[li]} of {E} experts in layer {cov.layers[li]} "
+        f"(the busiest alone takes {ci_text(*top1, pct)}); per layer: "
+        + ", ".join(f"layer {layer}: {n}" for layer, n in zip(cov.layers, half))
+        + ". "
+        + intervals_note(report)
+    )
+    return View("corpus_coverage", "Coverage curves", text, figure=finish(fig))
+
+
+def dormant_curve(report: CorpusReport) -> View:
+    """Experts not yet routed to after n tokens, per layer, with a band over document orders."""
+    d = report.dormant
+    fig = FigureBuilder()
+    colors = expert_colors(max(8, len(d.layers)))
+    for i, layer in enumerate(d.layers):
+        c = colors[i % len(colors)]
+        fig.add_trace(
+            plotly_trace(
+                go.Scatter,
+                x=np.concatenate([d.tokens, d.tokens[::-1]]),
+                y=np.concatenate([d.high[i], d.low[i][::-1]]),
+                fill="toself",
+                fillcolor=c,
+                opacity=0.2,
+                line={"width": 0},
+                hoverinfo="skip",
+                showlegend=False,
+            )
+        )
+        fig.add_trace(
+            plotly_trace(
+                go.Scatter,
+                x=d.tokens,
+                y=d.median[i],
+                mode="lines",
+                name=f"layer {layer}",
+                line={"color": c, "shape": "hv"},
+                hovertemplate=f"layer {layer}: %{{y:.0f}} experts unused after %{{x:,.0f}} tokens<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        title={"text": "Dormant experts: experts never routed to after n tokens"},
+        xaxis={"title": {"text": "tokens seen"}, "type": "log"},
+        yaxis={"title": {"text": "experts not yet used"}, "rangemode": "tozero"},
+        plot_bgcolor="#FFFFFF",
+    )
+    final = [int(x) for x in d.final]
+    never = [f"layer {layer}: {n}" for layer, n in zip(d.layers, final) if n]
+    last_new = []
+    for i in range(len(d.layers)):
+        zero = np.flatnonzero(d.median[i] <= d.final[i])
+        last_new.append(int(d.tokens[zero[0]]) if len(zero) else int(d.tokens[-1]))
+    li = int(np.argmax(last_new))
+    text = (
+        "How many experts have not been used yet after the first n tokens, median over "
+        f"{d.orders} random orders of the documents (band: {report.level:.0%} of orders). "
+        + (f"Never used in the whole run: {', '.join(never)}. " if never else "Every expert of every layer was used. ")
+        + f"Layer {d.layers[li]} needs the most text before all its used experts appear: about {last_new[li]:,} tokens "
+        "(median order). An expert that stays dormant on a large, varied corpus is a candidate for pruning; on a "
+        "small one, it may simply not have met its tokens yet."
+    )
+    return View("corpus_dormant", "Dormant experts as tokens accumulate", text, figure=finish(fig))
+
+
+# ------------------------------------------------------------------ saturation and importance
+def saturation(report: CorpusReport) -> View | None:
+    """Router saturation per layer against the reference checkpoint (None without one)."""
+    s = report.saturation
+    if s is None:
+        return None
+    layers = [str(x) for x in s.layers]
+    fig = FigureBuilder(
+        plotly_trace(
+            go.Bar,
+            x=layers,
+            y=s.topk_overlap.value,
+            name="top-k overlap / k",
+            marker={"color": OKABE_ITO[2]},
+            error_y=_error(s.topk_overlap, slice(None)),
+        )
+    )
+    fig.add_trace(
+        plotly_trace(
+            go.Bar,
+            x=layers,
+            y=s.first_choice_match.value,
+            name="same first choice",
+            marker={"color": OKABE_ITO[0]},
+            error_y=_error(s.first_choice_match, slice(None)),
+        )
+    )
+    fig.update_layout(
+        title={"text": f"Router saturation against {s.reference_model}"},
+        barmode="group",
+        xaxis={"title": {"text": "MoE layer"}, "type": "category"},
+        yaxis={"title": {"text": "agreement"}, "tickformat": ".0%", "range": [0, 1.05]},
+        plot_bgcolor="#FFFFFF",
+    )
+    lo = int(np.nanargmin(s.topk_overlap.value))
+    text = (
+        f"On the same tokens, the share of each token's native top-k that the checkpoint {s.reference_model} also "
+        "picks (OLMoE's router saturation), and how often the first choice is the same. The least settled layer is "
+        f"{s.layers[lo]}: {ci_text(*s.topk_overlap.at(lo), pct)}. " + intervals_note(report)
+    )
+    return View("corpus_saturation", "Router saturation", text, figure=finish(fig))
+
+
+def importance_vs_load(report: CorpusReport, layer: int) -> View | None:
+    """Per expert of one layer: corpus load share (x) against Δ loss when ablated (y, with
+    intervals), and the rank correlation with its interval (None when importance was not run)."""
+    imp = report.importance
+    if imp is None:
+        return None
+    li = _layer_index(report, layer)
+    E = imp.load_share.shape[-1]
+    colors = expert_colors(E)
+    fig = FigureBuilder(
+        plotly_trace(
+            go.Scatter,
+            x=imp.load_share[li],
+            y=imp.delta_loss.value[li],
+            mode="markers+text" if E <= 16 else "markers",
+            text=[str(e) for e in range(E)],
+            textposition="top center",
+            marker={"size": 11, "color": colors, "line": {"width": 1, "color": "#333"}},
+            error_y=_error(imp.delta_loss, li, slice(None)),
+            hovertemplate="expert %{text}: load share %{x:.1%}, Δ loss %{y:+.4f} nats<extra></extra>",
+        )
+    )
+    fig.add_hline(0, line={"color": "#999", "width": 1})
+    fig.update_layout(
+        title={"text": f"Ablating one expert: loss change against load share, layer {layer}"},
+        xaxis={"title": {"text": "share of the layer's assignments (whole corpus)"}, "tickformat": ".0%"},
+        yaxis={"title": {"text": "Δ loss when ablated (nats / token)"}},
+        plot_bgcolor="#FFFFFF",
+    )
+    rho = imp.rank_correlation.at(li)
+    e = int(np.nanargmax(imp.delta_loss.value[li]))
+    text = (
+        f"Each expert of layer {layer} ablated alone (its logit masked, the next-best expert takes its slot) on "
+        f"{imp.documents} sampled documents: the change of the mean next-token loss, against its load share over "
+        f"the whole corpus. Expert {e} matters most: {ci_text(*imp.delta_loss.at(li, e), lambda x: f'{x:+.4f}')} "
+        f"nats per token with {pct(float(imp.load_share[li, e]))} of the load. Spearman rank correlation between "
+        f"|Δ loss| and load: {ci_text(*rho, lambda x: f'{x:+.2f}')}"
+        + (" — load is a poor guide to importance here." if math.isfinite(rho[0]) and rho[1] <= 0 else ".")
+        + " "
+        + intervals_note(report)
+    )
+    return View("corpus_importance", f"Importance against load (layer {layer})", text, figure=finish(fig))
+
+
+# ------------------------------------------------------------------ positions
+def position_profile(agg: CorpusAggregates, layer: int) -> View:
+    """Share of each expert's assignments by position in the chunk (heatmap expert x position bucket)."""
+    li = agg.layer_index(layer)
+    counts = agg.positions[li].astype(float)  # (P, E)
+    totals = counts.sum(axis=1, keepdims=True)
+    used = np.flatnonzero(totals[:, 0] > 0)
+    share = (counts[used] / totals[used]).T  # (E, P_used)
+    b = agg.meta.position_bucket
+    x = [f"{p * b}–{p * b + b - 1}" if b > 1 else str(p) for p in used]
+    fig = FigureBuilder(
+        plotly_trace(
+            go.Heatmap,
+            z=share,
+            x=x,
+            y=list(range(agg.num_experts)),
+            colorscale="Cividis",
+            zmin=0,
+            colorbar={"title": {"text": "share"}},
+            hovertemplate="positions %{x}, expert %{y}: %{z:.1%}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title={"text": f"Expert share by position in the chunk, layer {layer}"},
+        xaxis={"title": {"text": "position in the chunk"}, "type": "category"},
+        plot_bgcolor="#FFFFFF",
+    )
+    expert_axis(fig, agg.num_experts)
+    first = share[:, 0]
+    rest = counts[used[1:]].sum(axis=0) / max(1.0, counts[used[1:]].sum()) if len(used) > 1 else first
+    e = int(np.argmax(np.abs(first - rest)))
+    text = (
+        f"Each column is one range of positions (buckets of {b} tokens) in the run's chunks of up to "
+        f"{agg.meta.window} tokens; each cell is that expert's share of the assignments there. At the start of a "
+        f"chunk expert {e} takes {pct(float(first[e]))}, against {pct(float(rest[e]))} further on"
+        + (
+            ": routing depends on position as well as on content (the first tokens have the least context)."
+            if abs(float(first[e] - rest[e])) >= 0.03
+            else ": no expert's share moves by 3 points or more, so position matters little here."
+        )
+    )
+    return View("corpus_positions", f"Routing by position (layer {layer})", text, figure=finish(fig))
+
+
+def corpus_views(
+    report: CorpusReport, agg: CorpusAggregates, layer: int, token_text: TokenText | None = None
+) -> list[View]:
+    """The Corpus page, top to bottom (views without data, such as saturation without a reference, left out)."""
+    views = [
+        domain_information(report),
+        domain_shares(report, layer),
+        domain_loss(report),
+        vocabulary_specialisation(report),
+        vocabulary_table(report, layer, token_text),
+        coactivation_heatmap(report, layer),
+        reuse_table(report),
+        coverage_curves(report),
+        dormant_curve(report),
+        position_profile(agg, layer),
+        saturation(report),
+        importance_vs_load(report, layer),
+    ]
+    return [v for v in views if v is not None]
