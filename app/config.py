@@ -22,6 +22,8 @@ request is bounded. Any single setting below can still be overridden by its own 
 | longest wait for a free slot, seconds | ``MOE_VIZ_MAX_WAIT_S`` | — | 120 |
 | traces kept per session | ``MOE_VIZ_TRACES_PER_SESSION`` | 24 | 6 |
 | token rows per analysis (ablation grid, sweeps: copies x tokens x forwards) | ``MOE_VIZ_MAX_ANALYSIS_TOKENS`` | unbounded | 16384 |
+| tokens per corpus run (Corpus and Paper pages) | ``MOE_VIZ_MAX_CORPUS_TOKENS`` | unbounded | 60000 |
+| corpus upload size, MiB (hosted: uploads are the only source besides the demo) | ``MOE_VIZ_MAX_CORPUS_UPLOAD_MB`` | 200 | 2 |
 | torch threads (set once, process-wide) | ``MOE_VIZ_TORCH_THREADS`` | torch's default | cores / slots |
 """
 
@@ -95,6 +97,8 @@ class AppConfig:
     max_wait_s: float = 120.0
     traces_per_session: int = 24
     max_analysis_tokens: int | None = None
+    max_corpus_tokens: int | None = None
+    max_corpus_upload_mb: int = 200
 
     @property
     def limits(self) -> Limits:
@@ -154,6 +158,13 @@ class AppConfig:
                 "analyses (ablation grid, sweeps)",
                 f"at most {self.max_analysis_tokens} token rows each" if self.max_analysis_tokens else unlimited,
             ),
+            ("corpus runs", f"at most {self.max_corpus_tokens} tokens" if self.max_corpus_tokens else unlimited),
+            (
+                "corpus sources",
+                f"the demo corpus, or an upload of at most {self.max_corpus_upload_mb} MiB"
+                if self.hosted
+                else f"any file or folder here, uploads up to {self.max_corpus_upload_mb} MiB",
+            ),
         ]
 
 
@@ -189,4 +200,6 @@ def load_config() -> AppConfig:
         max_wait_s=_env_float("MOE_VIZ_MAX_WAIT_S", 120.0) or 120.0,
         traces_per_session=_env_int("MOE_VIZ_TRACES_PER_SESSION", 6 if hosted else 24),
         max_analysis_tokens=_env_int("MOE_VIZ_MAX_ANALYSIS_TOKENS", 16_384 if hosted else 0, low=0) or None,
+        max_corpus_tokens=_env_int("MOE_VIZ_MAX_CORPUS_TOKENS", 60_000 if hosted else 0, low=0) or None,
+        max_corpus_upload_mb=_env_int("MOE_VIZ_MAX_CORPUS_UPLOAD_MB", 2 if hosted else 200),
     )

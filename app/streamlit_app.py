@@ -29,6 +29,8 @@ navigation = st.navigation(
         st.Page(PAGES / "load_balance.py", title="Load balance", icon=":material/balance:"),
         st.Page(PAGES / "compare.py", title="Compare modes", icon=":material/compare_arrows:"),
         st.Page(PAGES / "interventions.py", title="Interventions", icon=":material/science:"),
+        st.Page(PAGES / "corpus.py", title="Corpus", icon=":material/library_books:"),
+        st.Page(PAGES / "paper.py", title="Paper mode", icon=":material/article:"),
         st.Page(PAGES / "learn.py", title="Learn", icon=":material/school:"),
     ]
 )

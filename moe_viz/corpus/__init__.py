@@ -13,7 +13,7 @@ files), ``reduce`` (one batch to counts), ``run`` (the run: chunking, batching, 
 
 from .aggregates import CorpusAggregates, CorpusMeta, load, merge, save
 from .run import Progress, run_corpus
-from .sources import CorpusSource, Document, open_source
+from .sources import CorpusSource, Document, demo_corpus_path, open_source
 
 __all__ = [
     "CorpusAggregates",
@@ -21,6 +21,7 @@ __all__ = [
     "CorpusSource",
     "Document",
     "Progress",
+    "demo_corpus_path",
     "load",
     "merge",
     "open_source",

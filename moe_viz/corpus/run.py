@@ -285,6 +285,7 @@ def run_corpus(
     importance_every: int = 0,
     reference: MoEModel | None = None,
     max_documents: int | None = None,
+    max_tokens: int | None = None,
     checkpoint_every: int = 20,
     resume: bool = True,
     progress: Callable[[Progress], None] | None = None,
@@ -294,6 +295,7 @@ def run_corpus(
     ``importance_every`` = n > 0 ablates each expert of each MoE layer, one at a time, on every n-th
     document (from the seed's offset), for causal importance. ``reference``: another checkpoint of
     the same architecture and tokenizer, run on the same batches, for router saturation.
+    ``max_tokens``: refuse (ValueError, before any forward) a corpus longer than this many tokens.
     ``max_batch_chunks`` = 1 runs every chunk alone: the counts then equal per-prompt traces bit
     for bit (padded batches can flip a near-tie by float rounding, in bfloat16 especially).
     ``progress`` is called after every batch; raising from it stops the run (the last checkpoint
@@ -344,6 +346,10 @@ def run_corpus(
         if resume and (folder / "checkpoint" / "meta.json").exists():
             total = load(folder / "checkpoint")
     skip = total.chunks_done if total is not None else 0
+    if max_tokens is not None:
+        tokens = sum(len(c.ids) for c in chunk_documents(model, source.documents(), window, max_documents))
+        if tokens > max_tokens:
+            raise ValueError(f"the corpus is {tokens:,} tokens long; the limit here is {max_tokens:,} tokens")
     documents_total = count_documents(source, max_documents)
     start = time.perf_counter()
     batches_done = 0

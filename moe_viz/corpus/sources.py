@@ -71,6 +71,13 @@ class CorpusSource:
                 ordinal += 1
 
 
+def demo_corpus_path() -> Path:
+    """The demo corpus shipped beside the default model (held-out samples of its seven domains)."""
+    from ..models import SHIPPED_MODEL_DIR
+
+    return SHIPPED_MODEL_DIR.parent / "demo-corpus" / "texts"
+
+
 def open_source(
     path: str | Path, text_column: str = "text", domain_column: str | None = None, split: str | None = None
 ) -> CorpusSource:

@@ -29,8 +29,10 @@ from .balance import (
     router_confidence,
 )
 from .compare import mode_effect, routing_diff
+from .corpus import corpus_views
 from .fragility import edit_diff, margin_ranking, noise_sensitivity, token_fragility
 from .importance import importance_heatmap, importance_vs_load
+from .paper import paper_views
 from .paths import expert_paths, paths_table
 from .phases import prefill_decode
 from .routing import coloured_text, predictions, router_distribution, routing_heatmap
@@ -103,6 +105,7 @@ __all__ = [
     "coactivation",
     "code_token",
     "coloured_text",
+    "corpus_views",
     "compare_views",
     "display_token",
     "edit_diff",
@@ -119,6 +122,7 @@ __all__ = [
     "metric_cards",
     "mode_effect",
     "noise_sensitivity",
+    "paper_views",
     "paths_table",
     "pct",
     "predictions",

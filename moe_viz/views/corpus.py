@@ -37,6 +37,18 @@ def ci_text(value: float, low: float, high: float, fmt: Callable[[float], str] =
     return f"{fmt(value)} (CI {fmt(low)}–{fmt(high)})"
 
 
+def best_index(x: np.ndarray, lowest: bool = False) -> tuple[int, ...] | None:
+    """Index of the largest (or smallest) finite value of ``x``; None when none is finite."""
+    x = np.asarray(x, dtype=float)
+    if not np.isfinite(x).any():
+        return None
+    flat = np.nanargmin(x) if lowest else np.nanargmax(x)
+    return tuple(int(i) for i in np.unravel_index(flat, x.shape))
+
+
+NO_DATA = "This run holds too little text for this statistic; a longer corpus gives it its numbers."
+
+
 def _layer_index(report: CorpusReport, layer: int) -> int:
     layers = list(report.domain.layers)
     if layer not in layers:
@@ -86,7 +98,10 @@ def domain_shares(report: CorpusReport, layer: int) -> View:
         plot_bgcolor="#FFFFFF",
     )
     expert_axis(fig, E, "x")
-    j, e = np.unravel_index(np.nanargmax(d.ratio.value[li]), d.ratio.value[li].shape)
+    top = best_index(d.ratio.value[li])
+    if top is None:
+        return View("corpus_domain_shares", f"Expert share per domain (layer {layer})", NO_DATA, figure=finish(fig))
+    j, e = top
     mi = d.mi_bits.at(li)
     text = (
         f"Each bar is the share of a domain's expert assignments in layer {layer} that went to that expert "
@@ -144,7 +159,10 @@ def domain_information(report: CorpusReport) -> View:
         yaxis={"title": {"text": "mutual information (bits)"}, "rangemode": "tozero"},
         plot_bgcolor="#FFFFFF",
     )
-    best = int(np.nanargmax(d.mi_bits.value))
+    top = best_index(d.mi_bits.value)
+    if top is None:
+        return View("corpus_domain_information", "Domain information per layer", NO_DATA, figure=finish(fig))
+    best = top[0]
     above = [str(layer) for i, layer in enumerate(d.layers) if d.mi_bits.low[i] > d.mi_null_95[i]]
     D = len(d.domains)
     text = (
@@ -185,7 +203,9 @@ def domain_loss(report: CorpusReport) -> View:
         yaxis={"title": {"text": "loss (nats / token)"}},
         plot_bgcolor="#FFFFFF",
     )
-    hard, easy = int(np.nanargmax(loss.loss.value)), int(np.nanargmin(loss.loss.value))
+    if best_index(loss.loss.value) is None:
+        return View("corpus_domain_loss", "Loss per domain", NO_DATA, figure=finish(fig))
+    (hard,), (easy,) = best_index(loss.loss.value), best_index(loss.loss.value, lowest=True)
     text = (
         f"Mean loss of the actual next token over the run: {ci_text(*loss.overall.at())} nats. The model finds "
         f"**{loss.domains[easy]}** easiest ({ci_text(*loss.loss.at(easy))}) and **{loss.domains[hard]}** hardest "
@@ -237,7 +257,11 @@ def vocabulary_specialisation(report: CorpusReport) -> View:
         plot_bgcolor="#FFFFFF",
     )
     v = report.vocabulary["input"]
-    li = int(np.nanargmax(v.mean.value))
+    top = best_index(v.mean.value)
+    if top is None:
+        text = f"No token id occurs {v.min_count} times in this run yet. " + NO_DATA
+        return View("corpus_vocabulary", "Vocabulary specialisation per layer", text, figure=finish(fig))
+    li = top[0]
     text = (
         "For each token id seen at least "
         f"{v.min_count} times, the share of its occurrences whose first-choice expert is the id's most frequent "
@@ -376,7 +400,12 @@ def reuse_table(report: CorpusReport, by_domain: bool = False) -> View:
                     "random  ": num(float(r.baselines[i, 2])),
                 }
             )
-    best = int(np.nanargmax(r.first_choice_same.value))
+    top = best_index(r.first_choice_same.value)
+    name = "corpus_reuse_by_domain" if by_domain else "corpus_reuse"
+    title = "Consecutive-token reuse" + (" per domain" if by_domain else "")
+    if top is None:
+        return View(name, title, NO_DATA, table=pd.DataFrame(rows))
+    best = top[0]
     text = (
         "Consecutive tokens of the same chunk: how often they share their first-choice expert, and how often their "
         f"expert sets share any expert. Layer {r.layers[best]} reuses most: the next token keeps the first choice "
@@ -385,8 +414,7 @@ def reuse_table(report: CorpusReport, by_domain: bool = False) -> View:
         + ("Per domain, as Mixtral's Table 5 reports it. " if by_domain else "")
         + intervals_note(report)
     )
-    name = "corpus_reuse_by_domain" if by_domain else "corpus_reuse"
-    return View(name, "Consecutive-token reuse" + (" per domain" if by_domain else ""), text, table=pd.DataFrame(rows))
+    return View(name, title, text, table=pd.DataFrame(rows))
 
 
 # ------------------------------------------------------------------ coverage and dormant experts
@@ -523,7 +551,10 @@ def saturation(report: CorpusReport) -> View | None:
         yaxis={"title": {"text": "agreement"}, "tickformat": ".0%", "range": [0, 1.05]},
         plot_bgcolor="#FFFFFF",
     )
-    lo = int(np.nanargmin(s.topk_overlap.value))
+    top = best_index(s.topk_overlap.value, lowest=True)
+    if top is None:
+        return View("corpus_saturation", "Router saturation", NO_DATA, figure=finish(fig))
+    lo = top[0]
     text = (
         f"On the same tokens, the share of each token's native top-k that the checkpoint {s.reference_model} also "
         "picks (OLMoE's router saturation), and how often the first choice is the same. The least settled layer is "
@@ -562,7 +593,10 @@ def importance_vs_load(report: CorpusReport, layer: int) -> View | None:
         plot_bgcolor="#FFFFFF",
     )
     rho = imp.rank_correlation.at(li)
-    e = int(np.nanargmax(imp.delta_loss.value[li]))
+    top = best_index(imp.delta_loss.value[li])
+    if top is None:
+        return View("corpus_importance", f"Importance against load (layer {layer})", NO_DATA, figure=finish(fig))
+    e = top[0]
     text = (
         f"Each expert of layer {layer} ablated alone (its logit masked, the next-best expert takes its slot) on "
         f"{imp.documents} sampled documents: the change of the mean next-token loss, against its load share over "

@@ -23,8 +23,10 @@ from ._display import pct
 from ._plotly import FigureBuilder, expert_axis, finish, plotly_trace
 from ._view import View
 from .corpus import (
+    NO_DATA,
     _error,
     _layer_index,
+    best_index,
     ci_text,
     coactivation_heatmap,
     domain_colors,
@@ -172,7 +174,12 @@ def olmoe_domain_specialisation(report: CorpusReport, layer: int) -> View:
         plot_bgcolor="#FFFFFF",
     )
     expert_axis(fig, E, "x")
-    j, e = np.unravel_index(np.nanargmax(rate.value[li]), rate.value[li].shape)
+    top = best_index(rate.value[li])
+    if top is None:
+        return View(
+            f"paper_olmoe_domains_{layer}", f"OLMoE: domain specialisation, layer {layer}", NO_DATA, figure=finish(fig)
+        )
+    j, e = top
     text = (
         f"**Follows** {OLMOE}, domain specialisation. **Definition:** for expert e and domain D, the number of "
         f"D's tokens whose top-{k} includes e, divided by D's tokens (the bars of one domain add up to k = {k}); "
