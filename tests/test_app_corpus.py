@@ -22,8 +22,16 @@ MODEL = os.environ.get("MOE_VIZ_MODEL") or DEFAULT_MODEL
 pytestmark = pytest.mark.skipif(not (Path(MODEL) / "config.json").is_file(), reason=f"no model at {MODEL}")
 
 DOCS = {
-    "code": ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i * i)\n", "import os\nprint(os.getcwd())\n"],
-    "verse": ["And God said, Let there be light: and there was light.", "In the beginning was the Word.", "Blessed are the meek."],
+    "code": [
+        "def add(a, b):\n    return a + b\n",
+        "for i in range(10):\n    print(i * i)\n",
+        "import os\nprint(os.getcwd())\n",
+    ],
+    "verse": [
+        "And God said, Let there be light: and there was light.",
+        "In the beginning was the Word.",
+        "Blessed are the meek.",
+    ],
 }
 
 
@@ -78,7 +86,9 @@ def test_corpus_page_runs_a_folder_and_shows_every_statistic_with_its_sentence(m
     assert {"Domain information per layer", "Expert share per domain (layer 0)", "Loss per domain"} <= shown
     assert {"Vocabulary specialisation per layer", "Co-activation (layer 0)", "Consecutive-token reuse"} <= shown
     assert {"Coverage curves", "Dormant experts as tokens accumulate", "Routing by position (layer 0)"} <= shown
-    assert any("Intervals: 95% bootstrap percentile intervals" in m.value and "6 documents" in m.value for m in at.markdown)
+    assert any(
+        "Intervals: 95% bootstrap percentile intervals" in m.value and "6 documents" in m.value for m in at.markdown
+    )
     assert {m.label for m in at.metric} >= {"Tokens", "Documents", "I(domain; expert), layer 0"}
     labels = {b.label for b in at.get("download_button")}
     assert {"Statistics (report.json)", "Aggregates (Parquet, zip)"} <= labels
@@ -117,7 +127,9 @@ def test_corpus_page_opens_a_finished_run_from_its_folder(monkeypatch, tmp_path,
 
 
 def test_hosted_corpus_page_offers_demo_and_upload_only_and_bounds_the_corpus(monkeypatch):
-    at = start(monkeypatch, MOE_VIZ_HOSTED="1", MOE_VIZ_MAX_CORPUS_TOKENS="500").switch_page("app_pages/corpus.py").run()
+    at = (
+        start(monkeypatch, MOE_VIZ_HOSTED="1", MOE_VIZ_MAX_CORPUS_TOKENS="500").switch_page("app_pages/corpus.py").run()
+    )
     clean(at)
     assert at.radio(key="corpus_source_kind").options == [
         "The demo corpus (84 held-out documents, 7 domains)",
@@ -137,8 +149,14 @@ def test_paper_page_runs_the_demo_corpus_and_regenerates_the_papers_figures(monk
     clean(at)
     assert not errors(at), errors(at)
     shown = set(headings(at))
-    assert {"Mixtral Fig. 8: text coloured by first choice, layer 0", "Mixtral Fig. 7: expert share per domain, layer 3"} <= shown
-    assert {"Mixtral Table 5: repeated assignments of consecutive tokens", "OLMoE: vocabulary specialisation per layer"} <= shown
+    assert {
+        "Mixtral Fig. 8: text coloured by first choice, layer 0",
+        "Mixtral Fig. 7: expert share per domain, layer 3",
+    } <= shown
+    assert {
+        "Mixtral Table 5: repeated assignments of consecutive tokens",
+        "OLMoE: vocabulary specialisation per layer",
+    } <= shown
     assert "OLMoE: expert co-activation (adjacent ranks), layer 2" in shown
     assert any(m.value.startswith("**Follows** Jiang et al.") for m in at.markdown)
     assert any(m.value.startswith("**Follows** Muennighoff et al.") for m in at.markdown)
