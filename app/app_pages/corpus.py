@@ -129,6 +129,11 @@ if result is None:
     st.stop()
 
 agg, report = result.aggregates, result.report
+if agg.meta.policy != policy_spec(ctx.policy) and result.source is not None:
+    st.warning(
+        f"This run used the policy `{agg.meta.policy}`; the sidebar now says `{policy_spec(ctx.policy)}`. "
+        "Press **Run the corpus** to run it under the sidebar's mode."
+    )
 if layer not in agg.meta.layers:
     st.error(f"This run has MoE layers {list(agg.meta.layers)}; pick one of them in the sidebar.")
     st.stop()

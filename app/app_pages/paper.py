@@ -50,6 +50,11 @@ if result is None:
         st.stop()
 
 report, agg = result.report, result.aggregates
+if agg.meta.policy != policy_spec(ctx.policy):
+    st.warning(
+        f"These figures come from a run under `{agg.meta.policy}`; the sidebar now says `{policy_spec(ctx.policy)}`. "
+        "Run the corpus again on the Corpus page to redraw them under the sidebar's mode."
+    )
 st.success(
     f"Figures from {result.label}: {report.tokens:,} tokens, {report.documents} documents, policy `{agg.meta.policy}`."
 )
