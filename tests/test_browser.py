@@ -1,5 +1,6 @@
 """Drive the real app in Debian chromium (Playwright) against ``streamlit run`` on loopback:
-type a prompt, switch each mode, see the heatmap change, download a trace. Screenshots go to
+type a prompt, switch each mode, see the heatmap change, download a trace; upload a corpus and
+see its statistics, then the papers' figures in Paper mode. Screenshots go to
 ``artifacts/`` (git-ignored). Never downloads a browser: skips when /usr/bin/chromium is missing.
 """
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -220,5 +222,55 @@ def test_interventions_page_rejects_a_bad_spec_and_runs_the_ablation_grid(server
     page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 3", timeout=120_000)
     assert not page.locator("[data-testid='stException']").count()
     shot(page, "6-interventions-grid")
+    assert not errors, errors
+    context.close()
+
+
+CORPUS_ROWS = [
+    {"text": "def add(a, b):\n    return a + b\n\nprint(add(2, 3))", "domain": "code"},
+    {"text": "for i in range(10):\n    if i % 2 == 0:\n        print(i * i)", "domain": "code"},
+    {"text": "class Stack:\n    def __init__(self):\n        self.items = []", "domain": "code"},
+    {"text": "The river wound slowly through the valley, past farms and quiet villages.", "domain": "prose"},
+    {"text": "She opened the letter by the window and read it twice before smiling.", "domain": "prose"},
+    {"text": "In the spring the town held a market where everyone sold bread and honey.", "domain": "prose"},
+]
+
+
+def test_corpus_page_runs_an_uploaded_corpus_and_paper_mode_shows_the_figures(server, browser, tmp_path):
+    corpus = tmp_path / "tiny_corpus.jsonl"
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in CORPUS_ROWS))
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    page.goto(server)
+    wait_ready(page)
+    page.get_by_test_id("stSidebarNav").get_by_text("Corpus", exact=True).click()
+    wait_ready(page)
+    page.get_by_role("radiogroup", name="Corpus", exact=True).get_by_text("Upload a file", exact=True).click()
+    wait_ready(page)
+    page.locator("[data-testid='stFileUploader'] input[type='file']").set_input_files(str(corpus))
+    page.get_by_test_id("stFileChipName").filter(has_text=corpus.name).wait_for(timeout=30_000)
+    page.get_by_label("Domain column (tables, optional)", exact=True).fill("domain")
+    page.get_by_role("button", name="Run the corpus", exact=True).click()
+    wait_ready(page, timeout_ms=180_000)
+    page.get_by_role("heading", name="Domain information per layer").wait_for(timeout=180_000)
+    page.wait_for_selector(".js-plotly-plot", timeout=60_000)
+    assert page.get_by_test_id("stAlertContentSuccess").filter(has_text=f"upload {corpus.name}").count()
+    assert page.get_by_test_id("stAlertContentSuccess").filter(has_text="code, prose").count()
+    assert not page.get_by_test_id("stAlertContentError").count()
+    assert not page.locator("[data-testid='stException']").count()
+    shot(page, "7-corpus-upload", height=6000)
+
+    page.get_by_test_id("stSidebarNav").get_by_text("Paper mode", exact=True).click()
+    wait_ready(page, timeout_ms=120_000)
+    for title in ("Mixtral Fig. 8", "Mixtral Fig. 7", "Mixtral Table 5", "OLMoE"):
+        heading = page.get_by_role("heading", name=re.compile("^" + re.escape(title)))
+        heading.first.wait_for(timeout=60_000)
+    assert page.get_by_test_id("stAlertContentSuccess").filter(has_text=f"upload {corpus.name}").count()
+    assert page.locator(".moe-tok").count() > 10  # the coloured text of one uploaded document
+    page.wait_for_selector(".js-plotly-plot", timeout=60_000)
+    assert not page.locator("[data-testid='stException']").count()
+    shot(page, "8-paper", height=6000)
     assert not errors, errors
     context.close()
