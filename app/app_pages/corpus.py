@@ -57,6 +57,7 @@ with st.form("corpus_form"):
             f"A .txt, .md, .jsonl, .csv or .parquet file (at most {cfg.max_corpus_upload_mb} MiB)",
             type=["txt", "md", "jsonl", "csv", "parquet"],
             key="corpus_upload",
+            max_upload_size=cfg.max_corpus_upload_mb,
         )
     elif kind in ("path", "run"):
         path_text = st.text_input(
@@ -70,13 +71,17 @@ with st.form("corpus_form"):
         domain_column = c2.text_input("Domain column (tables, optional)", value="", key="corpus_domain_column")
     if kind != "run":
         c1, c2 = st.columns(2)
-        importance_every = c1.number_input(
-            "Ablate each expert on every N-th document (0 = off; slow: E x layers forwards per document)",
-            min_value=0,
-            max_value=1000,
-            value=0,
-            key="corpus_importance_every",
-        )
+        if cfg.hosted:  # E x layers extra forwards per sampled document: not on a shared server
+            importance_every = 0
+            c1.caption("Causal importance (ablating each expert) is off on this server; run it with `moe-viz corpus`.")
+        else:
+            importance_every = c1.number_input(
+                "Ablate each expert on every N-th document (0 = off; slow: E × layers forwards per document)",
+                min_value=0,
+                max_value=1000,
+                value=0,
+                key="corpus_importance_every",
+            )
         seed = c2.number_input("Seed (importance sample, bootstrap)", min_value=0, max_value=2**31 - 1, value=0)
     submitted = st.form_submit_button("Open the run" if kind == "run" else "Run the corpus", type="primary")
 

@@ -67,10 +67,12 @@ if result.source is not None:
             break
         docs.append(doc)
 names = [f"{d.domain}: {d.name}" for d in docs]
+# Mixtral's Fig. 8 shows code and prose: start on the first code (else prose, else any) document.
+preferred = next((i for dom in ("code", "prose") for i, d in enumerate(docs) if d.domain == dom), 0)
 choice = st.selectbox(
     "Document for the coloured text (Mixtral Fig. 8)",
     ["the prompt"] + names,
-    index=1 if names else 0,
+    index=1 + preferred if names else 0,
     key="paper_document",
 )
 text = current_prompt() if choice == "the prompt" else docs[names.index(choice)].text

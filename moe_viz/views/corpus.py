@@ -17,17 +17,44 @@ import plotly.graph_objects as go
 from ..corpus.aggregates import CorpusAggregates
 from ..corpus.report import CorpusReport
 from ..corpus.stats import Estimate
-from ._display import num, pct, times
+from ._display import num, pct, times, visible
 from ._plotly import OKABE_ITO, TOL_MUTED, FigureBuilder, expert_axis, expert_colors, finish, plotly_trace
 from ._view import View
 
 TokenText = Callable[[int], str]
 
 
+DOMAIN_PALETTE = [c for c in OKABE_ITO if c not in ("#F0E442", "#000000")] + TOL_MUTED  # no faint yellow, no black
+
+
 def domain_colors(n: int) -> list[str]:
-    """One colour per domain (Okabe-Ito, then Tol's muted palette), distinct from nothing else."""
-    palette = OKABE_ITO[:7] + TOL_MUTED
-    return [palette[i % len(palette)] for i in range(n)]
+    """One colour per domain: Okabe-Ito without its yellow and black (too faint, or read as
+    redaction, on thin bars), then Tol's muted palette."""
+    return [DOMAIN_PALETTE[i % len(DOMAIN_PALETTE)] for i in range(n)]
+
+
+def pct_ci(value: float, low: float, high: float) -> str:
+    """'42.0% (39.5–44.9)': a share and its interval, one decimal, compact for tables."""
+    if not math.isfinite(value):
+        return "n/a"
+    return f"{100 * value:.1f}% ({100 * low:.1f}–{100 * high:.1f})"
+
+
+def reference_line(E: int, y: float, name: str) -> dict:
+    """A dashed horizontal line across the expert axis, named in the legend (a label on the
+    line itself hides behind the bars)."""
+    return plotly_trace(
+        go.Scatter,
+        x=[-0.5, E - 0.5],
+        y=[y, y],
+        mode="lines",
+        name=name,
+        line={"dash": "dash", "color": "#444", "width": 1.5},
+        hoverinfo="skip",
+    )
+
+
+TOP_LEGEND = {"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0, "title": {"text": ""}}
 
 
 def ci_text(value: float, low: float, high: float, fmt: Callable[[float], str] = num) -> str:
@@ -89,12 +116,14 @@ def domain_shares(report: CorpusReport, layer: int) -> View:
                 hovertemplate=f"{name}, expert %{{x}}: %{{y:.1%}} of its assignments<extra></extra>",
             )
         )
-    fig.add_hline(d.fair_share, line={"dash": "dash", "color": "#555"}, annotation_text=f"fair share 1/{E}")
+    fig.add_trace(reference_line(E, d.fair_share, f"fair share 1/{E} = {pct(d.fair_share)}"))
     fig.update_layout(
         title={"text": f"Share of each domain's assignments per expert, layer {layer}"},
         barmode="group",
+        bargap=0.25,
         yaxis={"title": {"text": "share of the domain's assignments"}, "tickformat": ".0%"},
-        legend={"title": {"text": "domain"}},
+        legend=TOP_LEGEND,
+        margin={"t": 110},
         plot_bgcolor="#FFFFFF",
     )
     expert_axis(fig, E, "x")
@@ -291,18 +320,22 @@ def vocabulary_table(
         .groupby("expert")
         .head(per_expert)
     )
+
+    def shown(token: int) -> str:
+        return (visible(token_text(token)) or "∅") if token_text else str(token)
+
     table = pd.DataFrame(
         {
             "expert": rows["expert"].astype(int),
-            "token": [token_text(int(x)) if token_text else str(int(x)) for x in rows["token"]],
+            "token": [shown(int(x)) for x in rows["token"]],
             "token id": rows["token"].astype(int),
             "occurrences": rows["occurrences"].astype(int),
-            "share to this expert": rows["spec"].map(pct),
+            "% to this expert": (100 * rows["spec"]).round(1),
         }
     ).reset_index(drop=True)
     if len(t):
         top = t.iloc[0]
-        name = token_text(int(top.token)) if token_text else str(int(top.token))
+        name = shown(int(top.token))
         text = (
             f"Per expert of layer {layer}, the input tokens that most reliably go to it (first choice), among the "
             f"{len(t)} ids seen at least {v.min_count} times. The most reliable: {name!r} goes to expert "
@@ -321,7 +354,7 @@ def coactivation_heatmap(
     adjacent-rank variant counts only neighbouring ranks of the sorted set."""
     li = _layer_index(report, layer)
     co = report.coactivation_adjacent if adjacent else report.coactivation
-    m = co.matrix.value[li]
+    m = co.matrix.value[li]  # (E, E)
     E = m.shape[0]
     order = order or list(range(E))
     z = m[np.ix_(order, order)] * 100
@@ -336,8 +369,8 @@ def coactivation_heatmap(
             x=labels,
             y=labels,
             customdata=custom,
-            colorscale="Reds",
-            zmin=0,
+            colorscale="RdBu_r",
+            zmid=float(co.baseline[li]) * 100,
             colorbar={"title": {"text": "% of a's tokens"}},
             hovertemplate="expert %{y} → expert %{x}: %{z:.1f}% (CI %{customdata[0]:.1f}–%{customdata[1]:.1f})<extra></extra>",
         )
@@ -356,7 +389,10 @@ def coactivation_heatmap(
         if adjacent
         else "A[a, b] = tokens routed to both a and b ÷ tokens routed to a"
     )
-    text = f"{definition}; independent routing would give {pct(base)} everywhere."
+    text = (
+        f"{definition}; independent routing would give {pct(base)} everywhere: red cells are pairs that meet more "
+        "often than that, blue ones less."
+    )
     if strongest:
         a, b, v, low, high = strongest
         text += (
@@ -372,49 +408,56 @@ def coactivation_heatmap(
 
 
 # ------------------------------------------------------------------ reuse
-def reuse_table(report: CorpusReport, by_domain: bool = False) -> View:
+def reuse_table(report: CorpusReport, by_domain: bool = False, layers: list[int] | None = None) -> View:
     """Mixtral Table 5: how often consecutive tokens share their first choice, and share any expert,
-    per layer (and per domain), with random-routing baselines."""
+    per layer with random-routing baselines; ``by_domain``: one row per domain, two columns per
+    layer (as the paper lays it out), for ``layers`` (default all)."""
     r = report.reuse
-    rows = []
-    for i, layer in enumerate(r.layers):
-        if by_domain:
-            for j, dom in enumerate(r.domains):
-                rows.append(
-                    {
-                        "layer": layer,
-                        "domain": dom,
-                        "same first choice": ci_text(*r.by_domain_first_choice_same.at(i, j), pct),
-                        "sets share an expert": ci_text(*r.by_domain_sets_intersect.at(i, j), pct),
-                    }
-                )
-        else:
-            rows.append(
-                {
-                    "layer": layer,
-                    "same first choice": ci_text(*r.first_choice_same.at(i), pct),
-                    "random": pct(float(r.baselines[i, 0])),
-                    "sets share an expert": ci_text(*r.sets_intersect.at(i), pct),
-                    "random ": pct(float(r.baselines[i, 1])),
-                    "mean overlap": ci_text(*r.mean_overlap.at(i)),
-                    "random  ": num(float(r.baselines[i, 2])),
-                }
-            )
-    top = best_index(r.first_choice_same.value)
+    chosen = [i for i, layer in enumerate(r.layers) if layers is None or layer in layers]
+    if by_domain:
+        table = pd.DataFrame({"domain": r.domains})
+        for i in chosen:
+            layer = r.layers[i]
+            table[f"layer {layer}: same first choice"] = [
+                pct_ci(*r.by_domain_first_choice_same.at(i, j)) for j in range(len(r.domains))
+            ]
+            table[f"layer {layer}: sets share an expert"] = [
+                pct_ci(*r.by_domain_sets_intersect.at(i, j)) for j in range(len(r.domains))
+            ]
+    else:
+        uniform = len({tuple(row) for row in r.baselines.round(6)}) == 1
+        heads = ["same first choice", "sets share an expert", "mean overlap"]
+        if uniform:
+            b = r.baselines[0]
+            heads = [
+                f"{heads[0]} (random {pct(b[0])})",
+                f"{heads[1]} (random {pct(b[1])})",
+                f"{heads[2]} (random {num(b[2])})",
+            ]
+        rows = []
+        for i in chosen:
+            row = {"layer": r.layers[i], heads[0]: pct_ci(*r.first_choice_same.at(i))}
+            row[heads[1]] = pct_ci(*r.sets_intersect.at(i))
+            row[heads[2]] = ci_text(*r.mean_overlap.at(i))
+            if not uniform:
+                row["random (first, share, overlap)"] = ", ".join(num(float(x)) for x in r.baselines[i])
+            rows.append(row)
+        table = pd.DataFrame(rows)
     name = "corpus_reuse_by_domain" if by_domain else "corpus_reuse"
     title = "Consecutive-token reuse" + (" per domain" if by_domain else "")
+    top = best_index(r.first_choice_same.value)
     if top is None:
-        return View(name, title, NO_DATA, table=pd.DataFrame(rows))
+        return View(name, title, NO_DATA, table=table)
     best = top[0]
     text = (
         "Consecutive tokens of the same chunk: how often they share their first-choice expert, and how often their "
-        f"expert sets share any expert. Layer {r.layers[best]} reuses most: the next token keeps the first choice "
-        f"{ci_text(*r.first_choice_same.at(best), pct)} of the time against {pct(float(r.baselines[best, 0]))} for "
-        f"random routing over {int(r.pairs[best]):,} pairs. "
+        f"expert sets share any expert (each cell: the share and its interval). Layer {r.layers[best]} reuses most: "
+        f"the next token keeps the first choice {ci_text(*r.first_choice_same.at(best), pct)} of the time against "
+        f"{pct(float(r.baselines[best, 0]))} for random routing over {int(r.pairs[best]):,} pairs. "
         + ("Per domain, as Mixtral's Table 5 reports it. " if by_domain else "")
         + intervals_note(report)
     )
-    return View(name, title, text, table=pd.DataFrame(rows))
+    return View(name, title, text, table=table)
 
 
 # ------------------------------------------------------------------ coverage and dormant experts
@@ -476,7 +519,8 @@ def dormant_curve(report: CorpusReport) -> View:
                 y=np.concatenate([d.high[i], d.low[i][::-1]]),
                 fill="toself",
                 fillcolor=c,
-                opacity=0.2,
+                opacity=0.12,
+                legendgroup=f"layer {layer}",
                 line={"width": 0},
                 hoverinfo="skip",
                 showlegend=False,
@@ -489,13 +533,25 @@ def dormant_curve(report: CorpusReport) -> View:
                 y=d.median[i],
                 mode="lines",
                 name=f"layer {layer}",
-                line={"color": c, "shape": "hv"},
+                legendgroup=f"layer {layer}",
+                line={"color": c, "shape": "hv", "width": 2.5},
                 hovertemplate=f"layer {layer}: %{{y:.0f}} experts unused after %{{x:,.0f}} tokens<extra></extra>",
             )
         )
+    settled = max(
+        (
+            float(d.tokens[np.flatnonzero(d.high[i] <= d.final[i])[0]])
+            for i in range(len(d.layers))
+            if (d.high[i] <= d.final[i]).any()
+        ),
+        default=float(d.tokens[-1]),
+    )
+    right = math.log10(
+        max(10.0, min(float(d.tokens[-1]), settled * 4))
+    )  # show where the curves settle, not the empty tail
     fig.update_layout(
         title={"text": "Dormant experts: experts never routed to after n tokens"},
-        xaxis={"title": {"text": "tokens seen"}, "type": "log"},
+        xaxis={"title": {"text": "tokens seen"}, "type": "log", "range": [0, right]},
         yaxis={"title": {"text": "experts not yet used"}, "rangemode": "tozero"},
         plot_bgcolor="#FFFFFF",
     )
@@ -628,7 +684,7 @@ def position_profile(agg: CorpusAggregates, layer: int) -> View:
             y=list(range(agg.num_experts)),
             colorscale="Cividis",
             zmin=0,
-            colorbar={"title": {"text": "share"}},
+            colorbar={"title": {"text": "share"}, "tickformat": ".0%"},
             hovertemplate="positions %{x}, expert %{y}: %{z:.1%}<extra></extra>",
         )
     )

@@ -24,6 +24,7 @@ from ._plotly import FigureBuilder, expert_axis, finish, plotly_trace
 from ._view import View
 from .corpus import (
     NO_DATA,
+    TOP_LEGEND,
     _error,
     _layer_index,
     best_index,
@@ -32,6 +33,7 @@ from .corpus import (
     domain_colors,
     domain_shares,
     intervals_note,
+    reference_line,
     reuse_table,
     vocabulary_specialisation,
 )
@@ -91,9 +93,8 @@ def mixtral_domain_bars(report: CorpusReport) -> list[View]:
 
 def mixtral_reuse_table(report: CorpusReport) -> View:
     """Table 5: repeated assignments of consecutive tokens per domain, first / middle / last layer."""
-    view = reuse_table(report, by_domain=True)
     keep = first_middle_last(report.reuse.layers)
-    table = view.table[view.table["layer"].isin(keep)].reset_index(drop=True)
+    view = reuse_table(report, by_domain=True, layers=keep)
     k = report.meta["top_k"]
     E = int(report.meta["num_experts"])
     r = report.reuse
@@ -105,7 +106,7 @@ def mixtral_reuse_table(report: CorpusReport) -> View:
         f"{k[li]} of {E}: {pct(float(r.baselines[li, 1]))}); Mixtral's table words this column loosely, and this "
         "is the reading in moe-viz's metric notes. Pairs never cross a chunk boundary."
     )
-    framed = _framed(replace(view, table=table), "paper_mixtral_reuse", f"{MIXTRAL}, Table 5", definition)
+    framed = _framed(view, "paper_mixtral_reuse", f"{MIXTRAL}, Table 5", definition)
     return replace(framed, title="Mixtral Table 5: repeated assignments of consecutive tokens")
 
 
@@ -136,6 +137,11 @@ def olmoe_coactivation(report: CorpusReport, layer: int, n: int = 16) -> View:
         "score-sorted top-k; moe-viz's Load-balance and Corpus pages also show the all-pairs version). Experts are "
         f"ordered as in the paper's figure: from the strongest pairs down, {len(order)} of {E}. OLMoE finds little "
         "co-activation: experts rarely team up."
+        + (
+            " With k = 2 the two experts of a token are always neighbours, so this equals the all-pairs co-activation."
+            if int(report.meta["top_k"][li]) == 2
+            else ""
+        )
     )
     framed = _framed(view, f"paper_olmoe_coactivation_{layer}", f"{OLMOE}, expert co-activation", definition)
     return replace(framed, title=f"OLMoE: expert co-activation (adjacent ranks), layer {layer}")
@@ -163,14 +169,16 @@ def olmoe_domain_specialisation(report: CorpusReport, layer: int) -> View:
                 hovertemplate=f"{name}, expert %{{x}}: %{{y:.1%}} of its tokens<extra></extra>",
             )
         )
-    fig.add_hline(k / E, line={"dash": "dash", "color": "#555"}, annotation_text=f"uniform k/E = {pct(k / E)}")
+    fig.add_trace(reference_line(E, k / E, f"uniform k/E = {pct(k / E)}"))
     fig.update_layout(
         title={
             "text": f"OLMoE domain specialisation, layer {layer}: share of each domain's tokens routed to the expert"
         },
         barmode="group",
+        bargap=0.25,
         yaxis={"title": {"text": "tokens routed to the expert (top-k)"}, "tickformat": ".0%"},
-        legend={"title": {"text": "domain"}},
+        legend=TOP_LEGEND,
+        margin={"t": 110},
         plot_bgcolor="#FFFFFF",
     )
     expert_axis(fig, E, "x")
@@ -183,7 +191,8 @@ def olmoe_domain_specialisation(report: CorpusReport, layer: int) -> View:
     text = (
         f"**Follows** {OLMOE}, domain specialisation. **Definition:** for expert e and domain D, the number of "
         f"D's tokens whose top-{k} includes e, divided by D's tokens (the bars of one domain add up to k = {k}); "
-        f"uniform routing gives k/E = {pct(k / E)}. OLMoE finds strong specialisation for specialised domains "
+        f"uniform routing gives k/E = {pct(k / E)}. With exactly k experts per token this is k times Mixtral's share "
+        "above, on OLMoE's scale. OLMoE finds strong specialisation for specialised domains "
         f"(arXiv, GitHub), weak for general web text.\n\nHere the most specialised pair is **{d.domains[j]} → expert "
         f"{e}**: {ci_text(*rate.at(li, j, e), pct)} of its tokens, against {pct(k / E)}. " + intervals_note(report)
     )

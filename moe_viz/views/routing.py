@@ -238,11 +238,13 @@ def coloured_text(trace: Trace, layer: int) -> View:
         f'<span style="background:{c};color:{text_color(c)};padding:0 4px;border-radius:3px">expert {i}</span>'
         for i, c in enumerate(colors)
     )
+    # The key comes first: a long text scrolls in its box, and the key must stay in view.
     body = (
+        f'<div class="moe-viz-legend" style="margin-bottom:6px;font-size:0.85em">Top-1 expert at layer '
+        f"{int(layer)} ({html.escape(trace.policy)}): {legend}</div>"
         '<div class="moe-viz-text" style="font-family:monospace;white-space:pre-wrap;line-height:1.8">'
         + "".join(spans)
-        + f'</div><div class="moe-viz-legend" style="margin-top:6px;font-size:0.85em">Top-1 expert at layer '
-        f"{int(layer)} ({html.escape(trace.policy)}): {legend}</div>"
+        + "</div>"
     )
 
     counts = first.bincount(minlength=E)
