@@ -40,6 +40,12 @@ def pct_ci(value: float, low: float, high: float) -> str:
     return f"{100 * value:.1f}% ({100 * low:.1f}–{100 * high:.1f})"
 
 
+def around(middle: float, top: float) -> list[list]:
+    """A colour scale from 0 to ``top``: blue below ``middle`` (a baseline), neutral at it, red above."""
+    at = min(max(middle / top, 0.0), 1.0) if top > 0 else 0.5
+    return [[0.0, "#2166AC"], [at, "#F2F2F2"], [1.0, "#B2182B"]]
+
+
 def reference_line(E: int, y: float, name: str) -> dict:
     """A dashed horizontal line across the expert axis, named in the legend (a label on the
     line itself hides behind the bars)."""
@@ -54,7 +60,8 @@ def reference_line(E: int, y: float, name: str) -> dict:
     )
 
 
-TOP_LEGEND = {"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0, "title": {"text": ""}}
+# Dense bar charts: the legend in rows under the plot, so the plot keeps the column's width.
+TOP_LEGEND = {"orientation": "h", "yanchor": "top", "y": -0.22, "x": 0, "title": {"text": ""}}
 
 
 def ci_text(value: float, low: float, high: float, fmt: Callable[[float], str] = num) -> str:
@@ -123,7 +130,7 @@ def domain_shares(report: CorpusReport, layer: int) -> View:
         bargap=0.25,
         yaxis={"title": {"text": "share of the domain's assignments"}, "tickformat": ".0%"},
         legend=TOP_LEGEND,
-        margin={"t": 110},
+        margin={"b": 140},
         plot_bgcolor="#FFFFFF",
     )
     expert_axis(fig, E, "x")
@@ -369,8 +376,9 @@ def coactivation_heatmap(
             x=labels,
             y=labels,
             customdata=custom,
-            colorscale="RdBu_r",
-            zmid=float(co.baseline[li]) * 100,
+            colorscale=around(float(co.baseline[li]) * 100, float(np.nanmax(z)) if np.isfinite(z).any() else 1.0),
+            zmin=0,
+            zmax=float(np.nanmax(z)) if np.isfinite(z).any() else 1.0,
             colorbar={"title": {"text": "% of a's tokens"}},
             hovertemplate="expert %{y} → expert %{x}: %{z:.1f}% (CI %{customdata[0]:.1f}–%{customdata[1]:.1f})<extra></extra>",
         )
@@ -438,7 +446,8 @@ def reuse_table(report: CorpusReport, by_domain: bool = False, layers: list[int]
         for i in chosen:
             row = {"layer": r.layers[i], heads[0]: pct_ci(*r.first_choice_same.at(i))}
             row[heads[1]] = pct_ci(*r.sets_intersect.at(i))
-            row[heads[2]] = ci_text(*r.mean_overlap.at(i))
+            v, lo, hi = r.mean_overlap.at(i)
+            row[heads[2]] = f"{num(v)} ({num(lo)}–{num(hi)})"
             if not uniform:
                 row["random (first, share, overlap)"] = ", ".join(num(float(x)) for x in r.baselines[i])
             rows.append(row)
@@ -471,7 +480,7 @@ def coverage_curves(report: CorpusReport) -> View:
             go.Scatter, x=x, y=[n / E for n in x], mode="lines", name="uniform", line={"dash": "dash", "color": "#777"}
         )
     )
-    colors = expert_colors(max(8, len(cov.layers)))
+    colors = DOMAIN_PALETTE
     for i, layer in enumerate(cov.layers):
         fig.add_trace(
             plotly_trace(
@@ -509,7 +518,7 @@ def dormant_curve(report: CorpusReport) -> View:
     """Experts not yet routed to after n tokens, per layer, with a band over document orders."""
     d = report.dormant
     fig = FigureBuilder()
-    colors = expert_colors(max(8, len(d.layers)))
+    colors = DOMAIN_PALETTE
     for i, layer in enumerate(d.layers):
         c = colors[i % len(colors)]
         fig.add_trace(

@@ -178,7 +178,7 @@ def olmoe_domain_specialisation(report: CorpusReport, layer: int) -> View:
         bargap=0.25,
         yaxis={"title": {"text": "tokens routed to the expert (top-k)"}, "tickformat": ".0%"},
         legend=TOP_LEGEND,
-        margin={"t": 110},
+        margin={"b": 140},
         plot_bgcolor="#FFFFFF",
     )
     expert_axis(fig, E, "x")
