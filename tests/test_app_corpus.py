@@ -16,6 +16,8 @@ APP = ROOT / "app" / "streamlit_app.py"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from apptest_helpers import clean, click, errors, headings  # noqa: E402
+
 from moe_viz import DEFAULT_MODEL  # noqa: E402
 
 MODEL = os.environ.get("MOE_VIZ_MODEL") or DEFAULT_MODEL
@@ -52,23 +54,6 @@ def start(monkeypatch, **env):
         monkeypatch.setenv(name, value)
     at = AppTest.from_file(str(APP), default_timeout=240)
     return at.run()
-
-
-def clean(at) -> None:
-    assert not at.exception, [e.message for e in at.exception]
-
-
-def click(at, label: str):
-    [button] = [b for b in at.button if b.label == label]
-    return button.click().run()
-
-
-def headings(at) -> list[str]:
-    return [s.value for s in at.subheader]
-
-
-def errors(at) -> list[str]:
-    return [e.value for e in at.error]
 
 
 def run_path(at, path: str):

@@ -103,37 +103,55 @@ def intervals_note(report: CorpusReport) -> str:
 
 
 # ------------------------------------------------------------------ domains
+def domain_expert_bars(
+    est: Estimate, li: int, domains: list[str], reference: tuple[float, str], title: str, y_title: str, hover: str
+) -> FigureBuilder:
+    """Grouped bars: per expert, one bar per domain of ``est[li, domain, expert]`` with its interval,
+    a named reference line, the legend under the plot."""
+    E = est.value.shape[-1]
+    colors = domain_colors(len(domains))
+    fig = FigureBuilder()
+    for j, name in enumerate(domains):
+        fig.add_trace(
+            plotly_trace(
+                go.Bar,
+                x=list(range(E)),
+                y=est.value[li, j],
+                name=name,
+                marker={"color": colors[j]},
+                error_y=_error(est, li, j),
+                hovertemplate=f"{name}, expert %{{x}}: %{{y:.1%}} {hover}<extra></extra>",
+            )
+        )
+    fig.add_trace(reference_line(E, *reference))
+    fig.update_layout(
+        title={"text": title},
+        barmode="group",
+        bargap=0.25,
+        yaxis={"title": {"text": y_title}, "tickformat": ".0%"},
+        legend=TOP_LEGEND,
+        margin={"b": 140},
+        plot_bgcolor="#FFFFFF",
+    )
+    expert_axis(fig, E, "x")
+    return fig
+
+
 def domain_shares(report: CorpusReport, layer: int) -> View:
     """Grouped bars per expert: each domain's share of its assignments that went to the expert,
     with intervals and the fair share 1/E (Mixtral Fig. 7 style)."""
     li = _layer_index(report, layer)
     d = report.domain
     E = d.share.value.shape[-1]
-    colors = domain_colors(len(d.domains))
-    fig = FigureBuilder()
-    for j, name in enumerate(d.domains):
-        fig.add_trace(
-            plotly_trace(
-                go.Bar,
-                x=list(range(E)),
-                y=d.share.value[li, j],
-                name=name,
-                marker={"color": colors[j]},
-                error_y=_error(d.share, li, j),
-                hovertemplate=f"{name}, expert %{{x}}: %{{y:.1%}} of its assignments<extra></extra>",
-            )
-        )
-    fig.add_trace(reference_line(E, d.fair_share, f"fair share 1/{E} = {pct(d.fair_share)}"))
-    fig.update_layout(
-        title={"text": f"Share of each domain's assignments per expert, layer {layer}"},
-        barmode="group",
-        bargap=0.25,
-        yaxis={"title": {"text": "share of the domain's assignments"}, "tickformat": ".0%"},
-        legend=TOP_LEGEND,
-        margin={"b": 140},
-        plot_bgcolor="#FFFFFF",
+    fig = domain_expert_bars(
+        d.share,
+        li,
+        d.domains,
+        (d.fair_share, f"fair share 1/{E} = {pct(d.fair_share)}"),
+        f"Share of each domain's assignments per expert, layer {layer}",
+        "share of the domain's assignments",
+        "of its assignments",
     )
-    expert_axis(fig, E, "x")
     top = best_index(d.ratio.value[li])
     if top is None:
         return View("corpus_domain_shares", f"Expert share per domain (layer {layer})", NO_DATA, figure=finish(fig))
@@ -589,26 +607,16 @@ def saturation(report: CorpusReport) -> View | None:
     if s is None:
         return None
     layers = [str(x) for x in s.layers]
-    fig = FigureBuilder(
-        plotly_trace(
-            go.Bar,
-            x=layers,
-            y=s.topk_overlap.value,
-            name="top-k overlap / k",
-            marker={"color": OKABE_ITO[2]},
-            error_y=_error(s.topk_overlap, slice(None)),
+    fig = FigureBuilder()
+    for est, name, color in (
+        (s.topk_overlap, "top-k overlap / k", OKABE_ITO[2]),
+        (s.first_choice_match, "same first choice", OKABE_ITO[0]),
+    ):
+        fig.add_trace(
+            plotly_trace(
+                go.Bar, x=layers, y=est.value, name=name, marker={"color": color}, error_y=_error(est, slice(None))
+            )
         )
-    )
-    fig.add_trace(
-        plotly_trace(
-            go.Bar,
-            x=layers,
-            y=s.first_choice_match.value,
-            name="same first choice",
-            marker={"color": OKABE_ITO[0]},
-            error_y=_error(s.first_choice_match, slice(None)),
-        )
-    )
     fig.update_layout(
         title={"text": f"Router saturation against {s.reference_model}"},
         barmode="group",

@@ -15,25 +15,21 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
-import plotly.graph_objects as go
 
 from ..corpus.report import CorpusReport
 from ..trace import Trace
 from ._display import pct
-from ._plotly import FigureBuilder, expert_axis, finish, plotly_trace
+from ._plotly import finish
 from ._view import View
 from .corpus import (
     NO_DATA,
-    TOP_LEGEND,
-    _error,
     _layer_index,
     best_index,
     ci_text,
     coactivation_heatmap,
-    domain_colors,
+    domain_expert_bars,
     domain_shares,
     intervals_note,
-    reference_line,
     reuse_table,
     vocabulary_specialisation,
 )
@@ -155,33 +151,15 @@ def olmoe_domain_specialisation(report: CorpusReport, layer: int) -> View:
     rate = d.token_rate
     E = rate.value.shape[-1]
     k = int(report.meta["top_k"][li])
-    colors = domain_colors(len(d.domains))
-    fig = FigureBuilder()
-    for j, name in enumerate(d.domains):
-        fig.add_trace(
-            plotly_trace(
-                go.Bar,
-                x=list(range(E)),
-                y=rate.value[li, j],
-                name=name,
-                marker={"color": colors[j]},
-                error_y=_error(rate, li, j),
-                hovertemplate=f"{name}, expert %{{x}}: %{{y:.1%}} of its tokens<extra></extra>",
-            )
-        )
-    fig.add_trace(reference_line(E, k / E, f"uniform k/E = {pct(k / E)}"))
-    fig.update_layout(
-        title={
-            "text": f"OLMoE domain specialisation, layer {layer}: share of each domain's tokens routed to the expert"
-        },
-        barmode="group",
-        bargap=0.25,
-        yaxis={"title": {"text": "tokens routed to the expert (top-k)"}, "tickformat": ".0%"},
-        legend=TOP_LEGEND,
-        margin={"b": 140},
-        plot_bgcolor="#FFFFFF",
+    fig = domain_expert_bars(
+        rate,
+        li,
+        d.domains,
+        (k / E, f"uniform k/E = {pct(k / E)}"),
+        f"OLMoE domain specialisation, layer {layer}: share of each domain's tokens routed to the expert",
+        "tokens routed to the expert (top-k)",
+        "of its tokens",
     )
-    expert_axis(fig, E, "x")
     top = best_index(rate.value[li])
     if top is None:
         return View(
