@@ -25,6 +25,9 @@ import numpy as np
 import pandas as pd
 
 VOCAB_KINDS = ("input", "target", "predicted")
+# Per-token counts are the one count that grows with the vocabulary seen; they are kept per
+# vocabulary group (group mod VOCAB_GROUPS), coarser than the other counts, to bound their size.
+VOCAB_GROUPS = 20
 FORMAT_VERSION = 1
 
 
@@ -79,7 +82,9 @@ class CorpusAggregates:
     saturation: np.ndarray  # (G, L, 3): summed |S ∩ S_ref|, same first choice, tokens (reference runs)
     importance: np.ndarray  # (G, L, E) float64: summed Δ next-token loss with e ablated (sampled docs)
     importance_scored: np.ndarray  # (G,) scored tokens of the ablated documents
-    vocab: dict[str, pd.DataFrame] = field(default_factory=dict)  # kind -> group, layer, token, expert, count
+    vocab: dict[str, pd.DataFrame] = field(
+        default_factory=dict
+    )  # kind -> group (vocab group), layer, token, expert, count
     docs: pd.DataFrame = field(default_factory=pd.DataFrame)  # ordinal, name, domain, group, tokens, nll, scored
     doc_loads: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), dtype=np.int64))  # (N, L, E)
     chunks_done: int = 0

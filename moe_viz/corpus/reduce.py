@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .aggregates import CorpusAggregates, CorpusMeta, empty
+from .aggregates import VOCAB_GROUPS, CorpusAggregates, CorpusMeta, empty
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,10 @@ def _first_seen(sets: torch.Tensor, group: torch.Tensor, groups: list[int], G: i
 
 
 def _vocab(group: torch.Tensor, layer: int, token: np.ndarray, expert: torch.Tensor, keep: np.ndarray) -> pd.DataFrame:
+    """Counts per (vocabulary group, layer, token id, first-choice expert) of the kept rows."""
     frame = pd.DataFrame(
         {
-            "group": group.numpy()[keep],
+            "group": group.numpy()[keep] % VOCAB_GROUPS,
             "layer": np.full(int(keep.sum()), layer, dtype=np.int64),
             "token": token[keep].astype(np.int64),
             "expert": expert.numpy()[keep].astype(np.int64),

@@ -38,6 +38,7 @@ DEFAULT_WINDOW = 512
 DEFAULT_TOKEN_BUDGET = 4096
 MAX_GROUPS = 200
 GROUP_CELLS = 2**24  # cap on G * L * E * E, the per-group co-activation counts
+FOLD_EVERY = 16  # batches folded together before they join the run's total
 
 
 @dataclass(frozen=True)
@@ -353,6 +354,8 @@ def run_corpus(
     documents_total = count_documents(source, max_documents)
     start = time.perf_counter()
     batches_done = 0
+    tokens_done = total.total_tokens if total is not None else 0
+    pending: CorpusAggregates | None = None
     chunks = chunk_documents(model, source.documents(), window, max_documents)
     for _ in range(skip):
         next(chunks, None)
@@ -384,18 +387,24 @@ def run_corpus(
                 if chunk.start == 0:
                     part.meta = replace(part.meta, importance_docs=part.meta.importance_docs + 1)
                 _importance(model, chunk, part)
-        total = merge(total, part)
+        # Batches fold into a small pending total, and that into the run's total every
+        # FOLD_EVERY batches (and at each checkpoint): merging into the large total (its per-token
+        # counts grow with the vocabulary seen) once per batch would cost more than the batch.
+        pending = part if pending is None else merge(pending, part)
         batches_done += 1
-        if folder is not None and batches_done % checkpoint_every == 0:
+        tokens_done += part.total_tokens
+        checkpoint = folder is not None and batches_done % checkpoint_every == 0
+        if checkpoint or batches_done % FOLD_EVERY == 0:
+            total, pending = merge(total, pending), None
+        if checkpoint:
             save(total, folder / "checkpoint")
         if progress is not None:
-            progress(
-                Progress(
-                    total.documents_done, documents_total, total.total_tokens, batches_done, time.perf_counter() - start
-                )
-            )
+            elapsed = time.perf_counter() - start
+            progress(Progress(part.documents_done, documents_total, tokens_done, batches_done, elapsed))
     if total is None:
         raise ValueError(f"corpus source {source.path} produced no tokens")
+    if pending is not None:
+        total = merge(total, pending)
     if folder is not None:
         save(total, folder / "checkpoint")
         save(total, folder / "aggregates")

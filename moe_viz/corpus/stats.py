@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..metrics import reuse_baselines
-from .aggregates import CorpusAggregates
+from .aggregates import VOCAB_GROUPS, CorpusAggregates
 
 DEFAULT_REPLICATES = 200
 DEFAULT_LEVEL = 0.95
@@ -64,6 +64,7 @@ class Resampler:
         if not 0 < level < 1:
             raise ValueError(f"level must satisfy 0 < level < 1; got {level!r}")
         self.level = level
+        self.seed = seed
         self.groups = np.flatnonzero(agg.tokens.sum(axis=1) > 0)  # groups that hold documents
         n = len(self.groups)
         if n == 0:
@@ -214,11 +215,18 @@ def vocabulary_specialisation(
         return _div(sums, num)
 
     value = layer_means(n, spec)
-    group_pos = np.full(agg.num_groups, -1)
-    group_pos[rs.groups] = np.arange(len(rs.groups))
+    # Per-token counts are kept per vocabulary group (group mod VOCAB_GROUPS): resample those.
+    vocab_tokens = np.bincount(
+        np.arange(agg.num_groups) % VOCAB_GROUPS, weights=agg.tokens.sum(axis=1), minlength=VOCAB_GROUPS
+    )
+    live = np.flatnonzero(vocab_tokens > 0)
+    rng = np.random.default_rng(rs.seed + 3)
+    weights = rng.multinomial(len(live), np.full(len(live), 1 / len(live)), size=rs.weights.shape[0]).astype(float)
+    group_pos = np.full(VOCAB_GROUPS, 0)
+    group_pos[live] = np.arange(len(live))
     row_group = group_pos[v["group"].to_numpy()]
     reps = np.empty((rs.weights.shape[0], L))
-    for b, w in enumerate(rs.weights):
+    for b, w in enumerate(weights):
         wc = counts * w[row_group]
         n_b, _, spec_b = _spec_per_token(key_index, expert, wc, len(uniq), E)
         reps[b] = layer_means(n_b, spec_b)
