@@ -126,7 +126,11 @@ def uploaded_source(name: str, data: bytes, text_column: str, domain_column: str
     stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(name).stem)[:60] or "upload"
     path = Path(folder) / (stem + suffix)  # a text file's domain is its name
     path.write_bytes(data)
-    return open_source(path, text_column or "text", domain_column or None)
+    # A compressed table can hold far more text than its size: bound the text itself (about 40
+    # characters per token of the server's corpus limit) before anything reads it all.
+    cfg = config()
+    max_chars = 40 * cfg.max_corpus_tokens if cfg.max_corpus_tokens else None
+    return open_source(path, text_column or "text", domain_column or None, max_chars=max_chars)
 
 
 def latest_result() -> CorpusResult | None:

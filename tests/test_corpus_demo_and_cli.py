@@ -68,7 +68,7 @@ def test_cli_corpus_writes_parquet_aggregates_and_a_json_report(tmp_path, capsys
     [
         (["--policy", "top-k:99"], "1 <= k <= 8"),
         (["--domain-column", "topic"], "corpus source"),
-        (["--replicates", "0"], "--replicates must be a positive integer"),
+        (["--replicates", "5"], "--replicates must be an integer >= 10"),
     ],
 )
 def test_cli_corpus_bad_values_exit_2_with_one_line(tmp_path, capsys, args, message):

@@ -181,3 +181,48 @@ def test_every_token_of_every_document_is_counted_once(model, corpus):
     assert agg.total_tokens == expected
     assert int(agg.reuse[:, 0, :, 0].sum()) == expected - agg.chunks_done  # consecutive pairs stay inside chunks
     assert torch.equal(torch.tensor(agg.positions.sum(axis=(1, 2))), torch.tensor(agg.assigned.sum(axis=(0, 2, 3))))
+
+
+def test_starting_over_discards_the_old_checkpoint_even_when_the_new_run_stops_early(model, corpus, tmp_path):
+    run_corpus(model, corpus, window=40, out=tmp_path / "run")
+    other = tmp_path / "other"
+    (other / "d").mkdir(parents=True)
+    (other / "d" / "a.txt").write_text("one two three four five six seven eight nine ten")
+    source = open_source(other)
+
+    def stop(progress):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_corpus(model, source, window=40, out=tmp_path / "run", resume=False, progress=stop)
+    again = run_corpus(model, source, window=40, out=tmp_path / "run")
+    assert aggregates.equal(again, run_corpus(model, source, window=40))  # nothing of the first corpus
+
+
+def test_resuming_after_the_documents_changed_is_refused(model, corpus, tmp_path):
+    run_corpus(model, corpus, window=40, out=tmp_path / "run")
+    first = next(p for p in sorted(corpus.path.rglob("*.txt")))
+    first.write_text(first.read_text() + "\nan edit")
+    with pytest.raises(ValueError, match="source_fingerprint"):
+        run_corpus(model, corpus, window=40, out=tmp_path / "run")
+
+
+def test_saturation_and_importance_need_native_routing(model, corpus):
+    with pytest.raises(ValueError, match="router saturation compares the two checkpoints' own"):
+        run_corpus(model, corpus, TopK(1), reference=model)
+    with pytest.raises(ValueError, match="causal importance ablates experts under the model's own"):
+        run_corpus(model, corpus, Capacity(1.0), importance_every=2)
+
+
+def test_a_bad_row_after_the_first_and_an_oversized_corpus_are_value_errors(model, tmp_path):
+    table = tmp_path / "t.jsonl"
+    table.write_text('{"text": "fine"}\n{"body": "no text column"}\n')
+    source = open_source(table)  # the first row reads
+    with pytest.raises(ValueError, match="no text column 'text' at line 2"):
+        run_corpus(model, source)
+    big = tmp_path / "big.txt"
+    big.write_text("word " * 5000)
+    with pytest.raises(ValueError, match="more than 1,000 characters"):
+        open_source(big, max_chars=1000)
+    with pytest.raises(ValueError, match="more than 100 tokens long"):
+        run_corpus(model, open_source(big), max_tokens=100)

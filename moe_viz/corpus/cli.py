@@ -96,10 +96,11 @@ def command(args: argparse.Namespace, load_model) -> int:  # noqa: ANN001 - the 
 
     policy = parse_policy(args.policy)
     source = open_source(args.source, args.text_column, args.domain_column, args.split)
-    for name in ("window", "max_documents", "importance_every", "replicates"):
+    lowest = {"window": 2, "max_documents": 1, "importance_every": 0, "replicates": 10}
+    for name, low in lowest.items():  # checked before the run: a bad value must not cost a corpus run
         value = getattr(args, name)
-        if value is not None and value < (0 if name == "importance_every" else 1):
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer; got {value}")
+        if value is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}; got {value}")
     model = load_model(args.model)
     reference = load_model(args.reference) if args.reference else None
     print(f"model {model.model_id} ({model.architecture}), policy {args.policy}, source {source.describe()}")

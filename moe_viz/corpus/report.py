@@ -20,6 +20,7 @@ class CorpusReport:
     meta: dict[str, Any]
     tokens: int
     documents: int
+    documents_per_domain: dict[str, int]
     replicates: int
     level: float
     seed: int
@@ -73,6 +74,7 @@ def corpus_report(
         meta=agg.meta.to_dict() | {"domains": list(agg.domains)},
         tokens=agg.total_tokens,
         documents=int(len(agg.docs)),
+        documents_per_domain={d: int((agg.docs["domain"] == d).sum()) for d in agg.domains},
         replicates=replicates,
         level=level,
         seed=seed,

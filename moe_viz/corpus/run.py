@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
@@ -201,8 +202,8 @@ def _sampled_for_importance(doc: Document, every: int, seed: int) -> bool:
 def _importance(model: MoEModel, chunk: Chunk, agg: CorpusAggregates) -> None:
     """Add chunk's loss change with each expert ablated (reroute), per layer, against native routing."""
     ids = torch.tensor([chunk.ids])  # (1, T)
-    if ids.shape[1] < 2:
-        return
+    if ids.shape[1] < 2 or not any(site.spec.substitutable for site in model.sites):
+        return  # nothing to score, or no router moe-viz can re-route
     targets = ids[0, 1:].to(model.device)  # (T-1,)
     with torch.inference_mode(), active_call(None):
         native = model.model(input_ids=ids.to(model.device), use_cache=False).logits[0, :-1]  # (T-1, V)
@@ -222,12 +223,17 @@ def _importance(model: MoEModel, chunk: Chunk, agg: CorpusAggregates) -> None:
 
 
 def _check_settings(folder: Path, settings: RunSettings, source: CorpusSource, model: MoEModel) -> None:
-    wanted = {"settings": asdict(settings), "source": source.describe(), "model": model.model_id}
+    wanted = {
+        "settings": asdict(settings),
+        "source": source.describe(),
+        "source_fingerprint": source_fingerprint(source, settings.max_documents),  # edited files are another run
+        "model": model.model_id,
+    }
     path = folder / "run.json"
     if path.exists():
         had = json.loads(path.read_text())
         if had != wanted:
-            diff = [k for k in ("model", "source") if had.get(k) != wanted[k]]
+            diff = [k for k in ("model", "source", "source_fingerprint") if had.get(k) != wanted[k]]
             diff += [k for k in wanted["settings"] if had.get("settings", {}).get(k) != wanted["settings"][k]]
             raise ValueError(
                 f"out folder {str(folder)!r} holds a run with other settings ({', '.join(diff)} differ); "
@@ -318,6 +324,16 @@ def run_corpus(
         isinstance(max_batch_chunks, bool) or not isinstance(max_batch_chunks, int) or max_batch_chunks < 1
     ):
         raise ValueError(f"max_batch_chunks must be an integer >= 1 or None; got {max_batch_chunks!r}")
+    if reference is not None and policy is not None:
+        raise ValueError(
+            "router saturation compares the two checkpoints' own (native) routing: run it with policy native, "
+            f"not {policy_spec(policy)!r}"
+        )
+    if importance_every and policy is not None:
+        raise ValueError(
+            "causal importance ablates experts under the model's own (native) routing and compares with its load: "
+            f"run it with policy native, not {policy_spec(policy)!r}"
+        )
     if reference is not None and (
         reference.moe_layers != model.moe_layers or reference.num_experts != model.num_experts
     ):
@@ -341,16 +357,23 @@ def run_corpus(
     folder = Path(out) if out is not None else None
     total: CorpusAggregates | None = None
     if folder is not None:
-        if not resume and (folder / "run.json").exists():
-            (folder / "run.json").unlink()
+        if not resume:  # starting over: nothing of an earlier run may be resumed later
+            (folder / "run.json").unlink(missing_ok=True)
+            for name in ("checkpoint", "aggregates"):
+                if (folder / name).is_dir():
+                    shutil.rmtree(folder / name)
         _check_settings(folder, settings, source, model)
         if resume and (folder / "checkpoint" / "meta.json").exists():
             total = load(folder / "checkpoint")
     skip = total.chunks_done if total is not None else 0
     if max_tokens is not None:
-        tokens = sum(len(c.ids) for c in chunk_documents(model, source.documents(), window, max_documents))
-        if tokens > max_tokens:
-            raise ValueError(f"the corpus is {tokens:,} tokens long; the limit here is {max_tokens:,} tokens")
+        tokens = 0
+        for chunk in chunk_documents(model, source.documents(), window, max_documents):
+            tokens += len(chunk.ids)
+            if tokens > max_tokens:  # stop counting at the limit: an oversized corpus costs no more
+                raise ValueError(
+                    f"the corpus is more than {max_tokens:,} tokens long; the limit here is {max_tokens:,} tokens"
+                )
     documents_total = count_documents(source, max_documents)
     start = time.perf_counter()
     batches_done = 0

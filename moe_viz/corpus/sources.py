@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TABLE_SUFFIXES = (".jsonl", ".csv", ".parquet")
+csv.field_size_limit(2**31 - 1)  # a document is one CSV field: the default 128 KiB cap refuses long ones
 SKIPPED_SUFFIXES = (".json", ".pkl", ".pt", ".bin", ".safetensors", ".arrow", ".zip", ".gz", ".png", ".jpg")
 
 
@@ -46,6 +47,7 @@ class CorpusSource:
     text_column: str = "text"
     domain_column: str | None = None
     split: str | None = None
+    max_chars: int | None = None  # refuse a corpus with more characters (untrusted, compressed uploads)
 
     @property
     def kind(self) -> str:
@@ -64,9 +66,25 @@ class CorpusSource:
     def documents(self) -> Iterator[Document]:
         """The documents in stream order, numbered from 0 (empty ones skipped)."""
         readers = {"dataset": _dataset_rows, "folder": _folder_docs, "table": _table_rows, "text": _text_blocks}
-        ordinal = 0
-        for name, domain, text in readers[self.kind](self):
+        ordinal, chars = 0, 0
+        rows = readers[self.kind](self)
+        while True:
+            try:  # a bad row anywhere in the file is the user's input: a ValueError naming it
+                item = next(rows, None)
+            except (KeyError, UnicodeDecodeError, json.JSONDecodeError, csv.Error, OSError) as exc:
+                raise ValueError(
+                    f"corpus source {str(self.path)!r} could not be read as a {self.kind}: {exc}"
+                ) from None
+            if item is None:
+                return
+            name, domain, text = item
             if isinstance(text, str) and text.strip():
+                chars += len(text)
+                if self.max_chars is not None and chars > self.max_chars:
+                    raise ValueError(
+                        f"corpus source {str(self.path)!r} holds more than {self.max_chars:,} characters of text; "
+                        "the limit here is that"
+                    )
                 yield Document(ordinal, name, domain, text)
                 ordinal += 1
 
@@ -79,18 +97,19 @@ def demo_corpus_path() -> Path:
 
 
 def open_source(
-    path: str | Path, text_column: str = "text", domain_column: str | None = None, split: str | None = None
+    path: str | Path,
+    text_column: str = "text",
+    domain_column: str | None = None,
+    split: str | None = None,
+    max_chars: int | None = None,
 ) -> CorpusSource:
     """A ``CorpusSource`` for ``path``; ValueError naming the path when it does not exist or is not
     a corpus (a table without ``text_column``, a folder without text files)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise ValueError(f"corpus source must be an existing file or folder; got {str(path)!r}")
-    source = CorpusSource(p, text_column, domain_column or None, split)
-    try:
-        first = next(iter(source.documents()), None)
-    except (KeyError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as exc:
-        raise ValueError(f"corpus source {str(path)!r} could not be read as a {source.kind}: {exc}") from None
+    source = CorpusSource(p, text_column, domain_column or None, split, max_chars)
+    first = next(iter(source.documents()), None)
     if first is None:
         raise ValueError(f"corpus source {str(path)!r} holds no non-empty document")
     return source

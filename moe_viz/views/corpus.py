@@ -95,11 +95,23 @@ def _error(est: Estimate, *index: int | slice) -> dict:
     return {"type": "data", "symmetric": False, "array": np.nan_to_num(hi - v), "arrayminus": np.nan_to_num(v - lo)}
 
 
+THIN_DOCUMENTS = 5  # a domain with fewer documents gets intervals that understate its uncertainty
+
+
 def intervals_note(report: CorpusReport) -> str:
-    return (
+    note = (
         f"Intervals: {report.level:.0%} bootstrap percentile intervals from {report.replicates} resamples of the "
         f"run's {report.documents} documents (whole documents, in groups; seed {report.seed})."
     )
+    thin = [d for d, n in report.documents_per_domain.items() if n < THIN_DOCUMENTS]
+    if report.documents < 2 * THIN_DOCUMENTS:
+        note += f" **With {report.documents} documents these intervals are rough; take them as a lower bound.**"
+    elif thin:
+        note += (
+            f" **Fewer than {THIN_DOCUMENTS} documents in {', '.join(thin)}: their intervals understate the "
+            "uncertainty.**"
+        )
+    return note
 
 
 # ------------------------------------------------------------------ domains
@@ -152,17 +164,19 @@ def domain_shares(report: CorpusReport, layer: int) -> View:
         "share of the domain's assignments",
         "of its assignments",
     )
-    top = best_index(d.ratio.value[li])
+    top = best_index(d.lift.value[li])
     if top is None:
         return View("corpus_domain_shares", f"Expert share per domain (layer {layer})", NO_DATA, figure=finish(fig))
     j, e = top
     mi = d.mi_bits.at(li)
     text = (
         f"Each bar is the share of a domain's expert assignments in layer {layer} that went to that expert "
-        f"(c_de / Σ_e c_de; every bar group would sit on the dashed fair share 1/{E} = {pct(1 / E)} if routing "
-        f"ignored the domain). The most over-used pair is **{d.domains[j]} → expert {e}**: "
+        f"(c_de / Σ_e c_de). A balanced layer puts every expert on the dashed line 1/{E} = {pct(1 / E)}; routing "
+        "that ignored the domain would give every domain the same bars (each expert's share over all domains). "
+        f"The domain that most over-uses an expert is **{d.domains[j]} → expert {e}**: "
         f"{ci_text(*d.share.at(li, j, e), pct)} of that domain's assignments, "
-        f"{times(float(d.ratio.value[li, j, e]))} the fair share. "
+        f"{times(float(d.lift.value[li, j, e]))} the expert's share over all domains "
+        f"({times(float(d.ratio.value[li, j, e]))} the balanced 1/{E}). "
         f"Mutual information between domain and expert in this layer: {ci_text(*mi)} bits; shuffling the documents' "
         f"domains gives at most {num(float(d.mi_null_95[li]))} bits (95th percentile of {d.null_permutations} "
         "shuffles), "
@@ -298,9 +312,9 @@ def vocabulary_specialisation(report: CorpusReport) -> View:
             x=layers,
             y=base,
             mode="markers",
-            name="if the token did not matter",
+            name="a token-blind router (same counts)",
             marker={"symbol": "line-ew-open", "size": 34, "color": "#000", "line": {"width": 3}},
-            hovertemplate="layer %{x}: busiest expert's share of first choices %{y:.1%}<extra></extra>",
+            hovertemplate="layer %{x}: a token-blind router would show %{y:.1%}<extra></extra>",
         )
     )
     fig.update_layout(
@@ -322,7 +336,8 @@ def vocabulary_specialisation(report: CorpusReport) -> View:
         "one (OLMoE's vocabulary specialisation, top-1), averaged over ids; by input token, by the true next "
         f"token and by the predicted next token. Input tokens are most specialised in layer {v.layers[li]}: "
         f"{ci_text(*v.mean.at(li), pct)} over {int(v.tokens_counted[li])} ids, against "
-        f"{pct(float(v.baseline[li]))} if the router ignored which token it saw (the busiest expert's share). "
+        f"{pct(float(v.baseline[li]))} for a router that ignored which token it saw (each occurrence drawn from the "
+        "layer's first-choice shares, at the same counts: small counts alone make a top share look high). "
         "OLMoE's script averages over every id; rare ids inflate that average, hence the minimum count."
     )
     return View(
