@@ -63,33 +63,61 @@ def _ranked(route: LayerRouting) -> torch.Tensor:
     return route.index.gather(1, order)
 
 
-def _first_seen(sets: torch.Tensor, group: torch.Tensor, groups: list[int], G: int) -> np.ndarray:
+def _position_in_group(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(groups present, each row's group among them, each row's position among its group's rows)."""
+    present, which = torch.unique(group, return_inverse=True)  # (n_g,), (N,)
+    onehot = torch.nn.functional.one_hot(which, len(present))  # (N, n_g)
+    position = onehot.cumsum(dim=0).gather(1, which.unsqueeze(1)).squeeze(1) - 1  # (N,)
+    return present, which, position
+
+
+def _first_seen(
+    index: torch.Tensor, where: tuple[torch.Tensor, torch.Tensor, torch.Tensor], G: int, E: int
+) -> np.ndarray:
     """(G, E) tokens of each group in this batch before each expert's first assignment, -1 = never."""
-    E = sets.shape[1]
+    present, which, position = where
+    keys = (which.unsqueeze(1) * E + index).reshape(-1)  # (N*k',)
+    values = position.unsqueeze(1).expand_as(index).reshape(-1)
+    never = torch.iinfo(torch.int64).max
+    first = torch.full((len(present) * E,), never, dtype=torch.int64).scatter_reduce(0, keys, values, "amin")
+    first = torch.where(first == never, torch.full_like(first, -1), first).reshape(len(present), E)
     out = np.full((G, E), -1, dtype=np.int64)
-    for g in groups:
-        rows = (group == g).nonzero().squeeze(1)  # (n_g,) in stream order
-        hit = sets[rows]  # (n_g, E)
-        seen = hit.any(dim=0)
-        first = hit.float().argmax(dim=0)  # first True row (0 when none)
-        out[g] = torch.where(seen, first, torch.full_like(first, -1)).numpy()
+    out[present.numpy()] = first.numpy()
     return out
 
 
-def _vocab(group: torch.Tensor, layer: int, token: np.ndarray, expert: torch.Tensor, keep: np.ndarray) -> pd.DataFrame:
-    """Counts per (vocabulary group, layer, token id, first-choice expert) of the kept rows."""
-    frame = pd.DataFrame(
-        {
-            "group": group.numpy()[keep] % VOCAB_GROUPS,
-            "layer": np.full(int(keep.sum()), layer, dtype=np.int64),
-            "token": token[keep].astype(np.int64),
-            "expert": expert.numpy()[keep].astype(np.int64),
-        }
-    )
-    return (
-        frame.groupby(["group", "layer", "token", "expert"], as_index=False, sort=True)
-        .size()
-        .rename(columns={"size": "count"})
+def _pair_counts(index: torch.Tensor, group: torch.Tensor, G: int, E: int) -> np.ndarray:
+    """(G, E, E) tokens whose set holds a and b (diagonal: tokens routed to a), per group."""
+    k = index.shape[1]
+    if k * k <= 4 * E:  # few experts per token: count the k^2 (a, b) pairs of every row directly
+        a = index.unsqueeze(2).expand(-1, k, k)  # (N, k, k)
+        b = index.unsqueeze(1).expand(-1, k, k)
+        flat = ((group.view(-1, 1, 1) * E + a) * E + b).reshape(-1)
+        return _bincount(flat, G * E * E).reshape(G, E, E)
+    sets = torch.zeros(index.shape[0], E).scatter_(1, index, 1.0)  # (N, E)
+    out = np.zeros((G, E, E), dtype=np.int64)
+    for g in torch.unique(group).tolist():
+        s = sets[group == g]
+        out[g] = (s.t() @ s).round().long().numpy()
+    return out
+
+
+def _vocab_keys(
+    group: torch.Tensor, layer: int, token: np.ndarray, expert: torch.Tensor, keep: np.ndarray, L: int, V: int, E: int
+) -> np.ndarray:
+    """One int64 key per kept row: (vocabulary group, layer, token id, first-choice expert)."""
+    g = group.numpy()[keep] % VOCAB_GROUPS
+    return ((g * L + layer) * V + token[keep].astype(np.int64)) * E + expert.numpy()[keep]
+
+
+def _vocab_frame(keys: np.ndarray, L: int, V: int, E: int) -> pd.DataFrame:
+    """Counts of the keys, decoded into (group, layer, token, expert, count) rows, sorted."""
+    uniq, count = np.unique(keys, return_counts=True)
+    expert, rest = uniq % E, uniq // E
+    token, rest = rest % V, rest // V
+    layer, group = rest % L, rest // L
+    return pd.DataFrame(
+        {"group": group, "layer": layer, "token": token, "expert": expert, "count": count.astype(np.int64)}
     )
 
 
@@ -110,7 +138,6 @@ def reduce_batch(
     domain = torch.from_numpy(doc_domain[rows.doc])  # (N,)
     group = torch.from_numpy(doc_group[rows.doc])  # (N,)
     doc = torch.from_numpy(rows.doc.astype(np.int64))  # (N,)
-    groups_here = sorted(set(doc_group.tolist()))
     has_target = torch.from_numpy(rows.target >= 0)  # (N,)
     # Consecutive pairs: row t and t+1 of the same chunk.
     chunk = torch.from_numpy(rows.chunk.astype(np.int64))
@@ -118,7 +145,9 @@ def reduce_batch(
     n_docs = len(rows.docs)
     bucket = torch.from_numpy(rows.position // meta.position_bucket).long()  # (N,)
     P = agg.positions.shape[1]
-    vocab: dict[str, list[pd.DataFrame]] = {"input": [], "target": [], "predicted": []}
+    vocab: dict[str, list[np.ndarray]] = {"input": [], "target": [], "predicted": []}
+    L, V = len(layers), meta.vocab_size
+    where = _position_in_group(group)
     doc_loads = np.zeros((n_docs, len(layers), E), dtype=np.int64)
     for li, route in enumerate(layers):
         k = route.index.shape[1]
@@ -132,10 +161,7 @@ def reduce_batch(
         doc_loads[:, li] = _bincount((doc.unsqueeze(1) * E + route.index).reshape(-1), n_docs * E).reshape(n_docs, E)
         pos_flat = (bucket.clamp_max(P - 1).unsqueeze(1) * E + route.index).reshape(-1)
         agg.positions[li] = _bincount(pos_flat, P * E).reshape(P, E)
-        s = sets.float()
-        for g in groups_here:
-            in_g = group == g
-            agg.pairs[g, li] = (s[in_g].t() @ s[in_g]).round().long().numpy()  # (E, E)
+        agg.pairs[:, li] = _pair_counts(route.index, group, G, E)
         ranked = _ranked(route)  # (N, k')
         if k > 1:
             a, b = ranked[:, :-1], ranked[:, 1:]  # (N, k'-1) neighbouring ranks
@@ -144,16 +170,17 @@ def reduce_batch(
             agg.adjacent[:, li] = _bincount(both, G * E * E).reshape(G, E, E)
         if len(consecutive):
             t0, t1 = consecutive, consecutive + 1
-            overlap = (sets[t0] & sets[t1]).sum(dim=1)  # (n_pairs,)
+            held = sets.numpy()  # numpy: torch's bool reductions are slow on small CPU tensors
+            overlap = torch.from_numpy((held[t0.numpy()] & held[t1.numpy()]).sum(axis=1))  # (n_pairs,)
             gd = group[t0] * D + domain[t0]  # a pair lies in one chunk, so in one document and domain
             counted = [None, (first[t0] == first[t1]).double(), (overlap > 0).double(), overlap.double()]
             for i, weights in enumerate(counted):
                 agg.reuse[:, li, :, i] = _bincount(gd, G * D, weights).round().astype(np.int64).reshape(G, D)
-        agg.first_seen[:, li] = _first_seen(sets, group, groups_here, G)
+        agg.first_seen[:, li] = _first_seen(route.index, where, G, E)
         everywhere = np.ones(len(rows.token), dtype=bool)
-        vocab["input"].append(_vocab(group, li, rows.token, first, everywhere))
-        vocab["target"].append(_vocab(group, li, rows.target, first, has_target.numpy()))
-        vocab["predicted"].append(_vocab(group, li, rows.predicted, first, everywhere))
+        vocab["input"].append(_vocab_keys(group, li, rows.token, first, everywhere, L, V, E))
+        vocab["target"].append(_vocab_keys(group, li, rows.target, first, has_target.numpy(), L, V, E))
+        vocab["predicted"].append(_vocab_keys(group, li, rows.predicted, first, everywhere, L, V, E))
         if reference is not None:
             own_sets = torch.zeros_like(sets).scatter_(1, route.native_index, True)
             ref_sets = torch.zeros_like(sets).scatter_(1, reference[li].native_index, True)
@@ -168,7 +195,7 @@ def reduce_batch(
     agg.tokens[:] = np.bincount(gd, minlength=G * D).reshape(G, D)
     agg.scored[:] = np.bincount(gd, weights=rows.target >= 0, minlength=G * D).reshape(G, D).round().astype(np.int64)
     agg.nll[:] = np.bincount(gd, weights=rows.nll, minlength=G * D).reshape(G, D)
-    agg.vocab = {kind: pd.concat(frames, ignore_index=True).astype("int64") for kind, frames in vocab.items()}
+    agg.vocab = {kind: _vocab_frame(np.concatenate(keys), L, V, E) for kind, keys in vocab.items()}
     per_doc_tokens = np.bincount(rows.doc, minlength=n_docs)
     docs = rows.docs[["ordinal", "name", "domain"]].reset_index(drop=True).copy()
     docs["group"] = doc_group

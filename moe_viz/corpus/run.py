@@ -173,13 +173,14 @@ def _token_rows(batch: list[Chunk], logits: torch.Tensor, mask: torch.Tensor) ->
         chunk_col.append(np.full(n, b))
         tok_col.append(np.asarray(c.ids))
         tgt_col.append(np.asarray(c.ids[1:] + [-1]))
-    valid = mask.reshape(-1).bool()
-    flat = logits.reshape(-1, logits.shape[-1])[valid.to(logits.device)].float()  # (N, V)
+    rows = mask.reshape(-1).nonzero().squeeze(1).to(logits.device)  # (N,) the real tokens
+    flat = logits.reshape(-1, logits.shape[-1]).index_select(0, rows)  # (N, V) in the model's dtype
     target = np.concatenate(tgt_col)
-    logp = flat.log_softmax(-1)
     has = torch.from_numpy(target >= 0).to(flat.device)
-    picked = logp.gather(1, torch.from_numpy(np.maximum(target, 0)).to(flat.device).unsqueeze(1)).squeeze(1)
-    nll = torch.where(has, -picked, torch.zeros_like(picked)).double().cpu().numpy()
+    picked = flat.gather(1, torch.from_numpy(np.maximum(target, 0)).to(flat.device).unsqueeze(1)).squeeze(1)
+    # -log p(target) = logsumexp(logits) - logit(target), in float32: no (N, V) log-softmax is written.
+    nll_all = flat.float().logsumexp(-1) - picked.float()  # (N,)
+    nll = torch.where(has, nll_all, torch.zeros_like(nll_all)).double().cpu().numpy()
     frame = pd.DataFrame(
         {"ordinal": [d.ordinal for d in docs], "name": [d.name for d in docs], "domain": [d.domain for d in docs]}
     )
