@@ -201,13 +201,25 @@ def _merge_first_seen(a: CorpusAggregates, b: CorpusAggregates) -> np.ndarray:
 
 
 def merge_vocab(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    """Sum of sparse (group, layer, token, expert) -> count tables."""
+    """Sum of sparse (group, layer, token, expert) -> count tables, sorted by key."""
     frames = [f for f in frames if len(f)]
     if not frames:
         return _empty_vocab()
-    both = pd.concat(frames, ignore_index=True)
-    out = both.groupby(["group", "layer", "token", "expert"], as_index=False, sort=True)["count"].sum()
-    return out.astype("int64")
+    if len(frames) == 1:
+        return frames[0]
+    cols = ["group", "layer", "token", "expert"]
+    parts = [np.stack([f[c].to_numpy(np.int64) for c in cols], axis=1) for f in frames]
+    keys = np.concatenate(parts)  # (n, 4)
+    counts = np.concatenate([f["count"].to_numpy(np.int64) for f in frames])
+    # One int64 key per row (mixed radix over the columns' ranges), then a sort and a segment sum.
+    span = keys.max(axis=0) + 1  # (4,)
+    flat = ((keys[:, 0] * span[1] + keys[:, 1]) * span[2] + keys[:, 2]) * span[3] + keys[:, 3]
+    uniq, inverse = np.unique(flat, return_inverse=True)
+    summed = np.bincount(inverse, weights=counts, minlength=len(uniq)).round().astype(np.int64)
+    expert, rest = uniq % span[3], uniq // span[3]
+    token, rest = rest % span[2], rest // span[2]
+    layer, group = rest % span[1], rest // span[1]
+    return pd.DataFrame({"group": group, "layer": layer, "token": token, "expert": expert, "count": summed})
 
 
 def merge(a: CorpusAggregates, b: CorpusAggregates) -> CorpusAggregates:

@@ -39,6 +39,7 @@ DEFAULT_WINDOW = 512
 DEFAULT_TOKEN_BUDGET = 4096
 MAX_GROUPS = 200
 GROUP_CELLS = 2**24  # cap on G * L * E * E, the per-group co-activation counts
+LOSS_BLOCK_ROWS = 512  # rows of logits turned to float32 at a time for the loss and the prediction
 FOLD_EVERY = 16  # batches folded together before they join the run's total
 
 
@@ -174,13 +175,19 @@ def _token_rows(batch: list[Chunk], logits: torch.Tensor, mask: torch.Tensor) ->
         tok_col.append(np.asarray(c.ids))
         tgt_col.append(np.asarray(c.ids[1:] + [-1]))
     rows = mask.reshape(-1).nonzero().squeeze(1).to(logits.device)  # (N,) the real tokens
-    flat = logits.reshape(-1, logits.shape[-1]).index_select(0, rows)  # (N, V) in the model's dtype
+    flat = logits.reshape(-1, logits.shape[-1])  # (B*T, V) in the model's dtype
     target = np.concatenate(tgt_col)
-    has = torch.from_numpy(target >= 0).to(flat.device)
-    picked = flat.gather(1, torch.from_numpy(np.maximum(target, 0)).to(flat.device).unsqueeze(1)).squeeze(1)
-    # -log p(target) = logsumexp(logits) - logit(target), in float32: no (N, V) log-softmax is written.
-    nll_all = flat.float().logsumexp(-1) - picked.float()  # (N,)
-    nll = torch.where(has, nll_all, torch.zeros_like(nll_all)).double().cpu().numpy()
+    want = torch.from_numpy(np.maximum(target, 0)).to(flat.device).unsqueeze(1)  # (N, 1)
+    nll_all = torch.empty(len(rows), dtype=torch.float32)
+    predicted = torch.empty(len(rows), dtype=torch.long)
+    # In blocks of rows, so the float32 copy stays small and in cache: -log p(target) =
+    # logsumexp(logits) - logit(target), no (N, V) log-softmax written.
+    for start in range(0, len(rows), LOSS_BLOCK_ROWS):
+        block = flat.index_select(0, rows[start : start + LOSS_BLOCK_ROWS]).float()  # (n, V)
+        picked = block.gather(1, want[start : start + LOSS_BLOCK_ROWS]).squeeze(1)
+        nll_all[start : start + LOSS_BLOCK_ROWS] = (block.logsumexp(-1) - picked).cpu()
+        predicted[start : start + LOSS_BLOCK_ROWS] = block.argmax(-1).cpu()
+    nll = np.where(target >= 0, nll_all.double().numpy(), 0.0)
     frame = pd.DataFrame(
         {"ordinal": [d.ordinal for d in docs], "name": [d.name for d in docs], "domain": [d.domain for d in docs]}
     )
@@ -190,7 +197,7 @@ def _token_rows(batch: list[Chunk], logits: torch.Tensor, mask: torch.Tensor) ->
         chunk=np.concatenate(chunk_col),
         token=np.concatenate(tok_col),
         target=target,
-        predicted=flat.argmax(-1).cpu().numpy(),
+        predicted=predicted.numpy(),
         nll=nll,
         docs=frame,
     )
