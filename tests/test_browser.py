@@ -187,15 +187,21 @@ def test_type_a_prompt_switch_each_mode_and_download_a_trace(server, browser):
     context.close()
 
 
-def test_interventions_page_rejects_a_bad_spec_and_runs_the_ablation_grid(server, browser):
+def open_page(server, browser, name: str, timeout_ms: int | None = None):
+    """A fresh browser context on page ``name`` of the app, and the list its JavaScript errors go to."""
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda err: errors.append(str(err)))
     page.goto(server)
     wait_ready(page)
-    page.get_by_test_id("stSidebarNav").get_by_text("Interventions", exact=True).click()
-    wait_ready(page, timeout_ms=180_000)
+    page.get_by_test_id("stSidebarNav").get_by_text(name, exact=True).click()
+    wait_ready(page, **({"timeout_ms": timeout_ms} if timeout_ms else {}))
+    return context, page, errors
+
+
+def test_interventions_page_rejects_a_bad_spec_and_runs_the_ablation_grid(server, browser):
+    context, page, errors = open_page(server, browser, "Interventions", timeout_ms=180_000)
     page.get_by_test_id("stMetric").filter(has_text="Mean KL(base ‖ intervened)").wait_for(timeout=120_000)
     assert not page.locator("[data-testid='stException']").count()
     assert not page.get_by_test_id("stAlertContentError").count()
@@ -239,14 +245,7 @@ CORPUS_ROWS = [
 def test_corpus_page_runs_an_uploaded_corpus_and_paper_mode_shows_the_figures(server, browser, tmp_path):
     corpus = tmp_path / "tiny_corpus.jsonl"
     corpus.write_text("".join(json.dumps(row) + "\n" for row in CORPUS_ROWS))
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda err: errors.append(str(err)))
-    page.goto(server)
-    wait_ready(page)
-    page.get_by_test_id("stSidebarNav").get_by_text("Corpus", exact=True).click()
-    wait_ready(page)
+    context, page, errors = open_page(server, browser, "Corpus")
     page.get_by_role("radiogroup", name="Corpus", exact=True).get_by_text("Upload a file", exact=True).click()
     wait_ready(page)
     page.locator("[data-testid='stFileUploader'] input[type='file']").set_input_files(str(corpus))

@@ -159,7 +159,7 @@ def domain_shares(report: CorpusReport, layer: int) -> View:
         d.share,
         li,
         d.domains,
-        (d.fair_share, f"fair share 1/{E} = {pct(d.fair_share)}"),
+        (d.fair_share, f"balanced 1/{E} = {pct(d.fair_share)}"),
         f"Share of each domain's assignments per expert, layer {layer}",
         "share of the domain's assignments",
         "of its assignments",
