@@ -130,7 +130,7 @@ else:
 
 if result is None:
     if not submitted:
-        st.info("Choose a corpus and press **Run the corpus**. The demo corpus takes about 20 s on a laptop CPU.")
+        st.info("Choose a corpus and press **Run the corpus**. The demo corpus takes about 20 s on two CPU cores.")
     st.stop()
 
 agg, report = result.aggregates, result.report
