@@ -45,12 +45,14 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true", help=REMOTE_CODE_HELP)
 
 
-def _load(args: argparse.Namespace) -> object:
-    """The command's model: ``default`` is the shipped model (or $MOE_VIZ_DEFAULT_MODEL)."""
+def _load(args: argparse.Namespace, name: str | None = None) -> object:
+    """The command's model (or the model ``name``, e.g. a reference checkpoint), with the command's
+    device and remote-code setting: ``default`` is the shipped model (or $MOE_VIZ_DEFAULT_MODEL)."""
     from .models import DEFAULT_MODEL, load_model
 
+    name = args.model if name is None else name
     return load_model(
-        DEFAULT_MODEL if args.model == "default" else args.model,
+        DEFAULT_MODEL if name == "default" else name,
         device=args.device,
         trust_remote_code=args.trust_remote_code,
     )
@@ -290,13 +292,7 @@ def _sweep_command(args: argparse.Namespace) -> int:
 
 
 def _corpus_command(args: argparse.Namespace) -> int:
-    from .models import DEFAULT_MODEL, load_model
-
-    def load(name: str) -> object:
-        source = DEFAULT_MODEL if name == "default" else name
-        return load_model(source, device=args.device, trust_remote_code=args.trust_remote_code)
-
-    return corpus_cli.command(args, load)
+    return corpus_cli.command(args, lambda name: _load(args, name))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -285,18 +285,17 @@ def equal(a: CorpusAggregates, b: CorpusAggregates) -> bool:
 
 
 # ---------------------------------------------------------------------------------- files
-def _long(array: np.ndarray, names: list[str], value: str, keep_zeros: bool = False) -> pd.DataFrame:
-    """A dense array as a long table (index columns + value), zeros left out unless asked."""
-    index = np.nonzero(array) if not keep_zeros else np.indices(array.shape).reshape(array.ndim, -1)
+def _long(array: np.ndarray, names: list[str], value: str) -> pd.DataFrame:
+    """A dense array as a long table (index columns + value), zeros left out."""
+    index = np.nonzero(array)
     data = {n: idx.astype(np.int64) for n, idx in zip(names, index)}
     data[value] = array[tuple(index)]
     return pd.DataFrame(data)
 
 
-def _dense(
-    frame: pd.DataFrame, names: list[str], value: str, shape: tuple[int, ...], fill: Any, dtype: Any
-) -> np.ndarray:
-    out = np.full(shape, fill, dtype=dtype)
+def _dense(frame: pd.DataFrame, names: list[str], value: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """The long table back as a dense array (zeros where it has no row)."""
+    out = np.zeros(shape, dtype=dtype)
     if len(frame):
         out[tuple(frame[n].to_numpy() for n in names)] = frame[value].to_numpy()
     return out
@@ -381,10 +380,10 @@ def load(folder: str | Path) -> CorpusAggregates:
         for stem, (name, cols, value) in TABLES.items():
             current = getattr(agg, name)
             frame = pd.read_parquet(folder / f"{stem}.parquet")
-            setattr(agg, name, _dense(frame, cols, value, current.shape, 0, current.dtype))
+            setattr(agg, name, _dense(frame, cols, value, current.shape, current.dtype))
         seen = pd.read_parquet(folder / "first_seen.parquet")
         agg.first_seen = (
-            _dense(seen, ["group", "layer", "expert"], "offset_plus_one", agg.first_seen.shape, 0, np.int64) - 1
+            _dense(seen, ["group", "layer", "expert"], "offset_plus_one", agg.first_seen.shape, np.int64) - 1
         )
         agg.vocab = {k: pd.read_parquet(folder / f"vocab_{k}.parquet").astype("int64") for k in VOCAB_KINDS}
         agg.docs = pd.read_parquet(folder / "documents.parquet")

@@ -27,7 +27,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .._hooks import active_call
+from .._hooks import Forward, active_call
+from .._runs import _pad_id
 from ..importance import _AblateOnePerRow
 from ..models import MoEModel
 from ..policies import Policy, policy_spec
@@ -124,18 +125,10 @@ def pack_batches(chunks: Iterator[Chunk], token_budget: int, max_chunks: int | N
         yield batch
 
 
-def _pad_id(model: MoEModel) -> int:
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(model.tokenizer, name, None)
-        if isinstance(value, int):
-            return value
-    return 0
-
-
 def _padded(model: MoEModel, batch: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) right-padded ids and (B, T) mask of real tokens."""
     T = max(len(c.ids) for c in batch)
-    ids = torch.full((len(batch), T), _pad_id(model), dtype=torch.long)
+    ids = torch.full((len(batch), T), _pad_id(model.tokenizer), dtype=torch.long)
     mask = torch.zeros(len(batch), T, dtype=torch.long)
     for b, c in enumerate(batch):
         ids[b, : len(c.ids)] = torch.tensor(c.ids)
@@ -154,6 +147,12 @@ def _layer_routing(call, valid: torch.Tensor, top_k: int) -> LayerRouting:  # no
     else:
         index, dropped = native, torch.zeros_like(native, dtype=torch.bool)
     return LayerRouting(index=index, dropped=dropped, logits=logits, native_index=native)
+
+
+def _routings(model: MoEModel, forward: Forward, valid: torch.Tensor) -> list[LayerRouting]:
+    """Each MoE layer's routing of the forward's real tokens, in the model's site order."""
+    by_layer = {c.layer: c for c in forward.layers}
+    return [_layer_routing(by_layer[site.layer], valid, site.spec.top_k) for site in model.sites]
 
 
 def _forward(model: MoEModel, ids: torch.Tensor, mask: torch.Tensor, policy: Policy | None):  # noqa: ANN202
@@ -398,18 +397,10 @@ def run_corpus(
             total = empty(_meta(model, settings, source, forward, layer_ids))
         rows = _token_rows(batch, logits, mask)
         del logits
-        by_layer = {c.layer: c for c in forward.layers}
-        routing = [
-            _layer_routing(by_layer[layer], valid, site.spec.top_k) for layer, site in zip(layer_ids, model.sites)
-        ]
+        routing = _routings(model, forward, valid)
         ref = None
         if reference is not None:
-            _, ref_forward = _forward(reference, ids, mask, None)
-            ref_by_layer = {c.layer: c for c in ref_forward.layers}
-            ref = [
-                _layer_routing(ref_by_layer[layer], valid, site.spec.top_k)
-                for layer, site in zip(layer_ids, reference.sites)
-            ]
+            ref = _routings(reference, _forward(reference, ids, mask, None)[1], valid)
         part = reduce_batch(total.meta, rows, routing, ref)
         part.chunks_done = len(batch)
         part.documents_done = batch[-1].doc.ordinal + 1
