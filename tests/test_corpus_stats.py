@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moe_viz.corpus import aggregates, stats
+from moe_viz.corpus import aggregates, report, stats
 from moe_viz.corpus.aggregates import CorpusAggregates, CorpusMeta, empty
 from moe_viz.corpus.report import corpus_report, write_report
 from moe_viz.metrics import reuse_baselines
@@ -664,3 +664,16 @@ def test_token_blind_baseline_is_the_expected_top_share_at_small_counts_not_the_
     assert stats.token_blind_spec(np.full(50, 10), uniform, seed=0) == pytest.approx(0.30, abs=0.02)
     assert stats.token_blind_spec(np.full(5, 5000), uniform, seed=0) == pytest.approx(0.125, abs=0.01)
     assert math.isnan(stats.token_blind_spec(np.array([]), uniform, seed=0))
+
+
+@pytest.mark.parametrize(("experts", "kind"), [(8, "bar"), (64, "heatmap")])
+def test_domain_chart_is_grouped_bars_for_few_experts_and_a_heatmap_for_many(experts, kind):
+    from moe_viz.views.corpus import domain_shares
+
+    rng = np.random.default_rng(0)
+    agg = empty(make_meta(num_experts=experts, top_k=(2,), groups=6), ["a", "b"])
+    agg.assigned[:, 0] = rng.integers(1, 20, agg.assigned[:, 0].shape)
+    agg.tokens[:] = agg.assigned[:, 0].sum(axis=2) // 2
+    view = domain_shares(report.corpus_report(agg, replicates=20), 0)
+    assert view.figure.data[0].type == kind
+    assert "balanced 1/" in (view.figure.layout.title.text + "".join(str(t.name) for t in view.figure.data))

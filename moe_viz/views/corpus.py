@@ -115,12 +115,48 @@ def intervals_note(report: CorpusReport) -> str:
 
 
 # ------------------------------------------------------------------ domains
+GROUPED_BARS_MAX = 16  # experts up to which a domain x expert chart is grouped bars
+
+
+def _domain_expert_heatmap(
+    est: Estimate, li: int, domains: list[str], reference: tuple[float, str], title: str, hover: str
+) -> FigureBuilder:
+    z = est.value[li] * 100  # (D, E) percent
+    top = float(np.nanmax(z)) if np.isfinite(z).any() else 1.0
+    custom = np.dstack([est.low[li] * 100, est.high[li] * 100])  # (D, E, 2)
+    fig = FigureBuilder(
+        plotly_trace(
+            go.Heatmap,
+            z=z,
+            x=list(range(z.shape[1])),
+            y=domains,
+            customdata=custom,
+            colorscale=around(reference[0] * 100, top),
+            zmin=0,
+            zmax=top,
+            colorbar={"title": {"text": "%"}},
+            hovertemplate=f"%{{y}}, expert %{{x}}: %{{z:.1f}}% {hover} "
+            "(CI %{customdata[0]:.1f}–%{customdata[1]:.1f})<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title={"text": f"{title} (neutral colour: {reference[1]})"},
+        yaxis={"type": "category", "autorange": "reversed"},
+        plot_bgcolor="#FFFFFF",
+    )
+    expert_axis(fig, z.shape[1], "x")
+    return fig
+
+
 def domain_expert_bars(
     est: Estimate, li: int, domains: list[str], reference: tuple[float, str], title: str, y_title: str, hover: str
 ) -> FigureBuilder:
     """Grouped bars: per expert, one bar per domain of ``est[li, domain, expert]`` with its interval,
-    a named reference line, the legend under the plot."""
+    a named reference line, the legend under the plot. Above GROUPED_BARS_MAX experts the bars would
+    be slivers: a domain x expert heatmap instead, coloured around the reference, intervals on hover."""
     E = est.value.shape[-1]
+    if E > GROUPED_BARS_MAX:
+        return _domain_expert_heatmap(est, li, domains, reference, title, hover)
     colors = domain_colors(len(domains))
     fig = FigureBuilder()
     for j, name in enumerate(domains):
