@@ -676,4 +676,5 @@ def test_domain_chart_is_grouped_bars_for_few_experts_and_a_heatmap_for_many(exp
     agg.tokens[:] = agg.assigned[:, 0].sum(axis=2) // 2
     view = domain_shares(report.corpus_report(agg, replicates=20), 0)
     assert view.figure.data[0].type == kind
+    assert view.explanation.startswith("Each cell" if kind == "heatmap" else "Each bar")
     assert "balanced 1/" in (view.figure.layout.title.text + "".join(str(t.name) for t in view.figure.data))

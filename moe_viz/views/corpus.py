@@ -205,10 +205,13 @@ def domain_shares(report: CorpusReport, layer: int) -> View:
         return View("corpus_domain_shares", f"Expert share per domain (layer {layer})", NO_DATA, figure=finish(fig))
     j, e = top
     mi = d.mi_bits.at(li)
+    heatmap = E > GROUPED_BARS_MAX  # the same choice domain_expert_bars makes
+    mark, marks = ("cell", "row") if heatmap else ("bar", "bars")
+    balanced = "the neutral colour," if heatmap else "the dashed line"
     text = (
-        f"Each bar is the share of a domain's expert assignments in layer {layer} that went to that expert "
-        f"(c_de / Σ_e c_de). A balanced layer puts every expert on the dashed line 1/{E} = {pct(1 / E)}; routing "
-        "that ignored the domain would give every domain the same bars (each expert's share over all domains). "
+        f"Each {mark} is the share of a domain's expert assignments in layer {layer} that went to that expert "
+        f"(c_de / Σ_e c_de). A balanced layer puts every expert at {balanced} 1/{E} = {pct(1 / E)}; routing "
+        f"that ignored the domain would give every domain the same {marks} (each expert's share over all domains). "
         f"The domain that most over-uses an expert is **{d.domains[j]} → expert {e}**: "
         f"{ci_text(*d.share.at(li, j, e), pct)} of that domain's assignments, "
         f"{times(float(d.lift.value[li, j, e]))} the expert's share over all domains "
