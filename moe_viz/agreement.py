@@ -46,8 +46,9 @@ class Agreement:
         )
 
 
-def agreement(a: Trace, b: Trace) -> Agreement:
-    """How far two routings of the same tokens agree, layer by layer.
+def agreement(a: Trace, b: Trace, a_name: str | None = None, b_name: str | None = None) -> Agreement:
+    """How far two routings of the same tokens agree, layer by layer. ``a_name`` / ``b_name`` name
+    the two in the views (default: the policies of one model, else the two model ids).
 
     ValueError unless both are traces of the same token ids with the same MoE layers and experts."""
     for name, tr in (("a", a), ("b", b)):
@@ -82,8 +83,8 @@ def agreement(a: Trace, b: Trace) -> Agreement:
             }
         )
     return Agreement(
-        a_name=a.policy if a.model_id == b.model_id else a.model_id,
-        b_name=b.policy if a.model_id == b.model_id else b.model_id,
+        a_name=a_name or (a.policy if a.model_id == b.model_id else a.model_id),
+        b_name=b_name or (b.policy if a.model_id == b.model_id else b.model_id),
         layers=a.layer_ids,
         per_layer=pd.DataFrame(rows, columns=["layer", "topk_overlap", "top1_match", "k"]),
         overlap=torch.stack(overlaps),

@@ -40,6 +40,8 @@ def margin_reason(lt: LayerTrace) -> str | None:
     """Why this layer has no meaningful top-k margin (None when it has one)."""
     if lt.every_expert_runs:
         return f"every expert runs for every token in layer {lt.layer}, so no choice can flip"
+    if not lt.scores_recorded:
+        return f"layer {lt.layer} was imported with expert ids only, without the router's scores"
     if not lt.scores_decide:
         why = "adds a selection bias to its scores" if lt.selection_bias else "limits choices to expert groups"
         if lt.capture_only:

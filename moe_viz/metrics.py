@@ -112,6 +112,14 @@ def _check_trace(trace: object, name: str = "trace") -> Trace:
     return trace
 
 
+def check_scores(layer: LayerTrace, what: str) -> None:
+    """ValueError when ``what`` needs the router's scores and ``layer`` was imported without them."""
+    if not layer.scores_recorded:
+        raise ValueError(
+            f"{what} needs the router's scores, and layer {layer.layer} holds expert ids only (an engine import)"
+        )
+
+
 def _check_kind(which: str) -> None:
     if which not in SET_KINDS:
         raise ValueError(f"which must be one of {SET_KINDS}; got {which!r}")
@@ -137,8 +145,17 @@ def membership(layer: LayerTrace, which: SetKind = "routed") -> torch.Tensor:
 
 
 def first_choice(layer: LayerTrace, which: SetKind = "routed") -> torch.Tensor:
-    """(T,) each token's first-choice expert: the highest router score among the experts in its set."""
+    """(T,) each token's first-choice expert: the highest router score among the experts in its set.
+
+    Without recorded scores (an engine import) it is the first slot of the set: engines write each
+    token's experts in descending score order. A token with an empty set gets expert 0 (as argmax
+    of an all-masked row does)."""
     sets = membership(layer, which)  # (T, E)
+    if not layer.scores_recorded:
+        index = layer.native_index if which == "native" else layer.index  # (T, k)
+        keep = torch.ones_like(index, dtype=torch.bool) if which != "kept" else ~layer.dropped  # (T, k)
+        first_slot = keep.int().argmax(dim=-1, keepdim=True)  # (T, 1): first kept slot (0 if none)
+        return index.gather(1, first_slot).squeeze(1).masked_fill(~keep.any(dim=-1), 0)
     return layer.router_probs.float().masked_fill(~sets, -1.0).argmax(dim=-1)
 
 
@@ -267,7 +284,8 @@ def balance(layer: LayerTrace) -> Balance:
     h = float(entropy(load_shares(kept))) if processed else 0.0
     per_token_dropped = layer.dropped.sum(dim=1)  # (T,)
     dropped = int(per_token_dropped.sum())
-    aux = aux_loss_hf(layer.router_logits, layer.top_k) if T else float("nan")
+    # The HF auxiliary loss and the z-loss need the router's logits: NaN for an import of ids only.
+    aux = aux_loss_hf(layer.router_logits, layer.top_k) if T and layer.scores_recorded else float("nan")
     return Balance(
         layer=layer.layer,
         num_experts=E,
@@ -289,7 +307,7 @@ def balance(layer: LayerTrace) -> Balance:
         busiest_expert=int(kept.argmax()),
         aux_loss_hf=aux,
         aux_loss_norm=aux / layer.top_k,
-        z_loss=z_loss(layer.router_logits),
+        z_loss=z_loss(layer.router_logits) if layer.scores_recorded else float("nan"),
         dropped=dropped,
         drop_rate=dropped / assignments if assignments else 0.0,
         fully_dropped_tokens=int((per_token_dropped == kk).sum()) if kk else 0,
@@ -442,6 +460,7 @@ def router_entropy(layer: LayerTrace, normalised: bool = True) -> torch.Tensor:
 
     Sigmoid scores are renormalised to sum to one first."""
     _check_layer(layer)
+    check_scores(layer, "router entropy")
     p = layer.router_probs.double()  # (T, E)
     p = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-300)
     h = entropy(p)  # (T,)
@@ -454,6 +473,7 @@ def topk_margin(layer: LayerTrace, k: int | None = None) -> torch.Tensor:
     """(T,) p_(k) - p_(k+1): the last chosen minus the first rejected router probability (native
     k by default). With k = E nothing is rejected and the margin is p_(E)."""
     _check_layer(layer)
+    check_scores(layer, "the top-k margin")
     E = layer.num_experts
     k = layer.top_k if k is None else k
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= E:

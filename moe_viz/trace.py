@@ -8,6 +8,11 @@ Per layer: ``router_probs`` are the router's per-expert scores (softmax for soft
 sigmoid for sigmoid routers); ``weights`` are the weights the experts' outputs were multiplied by
 (0 where dropped). ``vocab_logprobs`` (the full next-token log-distribution) is kept in memory
 when small enough.
+
+A trace imported from a serving engine (``moe_viz.engines``) holds expert ids only: its layers have
+``scores_recorded=False`` (router scores and gate weights are NaN, and slot 0 is each token's
+first choice, in the engine's descending-score order), its ``source`` names the engine and file,
+and it has no next-token predictions (``has_predictions`` is False) unless it was recomputed.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class LayerTrace:
     group_limited: bool = False  # experts are chosen only inside each token's best groups
     shared_expert: bool = False  # a shared expert runs for every token beside the routed ones
     held_native: bool = False  # the run's policy could not run on this router, so it kept its native routing
+    scores_recorded: bool = True  # False: imported expert ids only; router_logits/probs and weights are NaN
 
     @property
     def score_name(self) -> str:
@@ -49,8 +55,8 @@ class LayerTrace:
     @property
     def scores_decide(self) -> bool:
         """True when the k highest ``router_probs`` are exactly the experts the router picks at its
-        own k (no selection bias, no group limit, not capture-only)."""
-        return not (self.selection_bias or self.group_limited or self.capture_only)
+        own k (no selection bias, no group limit, not capture-only, scores recorded)."""
+        return self.scores_recorded and not (self.selection_bias or self.group_limited or self.capture_only)
 
     @property
     def applied_k(self) -> int:
@@ -104,6 +110,7 @@ class Trace:
     output: OutputTrace
     generated_text: str | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    source: str = ""  # where the routing came from when it was imported ("" = computed by moe-viz)
 
     @property
     def num_tokens(self) -> int:
@@ -112,6 +119,16 @@ class Trace:
     @property
     def prompt_length(self) -> int:
         return sum(1 for s in self.step if s == 0)
+
+    @property
+    def has_predictions(self) -> bool:
+        """False for an imported trace: engines record routing, not the next-token distribution."""
+        return int(self.output.top_ids.shape[1]) > 0
+
+    @property
+    def scores_recorded(self) -> bool:
+        """True when every layer holds the router's scores (False for engine imports of expert ids)."""
+        return all(layer.scores_recorded for layer in self.layers)
 
     @property
     def layer_ids(self) -> list[int]:
@@ -155,7 +172,11 @@ class Trace:
         return -float(self.output.target_logprob[:-1].mean()) if self.num_tokens > 1 else float("nan")
 
     def predictions(self, position: int = -1, n: int = 10) -> list[tuple[str, float]]:
-        """The ``n`` most likely next tokens after ``position``, as (token text, probability)."""
+        """The ``n`` most likely next tokens after ``position``, as (token text, probability).
+
+        ValueError for an imported trace: the engine recorded no next-token distribution."""
         position = self.check_position(position)
+        if not self.has_predictions:
+            raise ValueError("this trace has no next-token predictions: it was imported from an engine's routing")
         probs = self.output.top_logprobs[position, :n].exp().tolist()
         return list(zip(self.output.top_tokens[position][:n], probs))

@@ -4,17 +4,20 @@ Schema ``moe-viz/trace`` version 1 (JSON; Parquet stores the same content, see `
 
 ```
 {"schema": "moe-viz/trace", "schema_version": 1,
- "meta": {model_id, architecture, policy, device, dtype, prompt, generated_text, timings_ms},
+ "meta": {model_id, architecture, policy, device, dtype, prompt, generated_text, timings_ms, source},
  "tokens": {"ids": [T], "text": [T], "step": [T]},      # step 0 = prompt (prefill), s = decode step s
  "layers": [{"layer", "num_experts", "top_k", "capture_only", "capacity": [steps] | null,
              "router_family", "selection_bias", "group_limited", "shared_expert",  # optional
+             "held_native", "scores_recorded",                                      # optional
              "router_logits": [T][E], "router_probs": [T][E],
              "native_index": [T][k], "native_weights": [T][k],
              "index": [T][k'], "weights": [T][k'], "dropped": [T][k']}],
  "output": {"top_ids": [T][K], "top_logprobs": [T][K], "top_tokens": [T][K],
-            "target_logprob": [T] (null where there is no next token), "entropy": [T],
+            "target_logprob": [T] (null where there is no next token), "entropy": [T] (null: none),
             "vocab_logprobs": [T][V] | null}}
 ```
+An engine import (``scores_recorded`` false) writes ``router_logits``, ``router_probs``,
+``native_weights`` and ``weights`` as null (they read back as NaN), and empty predictions.
 The full next-token distribution (``vocab_logprobs``) is exported only on request
 (``include_vocab=True``). Text and paths have separate functions: ``to_json_text`` /
 ``from_json_text`` and ``save_json`` / ``load_json``; ``save_parquet`` / ``load_parquet``.
@@ -95,6 +98,7 @@ def to_dict(trace: Trace, include_vocab: bool = False) -> dict[str, Any]:
             "prompt": trace.prompt,
             "generated_text": trace.generated_text,
             "timings_ms": trace.timings_ms,
+            "source": trace.source,
         },
         "tokens": {"ids": trace.token_ids, "text": trace.tokens, "step": trace.step},
         "layers": [
@@ -105,7 +109,7 @@ def to_dict(trace: Trace, include_vocab: bool = False) -> dict[str, Any]:
                 "capture_only": lt.capture_only,
                 **{name: getattr(lt, name) for name in _ROUTER_FACTS},
                 "capacity": lt.capacity,
-                **{name: getattr(lt, name).tolist() for name in _LAYER_ARRAYS},
+                **{name: _array_or_null(lt, name) for name in _LAYER_ARRAYS},
             }
             for lt in trace.layers
         ],
@@ -114,7 +118,7 @@ def to_dict(trace: Trace, include_vocab: bool = False) -> dict[str, Any]:
             "top_logprobs": out.top_logprobs.tolist(),
             "top_tokens": out.top_tokens,
             "target_logprob": [None if math.isnan(v) else v for v in out.target_logprob.tolist()],
-            "entropy": out.entropy.tolist(),
+            "entropy": [None if math.isnan(v) else v for v in out.entropy.tolist()],
             "vocab_logprobs": out.vocab_logprobs.tolist() if include_vocab and out.vocab_logprobs is not None else None,
         },
     }
@@ -172,7 +176,7 @@ def _from_dict(data: dict[str, Any]) -> Trace:
             capture_only=item["capture_only"],
             **{name: item.get(name, default) for name, default in _ROUTER_FACTS.items()},
             capacity=item["capacity"],
-            **{name: torch.tensor(item[name], dtype=dtype) for name, dtype in _LAYER_ARRAYS.items()},
+            **{name: _layer_array(item, name, len(data["tokens"]["ids"])) for name in _LAYER_ARRAYS},
         )
         for item in data["layers"]
     ]
@@ -182,7 +186,7 @@ def _from_dict(data: dict[str, Any]) -> Trace:
         top_logprobs=torch.tensor(out["top_logprobs"], dtype=torch.float32),
         top_tokens=out["top_tokens"],
         target_logprob=torch.tensor([math.nan if v is None else v for v in out["target_logprob"]], dtype=torch.float32),
-        entropy=torch.tensor(out["entropy"], dtype=torch.float32),
+        entropy=torch.tensor([math.nan if v is None else v for v in out["entropy"]], dtype=torch.float32),
         vocab_logprobs=None if vocab is None else torch.tensor(vocab, dtype=torch.float32),
     )
     tokens = data["tokens"]
@@ -195,6 +199,7 @@ def _from_dict(data: dict[str, Any]) -> Trace:
         prompt=meta["prompt"],
         generated_text=meta["generated_text"],
         timings_ms=meta["timings_ms"],
+        source=meta.get("source", ""),
         token_ids=tokens["ids"],
         tokens=tokens["text"],
         step=tokens["step"],
@@ -245,7 +250,9 @@ def save_parquet(trace: Trace, path: str | Path, include_vocab: bool = False) ->
     }
     for item in data["layers"]:
         for name in _LAYER_ARRAYS:
-            columns[f"layer{item['layer']}.{name}"] = item.pop(name)
+            values = item.pop(name)
+            if values is not None:  # null score arrays of an engine import are not stored
+                columns[f"layer{item['layer']}.{name}"] = values
     for name in ("top_ids", "top_logprobs", "top_tokens", "target_logprob", "entropy"):
         columns[f"output.{name}"] = data["output"].pop(name)
     if data["output"]["vocab_logprobs"] is not None:
@@ -270,7 +277,7 @@ def load_parquet(path: str | Path) -> Trace:
     data["tokens"] = {"ids": cols["token_id"], "text": cols["token"], "step": cols["step"]}
     for item in data["layers"]:
         for name in _LAYER_ARRAYS:
-            item[name] = cols[f"layer{item['layer']}.{name}"]
+            item[name] = cols.get(f"layer{item['layer']}.{name}")
     for name in ("top_ids", "top_logprobs", "top_tokens", "target_logprob", "entropy"):
         data["output"][name] = cols[f"output.{name}"]
     data["output"]["vocab_logprobs"] = cols.get("output.vocab_logprobs")
@@ -284,6 +291,7 @@ _ROUTER_FACTS: dict[str, object] = {
     "group_limited": False,
     "shared_expert": False,
     "held_native": False,
+    "scores_recorded": True,
 }
 
 _LAYER_ARRAYS: dict[str, torch.dtype] = {
@@ -295,6 +303,26 @@ _LAYER_ARRAYS: dict[str, torch.dtype] = {
     "weights": torch.float32,
     "dropped": torch.bool,
 }
+
+
+# What an engine import does not have: stored as null, read back as NaN.
+_SCORE_ARRAYS = ("router_logits", "router_probs", "native_weights", "weights")
+
+
+def _array_or_null(lt: LayerTrace, name: str) -> list | None:
+    if name in _SCORE_ARRAYS and not lt.scores_recorded:
+        return None
+    return getattr(lt, name).tolist()
+
+
+def _layer_array(item: dict[str, Any], name: str, T: int) -> torch.Tensor:
+    """One per-layer array of a schema-1 dict; a null score array (an engine import) as NaN of its shape."""
+    values = item[name]
+    if values is not None or name not in _SCORE_ARRAYS or item.get("scores_recorded", True):
+        return torch.tensor(values, dtype=_LAYER_ARRAYS[name])
+    if name in ("router_logits", "router_probs"):
+        return torch.full((T, item["num_experts"]), math.nan)
+    return torch.full(tuple(torch.tensor(item["index" if name == "weights" else "native_index"]).shape), math.nan)
 
 
 def _arrow_type(column: str) -> Any:

@@ -32,6 +32,7 @@ from .compare import mode_effect, routing_diff
 from .corpus import corpus_views
 from .fragility import edit_diff, margin_ranking, noise_sensitivity, token_fragility
 from .importance import importance_heatmap, importance_vs_load
+from .imported import count_views, import_views, routed_heatmap, unavailable
 from .paper import paper_views
 from .paths import expert_paths, paths_table
 from .phases import prefill_decode
@@ -61,15 +62,12 @@ def generation_views(trace: Trace, layer: int) -> list[View]:
 
 
 def balance_views(trace: Trace, layer: int) -> list[View]:
-    """The Load balance page, top to bottom (the metric cards are ``metric_cards``)."""
-    return [
-        expert_load(trace, layer),
-        layer_load(trace),
-        balance_table(trace),
-        router_confidence(trace, layer),
-        coactivation(trace, layer),
-        reuse(trace, layer),
-    ]
+    """The Load balance page, top to bottom (the metric cards are ``metric_cards``); router
+    confidence only where the layer holds the router's scores (not in an engine import)."""
+    views = [expert_load(trace, layer), layer_load(trace), balance_table(trace)]
+    if trace.layer(layer).scores_recorded:
+        views.append(router_confidence(trace, layer))
+    return [*views, coactivation(trace, layer), reuse(trace, layer)]
 
 
 def compare_views(reference: Trace, other: Trace, layer: int) -> list[View]:
@@ -87,10 +85,10 @@ def run_summary(trace: Trace) -> str:
     The load test reads it back from the page to check that every session got its own result.
     """
     dropped = ", ".join(str(lt.dropped_count) for lt in trace.layers)
-    top_id = int(trace.output.top_ids[-1, 0])
+    top = f"top next token id {int(trace.output.top_ids[-1, 0])}" if trace.has_predictions else "no predictions"
     return (
         f"Run summary: `{trace.policy}` · {trace.num_tokens} tokens · dropped per layer {dropped} · "
-        f"top next token id {top_id} · routing fingerprint `{trace.fingerprint()}`"
+        f"{top} · routing fingerprint `{trace.fingerprint()}`"
     )
 
 
@@ -106,6 +104,7 @@ __all__ = [
     "code_token",
     "coloured_text",
     "corpus_views",
+    "count_views",
     "compare_views",
     "display_token",
     "edit_diff",
@@ -114,6 +113,7 @@ __all__ = [
     "expert_paths",
     "explore_views",
     "generation_views",
+    "import_views",
     "importance_heatmap",
     "importance_vs_load",
     "k_sweep",
@@ -131,9 +131,11 @@ __all__ = [
     "router_confidence",
     "router_distribution",
     "routing_diff",
+    "routed_heatmap",
     "routing_heatmap",
     "run_summary",
     "token_bins",
     "token_fragility",
     "token_views",
+    "unavailable",
 ]

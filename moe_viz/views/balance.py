@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+import torch
 
 from .. import metrics
 from ..trace import Trace
@@ -200,6 +201,15 @@ def layer_load(trace: Trace, which: metrics.SetKind = "kept") -> View:
     """Layer x expert load relative to the fair share (1 = fair, 0 = unused); hover gives counts.
     The explanation names the hottest cell of the same map and what capacity does over all layers."""
     loads = metrics.layer_loads(trace, which)  # (L, E)
+    label = {"routed": "routed (kept + dropped)", "kept": "processed (kept)", "native": "native top-k"}[which]
+    fig, explanation = load_map(loads, trace.layer_ids, label, trace.policy)
+    explanation += " " + _capacity_summary(trace)
+    return View("layer_load", "Layer × expert load", explanation, figure=finish(fig))
+
+
+def load_map(loads: torch.Tensor, layer_ids: list[int], label: str, policy: str) -> tuple[FigureBuilder, str]:
+    """The layer x expert map of ``loads`` (L, E) relative to each layer's fair share, and the
+    sentence naming its hottest cell (a trace's loads, or a count import's)."""
     L, E = loads.shape
     fair = loads.double().sum(dim=1, keepdim=True) / max(E, 1)  # (L, 1)
     rel = loads.double() / fair.clamp_min(1e-12)  # (L, E)
@@ -209,7 +219,7 @@ def layer_load(trace: Trace, which: metrics.SetKind = "kept") -> View:
             go.Heatmap,
             z=f32(rel),
             x=np.arange(E),
-            y=[str(i) for i in trace.layer_ids],
+            y=[str(i) for i in layer_ids],
             colorscale=SEQUENTIAL,
             zmin=0.0,
             customdata=loads.numpy(),
@@ -219,14 +229,13 @@ def layer_load(trace: Trace, which: metrics.SetKind = "kept") -> View:
             hovertemplate="layer %{y}, expert %{x}<br>%{customdata} assignments<br>%{z:.2f}× fair share<extra></extra>",
         )
     )
-    label = {"routed": "routed (kept + dropped)", "kept": "processed (kept)", "native": "native top-k"}[which]
-    fig.update_layout(title={"text": f"Load per layer and expert, {label}, relative to fair share ({trace.policy})"})
+    fig.update_layout(title={"text": f"Load per layer and expert, {label}, relative to fair share ({policy})"})
     fig.update_yaxes(title_text="layer", type="category")
     expert_axis(fig, E, "x")
 
     flat = int(rel.argmax())
     row, e = divmod(flat, E)
-    layer = trace.layer_ids[row]
+    layer = layer_ids[row]
     empty = int((loads == 0).sum())
     explanation = (
         f"Each cell is one expert's {label} load in one layer divided by its fair share (that layer's load / "
@@ -241,8 +250,7 @@ def layer_load(trace: Trace, which: metrics.SetKind = "kept") -> View:
         )
     if empty:
         explanation += f" {empty} of the {L * E} cells are 0: experts that processed no token in that layer."
-    explanation += " " + _capacity_summary(trace)
-    return View("layer_load", "Layer × expert load", explanation, figure=finish(fig))
+    return fig, explanation
 
 
 # ----------------------------------------------------------------------------- the balance table and cards
@@ -269,17 +277,27 @@ def balance_table(trace: Trace) -> View:
             f"(MaxVio {worst['max_vio']:.2f}) and the load is spread like {worst['effective_experts']:.1f} equally "
             f"used experts out of {trace.layer(worst['layer']).num_experts}."
         )
-    text += (
-        f" The load-balancing loss, computed as in training on the router's own top-{k} whatever the mode, is "
-        f"{all_row['aux_loss_hf']:.3f} in the transformers convention ({k} under perfectly even routing; lower values "
-        f"are possible) and {all_row['aux_loss_norm']:.3f} normalised; the mean router z-loss is "
-        f"{all_row['z_loss']:.2f}."
-    )
+    if trace.scores_recorded:
+        text += (
+            f" The load-balancing loss, computed as in training on the router's own top-{k} whatever the mode, is "
+            f"{all_row['aux_loss_hf']:.3f} in the transformers convention ({k} under perfectly even routing; lower "
+            f"values are possible) and {all_row['aux_loss_norm']:.3f} normalised; the mean router z-loss is "
+            f"{all_row['z_loss']:.2f}."
+        )
+    else:  # an engine import: ids only, and both losses need the router's logits
+        shown = shown.drop(columns=list(SCORE_COLUMNS))
+        text += " The aux loss and z-loss need the router's logits, which the engine did not record."
     dropped = int(all_row["dropped"])
     if any(lt.capacity for lt in trace.layers) or dropped:
         text += f" {dropped} of {int(all_row['assignments'])} assignments were dropped ({pct(float(all_row['drop_rate']))})."
     title = f"All layers (imbalance on the load processed under {trace.policy}; aux loss on the native top-{k})"
+    if not trace.scores_recorded:
+        title = f"All layers (imbalance on the load the engine recorded, {trace.policy})"
     return View("balance_table", title, text, table=shown)
+
+
+# Metrics computed from the router's logits: absent from an engine import of expert ids.
+SCORE_COLUMNS = ("aux_loss_hf", "aux_loss_norm", "z_loss")
 
 
 @dataclass(frozen=True)
@@ -313,6 +331,8 @@ def metric_cards(trace: Trace, layer: int) -> list[Card]:
     balanced = {"E": str(E), "k": str(lt.top_k), "1/E": f"{1 / E:.1%}", "log E": f"{math.log(E):.2f}"}
     cards = []
     for name, value in values.items():
+        if name in SCORE_COLUMNS and not lt.scores_recorded:  # an engine import: no logits, no losses
+            continue
         m = metrics.METRIC_BY_NAME[name]
         label = m.label
         ideal = balanced.get(m.balanced, m.balanced)

@@ -75,6 +75,10 @@ def routing_heatmap(trace: Trace, layer: int) -> View:
     ones with vermillion crosses. Long prompts show the mean probability per token bin and one
     cross per (bin, expert) with dropped assignments (hover: how many)."""
     lt = trace.layer(layer)
+    if not lt.scores_recorded:  # an engine import: which experts, not how strongly
+        from .imported import routed_heatmap
+
+        return routed_heatmap(trace, layer)
     T, E = lt.num_tokens, lt.num_experts
     k_applied = _applied_k(trace, layer)
     size = token_bins(T)
@@ -212,18 +216,23 @@ def coloured_text(trace: Trace, layer: int) -> View:
     colors = expert_colors(E)
     first = metrics.first_choice(lt)  # (T,)
     top1 = first.tolist()
+    scores = lt.scores_recorded
     probs = lt.router_probs.float()
     order = probs.argsort(dim=-1, descending=True)[:, :TITLE_EXPERTS].tolist()
     probs_l = probs.tolist()
+    slots = lt.index.tolist()
     n_dropped = lt.dropped.sum(dim=1).tolist()
     kk = lt.index.shape[1]
     spans = []
     for t, tok in enumerate(trace.tokens):
         e = top1[t]
-        shown = ", ".join(f"e{j} {probs_l[t][j]:.2f}" for j in order[t])
-        if E > TITLE_EXPERTS:
-            rest = sum(probs_l[t]) - sum(probs_l[t][j] for j in order[t])
-            shown += f", others {rest:.2f}"
+        if scores:
+            shown = ", ".join(f"e{j} {probs_l[t][j]:.2f}" for j in order[t])
+            if E > TITLE_EXPERTS:
+                rest = sum(probs_l[t]) - sum(probs_l[t][j] for j in order[t])
+                shown += f", others {rest:.2f}"
+        else:  # an engine import: the experts in the engine's order, no scores
+            shown = "experts " + " ".join(f"e{j}" for j in slots[t])
         title = f"#{t} {tok!r} → expert {e}; {shown}"
         if n_dropped[t]:
             title += f"; {n_dropped[t]} of {kk} assignments dropped"
@@ -250,9 +259,13 @@ def coloured_text(trace: Trace, layer: int) -> View:
     counts = first.bincount(minlength=E)
     e = int(counts.argmax())
     r = metrics.reuse(lt)
+    rule = (
+        "the highest-scoring expert it was sent to"
+        if scores
+        else "the first expert the engine listed for it: engines list a token's experts highest score first"
+    )
     explanation = (
-        f"Each token is coloured by its first-choice expert in layer {layer} (the highest-scoring expert it was "
-        f"sent to). Expert {e} is the most common "
+        f"Each token is coloured by its first-choice expert in layer {layer} ({rule}). Expert {e} is the most common "
         f"first choice ({int(counts[e])} of {plural(lt.num_tokens, 'token')})."
     )
     if r.pairs:
@@ -260,7 +273,9 @@ def coloured_text(trace: Trace, layer: int) -> View:
             f" Neighbouring tokens keep the same first choice {pct(r.first_choice_same)} of the time; "
             f"random routing would give {pct(r.first_choice_baseline)}."
         )
-    explanation += " Hover a token to see its full router distribution."
+    explanation += (
+        " Hover a token to see its full router distribution." if scores else " Hover a token to see all its experts."
+    )
     title = f"The text, coloured by each token's first-choice expert (layer {layer})"
     return View("coloured_text", title, explanation, html=body)
 
@@ -270,6 +285,7 @@ def router_distribution(trace: Trace, layer: int, position: int) -> View:
     """One token's router scores over experts (expert colours): the experts this run sent it to
     outlined, dropped ones hatched; the text names exactly the same experts."""
     lt = trace.layer(layer)
+    metrics.check_scores(lt, "a token's router distribution")
     t = trace.check_position(position)
     E = lt.num_experts
     p = lt.router_probs[t].float()  # (E,)

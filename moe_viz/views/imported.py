@@ -1,0 +1,116 @@
+"""Views of routing imported from a serving or training engine (``moe_viz.engines``).
+
+Engines record which experts each token took, not how strongly the router preferred them, and no
+next-token distribution. A per-token import gets every view that expert ids allow (the routed
+heatmap here, coloured text, loads, balance, co-activation, reuse, paths) and ``unavailable``
+names the rest with the reason, for the page to say. A count-only dump gets the corpus views that
+counts allow (``count_views``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+
+from .. import metrics
+from ..corpus.aggregates import CorpusAggregates
+from ..corpus.report import CorpusReport
+from ..trace import Trace
+from ._display import bin_mean, bin_note, plural, token_bins
+from ._plotly import SEQUENTIAL, FigureBuilder, expert_axis, f32, finish, plotly_trace, token_axis
+from ._view import View
+from .balance import balance_table, coactivation, expert_load, layer_load, load_map, reuse
+from .corpus import coverage_curves, domain_shares
+from .paths import expert_paths
+from .routing import coloured_text
+
+
+def routed_heatmap(trace: Trace, layer: int) -> View:
+    """Which experts each token was sent to, as the engine recorded it: 1 where routed (the share
+    of a bin's tokens on long sequences), no scores."""
+    lt = trace.layer(layer)
+    T, E = lt.num_tokens, lt.num_experts
+    size = token_bins(T)
+    routed = bin_mean(metrics.membership(lt, "routed").float(), size)  # (B, E)
+    x = np.arange(routed.shape[0]) * size if size > 1 else np.arange(T)
+    fig = FigureBuilder(
+        plotly_trace(
+            go.Heatmap,
+            z=f32(routed.t()),
+            x=x,
+            y=np.arange(E),
+            colorscale=SEQUENTIAL,
+            zmin=0.0,
+            zmax=1.0,
+            showscale=size > 1,
+            colorbar={"title": {"text": "share of the bin's tokens"}},
+            hovertemplate=(
+                "position %{x}<br>expert %{y}: %{z:.0f} (1 = routed)<extra></extra>"
+                if size == 1
+                else "bin from %{x}<br>expert %{y}: %{z:.0%} of its tokens<extra></extra>"
+            ),
+        )
+    )
+    fig.update_layout(
+        title={"text": f"Experts each token was sent to, layer {layer} (recorded by the engine)" + bin_note(size, T)},
+        plot_bgcolor="#FFFFFF",
+    )
+    token_axis(fig, trace, size)
+    expert_axis(fig, E)
+    load = metrics.expert_load(lt, "routed")  # (E,)
+    busiest = int(load.argmax())
+    unused = int((load == 0).sum())
+    cells = "Each bright cell is an expert a token was sent to" if size == 1 else "Brighter cells hold more tokens"
+    text = (
+        f"{cells}: {plural(T, 'token')} × {lt.applied_k} experts in layer {layer}, as the engine recorded them. "
+        f"The engine kept expert ids, not router scores, so the map shows where tokens went, not how sure the router "
+        f"was. Expert {busiest} takes the most tokens ({int(load[busiest])} of {T}, {load[busiest] / T:.0%})"
+    )
+    text += f"; {plural(unused, 'expert')} of {E} take none." if unused else f"; all {E} experts take some."
+    return View("routing_heatmap", f"Token × expert routing, layer {layer}", text, figure=finish(fig))
+
+
+def import_views(trace: Trace, layer: int) -> list[View]:
+    """The Import page for a per-token import, top to bottom: every view expert ids allow."""
+    return [
+        routed_heatmap(trace, layer),
+        coloured_text(trace, layer),
+        expert_load(trace, layer),
+        layer_load(trace),
+        balance_table(trace),
+        coactivation(trace, layer),
+        reuse(trace, layer),
+        expert_paths(trace),
+    ]
+
+
+def unavailable(trace: Trace) -> list[str]:
+    """The views an import cannot have, each with its reason (empty for a trace moe-viz computed)."""
+    missing = []
+    if not trace.scores_recorded:
+        missing.append(
+            "router distributions, router confidence, top-k margins and the aux / z-losses need the router's "
+            "scores, which the engine did not record"
+        )
+    if not trace.has_predictions:
+        missing.append("next-token predictions need the model's output, which the engine's routing does not hold")
+    if trace.token_ids and trace.token_ids[0] < 0:
+        missing.append("token text needs the token ids: give them with the file (or the request's ids)")
+    return missing
+
+
+def count_load(agg: CorpusAggregates) -> View:
+    """Layer x expert load of a count-only import, relative to each layer's fair share."""
+    loads = torch.from_numpy(agg.assigned.sum(axis=(0, 2)))  # (L, E)
+    fig, text = load_map(loads, list(agg.meta.layers), "recorded", agg.meta.policy)
+    text += (
+        f" Counted over {agg.chunks_done:,} recorded steps ({agg.total_tokens:,} tokens at k = {agg.meta.top_k[0]})."
+    )
+    return View("count_load", "Layer × expert load", text, figure=finish(fig))
+
+
+def count_views(report: CorpusReport, agg: CorpusAggregates, layer: int) -> list[View]:
+    """A count-only import, top to bottom: the load map, one layer's expert shares with their
+    intervals (over resampled steps) and the coverage curves."""
+    return [count_load(agg), domain_shares(report, layer), coverage_curves(report)]
