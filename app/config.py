@@ -24,6 +24,7 @@ request is bounded. Any single setting below can still be overridden by its own 
 | token rows per analysis (ablation grid, sweeps: copies x tokens x forwards) | ``MOE_VIZ_MAX_ANALYSIS_TOKENS`` | unbounded | 16384 |
 | tokens per corpus run (Corpus and Paper pages) | ``MOE_VIZ_MAX_CORPUS_TOKENS`` | unbounded | 60000 |
 | corpus upload size, MiB (hosted: uploads are the only source besides the demo) | ``MOE_VIZ_MAX_CORPUS_UPLOAD_MB`` | 200 | 2 |
+| engine-routing import upload size, MiB (0 = Import off; hosted: uploads only, no paths) | ``MOE_VIZ_MAX_IMPORT_UPLOAD_MB`` | 200 | 2 |
 | torch threads (set once, process-wide) | ``MOE_VIZ_TORCH_THREADS`` | torch's default | cores / slots |
 """
 
@@ -99,6 +100,7 @@ class AppConfig:
     max_analysis_tokens: int | None = None
     max_corpus_tokens: int | None = None
     max_corpus_upload_mb: int = 200
+    max_import_upload_mb: int = 200
 
     @property
     def limits(self) -> Limits:
@@ -165,6 +167,14 @@ class AppConfig:
                 if self.hosted
                 else f"any file or folder here, uploads up to {self.max_corpus_upload_mb} MiB",
             ),
+            (
+                "engine-routing imports",
+                "off"
+                if not self.max_import_upload_mb
+                else f"uploads of at most {self.max_import_upload_mb} MiB"
+                if self.hosted
+                else f"any file or folder here, uploads up to {self.max_import_upload_mb} MiB",
+            ),
         ]
 
 
@@ -202,4 +212,5 @@ def load_config() -> AppConfig:
         max_analysis_tokens=_env_int("MOE_VIZ_MAX_ANALYSIS_TOKENS", 16_384 if hosted else 0, low=0) or None,
         max_corpus_tokens=_env_int("MOE_VIZ_MAX_CORPUS_TOKENS", 60_000 if hosted else 0, low=0) or None,
         max_corpus_upload_mb=_env_int("MOE_VIZ_MAX_CORPUS_UPLOAD_MB", 2 if hosted else 200),
+        max_import_upload_mb=_env_int("MOE_VIZ_MAX_IMPORT_UPLOAD_MB", 2 if hosted else 200, low=0),
     )

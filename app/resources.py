@@ -34,6 +34,7 @@ from moe_viz import (
     policy_spec,
     run_prompt,
 )
+from moe_viz.engines import recompute
 from moe_viz.fragility import NoiseSensitivity, noise_sensitivity
 from moe_viz.importance import Importance, expert_importance
 from moe_viz.sweeps import DEFAULT_FACTORS, capacity_sweep, k_sweep
@@ -341,3 +342,10 @@ def noise_if_measured(model: MoEModel, prompt: str) -> NoiseSensitivity | None:
     if not has_analysis("noise", model, prompt, ()):
         return None
     return get_noise(model, prompt)
+
+
+def get_recomputed(model: MoEModel, trace: Trace) -> Trace:
+    """moe-viz's own native routing of an imported trace's tokens (for the agreement view), inside
+    the compute gate and the server's limits."""
+    cfg = config()
+    return compute(lambda: recompute(trace, model, max_tokens=cfg.max_prompt_tokens, time_budget_s=cfg.time_budget_s))

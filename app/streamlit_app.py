@@ -31,6 +31,7 @@ navigation = st.navigation(
         st.Page(PAGES / "interventions.py", title="Interventions", icon=":material/science:"),
         st.Page(PAGES / "corpus.py", title="Corpus", icon=":material/library_books:"),
         st.Page(PAGES / "paper.py", title="Paper mode", icon=":material/article:"),
+        st.Page(PAGES / "import_routing.py", title="Import", icon=":material/upload_file:"),
         st.Page(PAGES / "learn.py", title="Learn", icon=":material/school:"),
     ]
 )

@@ -4,7 +4,8 @@ already has), or a trace imported from a serving engine against one recomputed h
 
 Per MoE layer: the mean top-k overlap ``|S_a ∩ S_b| / k`` (S = the experts that processed the
 token, k = the larger of the two runs' applied k, so two identical routings score 1) and the
-top-1 match rate (the same first-choice expert). Per token at one layer: both expert sets.
+top-1 match rate (the same first-choice expert; NaN where an import lists experts by id, so
+has no first choice). Per token at one layer: both expert sets.
 """
 
 from __future__ import annotations
@@ -70,15 +71,19 @@ def agreement(a: Trace, b: Trace, a_name: str | None = None, b_name: str | None 
         sa, sb = metrics.membership(la, "kept"), metrics.membership(lb, "kept")  # (T, E)
         k = max(la.applied_k, lb.applied_k)
         overlap = (sa & sb).sum(dim=-1).float() / k  # (T,)
-        same_first = metrics.first_choice(la, "kept") == metrics.first_choice(lb, "kept")  # (T,)
-        top1 = same_first & (sa.any(dim=-1) == sb.any(dim=-1))  # a token with every assignment dropped has none
+        known = la.first_choice_known and lb.first_choice_known  # an import listing ids by id has no first choice
+        if known:
+            same_first = metrics.first_choice(la, "kept") == metrics.first_choice(lb, "kept")  # (T,)
+            top1 = same_first & (sa.any(dim=-1) == sb.any(dim=-1))  # a token with every assignment dropped has none
+        else:
+            top1 = torch.zeros(la.num_tokens, dtype=torch.bool)
         overlaps.append(overlap)
         top1s.append(top1)
         rows.append(
             {
                 "layer": la.layer,
                 "topk_overlap": float(overlap.mean()) if len(overlap) else float("nan"),
-                "top1_match": float(top1.double().mean()) if len(top1) else float("nan"),
+                "top1_match": float(top1.double().mean()) if len(top1) and known else float("nan"),
                 "k": k,
             }
         )

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from .corpus import cli as corpus_cli
+from .engines import cli as import_cli
 from .policies import parse_policy
 
 POLICY_HELP = (
@@ -101,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
         "effects; k: one row per k)",
     )
     corpus_cli.add_parser(sub, MODEL_HELP, POLICY_HELP, DEVICE_HELP)
+    import_cli.add_parser(sub, MODEL_HELP, DEVICE_HELP, REMOTE_CODE_HELP)
     sub.add_parser(
         "train-default",
         help="retrain the default model (the remaining arguments go to moe_viz.training.train_default; see --help)",
@@ -295,6 +297,10 @@ def _corpus_command(args: argparse.Namespace) -> int:
     return corpus_cli.command(args, lambda name: _load(args, name))
 
 
+def _import_command(args: argparse.Namespace) -> int:
+    return import_cli.command(args, lambda name: _load(args, name))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train-default"]:
@@ -313,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         "importance": _importance_command,
         "sweep": _sweep_command,
         "corpus": _corpus_command,
+        "import": _import_command,
     }
     try:
         return commands[args.command](args)

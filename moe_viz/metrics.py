@@ -151,6 +151,10 @@ def first_choice(layer: LayerTrace, which: SetKind = "routed") -> torch.Tensor:
     token's experts in descending score order. A token with an empty set gets expert 0 (as argmax
     of an all-masked row does)."""
     sets = membership(layer, which)  # (T, E)
+    if not layer.first_choice_known:
+        raise ValueError(
+            f"layer {layer.layer} has no first choice: the engine listed each token's experts by id, without scores"
+        )
     if not layer.scores_recorded:
         index = layer.native_index if which == "native" else layer.index  # (T, k)
         keep = torch.ones_like(index, dtype=torch.bool) if which != "kept" else ~layer.dropped  # (T, k)

@@ -46,6 +46,7 @@ class LayerTrace:
     shared_expert: bool = False  # a shared expert runs for every token beside the routed ones
     held_native: bool = False  # the run's policy could not run on this router, so it kept its native routing
     scores_recorded: bool = True  # False: imported expert ids only; router_logits/probs and weights are NaN
+    ranked: bool = True  # slot 0 is the first choice (False: an import listing ids in expert-id order)
 
     @property
     def score_name(self) -> str:
@@ -57,6 +58,11 @@ class LayerTrace:
         """True when the k highest ``router_probs`` are exactly the experts the router picks at its
         own k (no selection bias, no group limit, not capture-only, scores recorded)."""
         return self.scores_recorded and not (self.selection_bias or self.group_limited or self.capture_only)
+
+    @property
+    def first_choice_known(self) -> bool:
+        """True when each token's first choice is known: from the scores, or from ranked slots."""
+        return self.scores_recorded or self.ranked
 
     @property
     def applied_k(self) -> int:

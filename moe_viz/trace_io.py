@@ -8,7 +8,7 @@ Schema ``moe-viz/trace`` version 1 (JSON; Parquet stores the same content, see `
  "tokens": {"ids": [T], "text": [T], "step": [T]},      # step 0 = prompt (prefill), s = decode step s
  "layers": [{"layer", "num_experts", "top_k", "capture_only", "capacity": [steps] | null,
              "router_family", "selection_bias", "group_limited", "shared_expert",  # optional
-             "held_native", "scores_recorded",                                      # optional
+             "held_native", "scores_recorded", "ranked",                            # optional
              "router_logits": [T][E], "router_probs": [T][E],
              "native_index": [T][k], "native_weights": [T][k],
              "index": [T][k'], "weights": [T][k'], "dropped": [T][k']}],
@@ -292,6 +292,7 @@ _ROUTER_FACTS: dict[str, object] = {
     "shared_expert": False,
     "held_native": False,
     "scores_recorded": True,
+    "ranked": True,
 }
 
 _LAYER_ARRAYS: dict[str, torch.dtype] = {

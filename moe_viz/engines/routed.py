@@ -38,6 +38,8 @@ class RoutedExperts:
     token_ids: list[int] | None = None  # (T,) or (T + 1,) when the last token was never routed
     logits: np.ndarray | None = None  # (T, L, E) float32
     notes: tuple[str, ...] = field(default_factory=tuple)
+    ranked: bool = True  # slot 0 is the first choice (False: ids listed in expert-id order)
+    score_function: str = "softmax"  # how the router turns ``logits`` into scores: softmax | sigmoid
 
     def __post_init__(self) -> None:
         ids = self.expert_ids
@@ -148,12 +150,18 @@ def _attach_tokens(routed: RoutedExperts, token_ids: list[int] | None, notes: li
         return None
     ids = [int(i) for i in ids]
     T = routed.expert_ids.shape[0]
-    if len(ids) == T + 1:
-        notes.append("the last token has no routing (the engine never ran it through the model): shown without it")
-        return ids[:T]
-    if len(ids) != T:
-        raise ValueError(f"token ids must number {T} (or {T + 1} with the unrouted last token); got {len(ids)}")
-    return ids
+    if len(ids) == T:
+        return ids
+    if len(ids) < T:
+        raise ValueError(f"token ids must number at least {T} (the routed tokens); got {len(ids)}")
+    skipped = len(ids) - T - 1  # tokens the request asked the engine to skip (a prompt start offset)
+    notes.append("the last token has no routing (the engine never ran it through the model): shown without it")
+    if skipped:
+        notes.append(
+            f"the first {skipped} tokens have no routing (the request skipped them: vLLM's routed_experts_prompt_start, "
+            "SGLang's routed_experts_start_len): shown without them"
+        )
+    return ids[skipped : skipped + T]
 
 
 def to_trace(routed: RoutedExperts, shape: ModelShape | None = None, token_ids: list[int] | None = None) -> Trace:
@@ -179,7 +187,7 @@ def to_trace(routed: RoutedExperts, shape: ModelShape | None = None, token_ids: 
     for i in positions:
         index = torch.from_numpy(slots[routed.layers[i]])  # (T, k)
         logits = routed.logits[:, i, :] if routed.logits is not None else None
-        layers.append(_layer_trace(routed.layers[i], index, E, shape.top_k or int(index.shape[1]), logits))
+        layers.append(_layer_trace(routed, routed.layers[i], index, E, shape.top_k or int(index.shape[1]), logits))
     if tokens is not None and shape.tokenizer is not None:
         texts = token_texts(shape.tokenizer, tokens)
     elif tokens is not None:
@@ -203,11 +211,18 @@ def to_trace(routed: RoutedExperts, shape: ModelShape | None = None, token_ids: 
     )
 
 
-def _layer_trace(layer: int, index: torch.Tensor, E: int, top_k: int, logits: np.ndarray | None) -> LayerTrace:
+def _layer_trace(
+    routed: RoutedExperts, layer: int, index: torch.Tensor, E: int, top_k: int, logits: np.ndarray | None
+) -> LayerTrace:
     T, k = index.shape
-    if logits is not None:  # the engine kept the router's logits: a softmax router's scores follow
+    if logits is not None:  # the engine kept the router's logits: the scores follow from its score function
         router_logits = torch.from_numpy(np.asarray(logits, dtype=np.float32))  # (T, E)
-        router_probs = router_logits.softmax(dim=-1)  # (T, E)
+        if routed.score_function == "sigmoid":
+            router_probs = router_logits.sigmoid()  # (T, E)
+        else:
+            router_probs = router_logits.softmax(dim=-1)  # (T, E)
+        # Slots in descending score order, so slot 0 is the first choice whatever order the file used.
+        index = index.gather(1, router_probs.gather(1, index).argsort(dim=1, descending=True, stable=True))
         weights = router_probs.gather(1, index)  # (T, k) before any renormalisation
     else:
         router_logits = router_probs = torch.full((T, E), math.nan)
@@ -223,7 +238,9 @@ def _layer_trace(layer: int, index: torch.Tensor, E: int, top_k: int, logits: np
         index=index,
         weights=weights,
         dropped=torch.zeros((T, k), dtype=torch.bool),
+        router_family="sigmoid" if logits is not None and routed.score_function == "sigmoid" else "softmax",
         scores_recorded=logits is not None,
+        ranked=routed.ranked or logits is not None,
     )
 
 

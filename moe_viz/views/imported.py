@@ -73,15 +73,15 @@ def routed_heatmap(trace: Trace, layer: int) -> View:
 
 def import_views(trace: Trace, layer: int) -> list[View]:
     """The Import page for a per-token import, top to bottom: every view expert ids allow."""
+    ranked = all(lt.first_choice_known for lt in trace.layers)  # the views below that read first choices
     return [
         routed_heatmap(trace, layer),
-        coloured_text(trace, layer),
+        *([coloured_text(trace, layer)] if ranked else []),
         expert_load(trace, layer),
         layer_load(trace),
         balance_table(trace),
         coactivation(trace, layer),
-        reuse(trace, layer),
-        expert_paths(trace),
+        *([reuse(trace, layer), expert_paths(trace)] if ranked else []),
     ]
 
 
@@ -92,6 +92,11 @@ def unavailable(trace: Trace) -> list[str]:
         missing.append(
             "router distributions, router confidence, top-k margins and the aux / z-losses need the router's "
             "scores, which the engine did not record"
+        )
+    if not all(lt.first_choice_known for lt in trace.layers):
+        missing.append(
+            "the coloured text, consecutive-token reuse and expert paths need each token's first choice, and the "
+            "engine listed experts by id without scores (Megatron: add the logits sidecar)"
         )
     if not trace.has_predictions:
         missing.append("next-token predictions need the model's output, which the engine's routing does not hold")

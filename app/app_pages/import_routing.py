@@ -1,0 +1,170 @@
+"""Import: routing recorded by vLLM, SGLang, Megatron-LM or llama.cpp, shown with every view that
+expert ids allow, and compared with moe-viz's own recomputation on the sidebar's model.
+
+Reading a file, checking it and turning it into traces or counts is ``moe_viz.engines``; this
+page only takes the file and lays the views out.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+import streamlit as st
+
+from app.resources import RequestRefused, config, display_name, get_recomputed
+from app.sidebar import page_context
+from app.ui import downloads, show, start_figures
+from moe_viz import agreement, engines, views
+from moe_viz.corpus.report import corpus_report
+
+IMPORTED = "imported_routing"  # session: (label, engines.Imported)
+UPLOAD_DIR = "import_upload_dir"  # session: where this session's uploads are written
+
+st.title("Import an engine's routing")
+ctx = page_context()
+model = ctx.model
+cfg = config()
+start_figures()
+st.caption(
+    "vLLM, SGLang, Megatron-LM and llama.cpp can record which experts every token took while they serve or train "
+    "a model too big for this page. Import that record to see it here: engines keep expert ids, not router scores "
+    "or predictions, so the views that need those say so. With the token ids and the same model loaded in the "
+    "sidebar, moe-viz recomputes the routing and shows where the engine's kernels and precision disagree."
+)
+if not cfg.max_import_upload_mb:
+    st.info("Importing is off on this server (MOE_VIZ_MAX_IMPORT_UPLOAD_MB=0). Run `moe-viz import` locally instead.")
+    st.stop()
+
+formats = engines.formats()
+name = st.selectbox("Format", list(formats), format_func=lambda n: formats[n].label, key="import_format")
+fmt = formats[name]
+with st.form("import_form"):
+    uploads = st.file_uploader(
+        f"The file ({', '.join(fmt.suffixes)}); several files for per-rank dumps; at most "
+        f"{cfg.max_import_upload_mb} MiB",
+        type=[s.lstrip(".") for s in fmt.suffixes],
+        accept_multiple_files=True,
+        key=f"import_upload_{name}",
+        max_upload_size=cfg.max_import_upload_mb,
+    )
+    path_text = ""
+    if not cfg.hosted:
+        path_text = st.text_input("…or a file or folder on this machine", key="import_path")
+    ids_text = st.text_area(
+        "Token ids the routing belongs to (optional: the request's prompt and output ids, space or comma separated)",
+        key="import_token_ids",
+        height=68,
+    )
+    use_model = st.checkbox(
+        f"Read layers, experts and token text from the sidebar's model ({display_name(model.model_id)})"
+        if model is not None
+        else "No model is loaded in the sidebar: layers and experts are read from the file",
+        value=model is not None,
+        disabled=model is None,
+        key="import_use_model",
+    )
+    submitted = st.form_submit_button("Import", type="primary")
+
+
+def _token_ids(text: str) -> list[int] | None:
+    parts = [p for p in re.split(r"[\s,\[\]]+", text) if p]
+    if not parts:
+        return None
+    if not all(re.fullmatch(r"\d+", p) for p in parts):
+        bad = next(p for p in parts if not re.fullmatch(r"\d+", p))
+        raise ValueError(f"token ids must be non-negative integers; got {bad[:20]!r}")
+    return [int(p) for p in parts]
+
+
+def _saved_uploads() -> Path:
+    """This session's uploads on disk (readers take paths; a folder holds per-rank files)."""
+    folder = Path(st.session_state.setdefault(UPLOAD_DIR, tempfile.mkdtemp(prefix="moe-viz-import-")))
+    target = folder / "current"
+    if target.exists():
+        for old in target.iterdir():
+            old.unlink()
+    target.mkdir(parents=True, exist_ok=True)
+    for upload in uploads:
+        (target / Path(upload.name).name).write_bytes(upload.getvalue())
+    files = sorted(target.iterdir())
+    return files[0] if len(files) == 1 else target
+
+
+if submitted:
+    try:
+        if uploads:
+            path, label = _saved_uploads(), ", ".join(u.name for u in uploads)
+        elif path_text.strip():
+            path, label = Path(path_text.strip()).expanduser(), path_text.strip()
+        else:
+            raise ValueError("choose a file to upload first" + ("" if cfg.hosted else ", or type a path"))
+        shape = engines.ModelShape.of(model) if use_model and model is not None else None
+        with st.spinner("Reading and checking the file …"):
+            imported = engines.import_routing(name, path, shape, _token_ids(ids_text))
+        st.session_state[IMPORTED] = (label, imported)
+    except ValueError as err:
+        st.error(str(err))
+        st.stop()
+
+if IMPORTED not in st.session_state:
+    st.info("Choose the format, add the file and press **Import**.")
+    st.stop()
+
+label, imported = st.session_state[IMPORTED]
+st.success(
+    f"{label}: {len(imported.traces)} sequence(s)"
+    + (f" and expert counts over {imported.counts.chunks_done:,} recorded steps" if imported.counts else "")
+    + f" ({formats[imported.format].label})."
+)
+for note in imported.notes:
+    st.caption(note)
+
+if imported.traces:
+    labels = [lab for lab, _ in imported.traces]
+    index = 0
+    if len(labels) > 1:
+        index = st.selectbox("Sequence", range(len(labels)), format_func=lambda i: labels[i], key="import_sequence")
+    trace = imported.trace(index)
+    layers = trace.layer_ids
+    default = ctx.layer if ctx.layer in layers else layers[0]
+    layer = st.selectbox("MoE layer", layers, index=layers.index(default), key="import_layer")
+    st.caption(f"Source: {trace.source}")
+    st.caption(views.run_summary(trace))
+    for reason in views.unavailable(trace):
+        st.info(f"Not shown: {reason}.")
+    for view in views.import_views(trace, layer):
+        show(view, key=f"import_{view.name}")
+
+    st.subheader("Agreement with moe-viz's own routing")
+    if model is None:
+        st.info("Load the same model in the sidebar to recompute this routing and compare.")
+    else:
+        st.markdown(
+            f"Runs **{display_name(model.model_id)}** natively on the same token ids and compares, layer by layer, "
+            "the experts it picks with the engine's. Identical routing scores 100%; kernels, batching and "
+            "precision make engines drift, most often on tokens whose top-k scores nearly tie."
+        )
+        if st.button("Recompute and compare", key="import_recompute"):
+            try:
+                with st.spinner("Running the model on the imported tokens …"):
+                    mine = get_recomputed(model, trace)
+                    ag = agreement.agreement(trace, mine, a_name=formats[imported.format].engine, b_name="moe-viz")
+            except (ValueError, RequestRefused) as err:
+                st.error(str(err))
+            else:
+                show(views.agreement_by_layer(ag), key="import_agreement_layers")
+                show(views.agreement_tokens(ag, trace, mine, layer), key="import_agreement_tokens")
+    downloads(trace, "import")
+
+if imported.counts is not None:
+    st.subheader("Expert counts")
+    agg = imported.counts
+    report = corpus_report(agg)
+    layers = list(agg.meta.layers)
+    default = ctx.layer if ctx.layer in layers else layers[0]
+    layer = st.selectbox("MoE layer (counts)", layers, index=layers.index(default), key="import_count_layer")
+    st.caption(f"Source: {agg.meta.source}")
+    for view in views.count_views(report, agg, layer):
+        show(view, key=f"import_{view.name}")
