@@ -52,11 +52,16 @@ with st.form("import_form"):
     path_text = ""
     if not cfg.hosted:
         path_text = st.text_input("…or a file or folder on this machine", key="import_path")
-    ids_text = st.text_area(
-        "Token ids the routing belongs to (optional: the request's prompt and output ids, space or comma separated)",
-        key="import_token_ids",
-        height=68,
-    )
+    ids_text = ""
+    if fmt.takes_token_ids:
+        ids_text = st.text_area(
+            "Token ids the routing belongs to (optional: the request's prompt and output ids, space or comma "
+            "separated)",
+            key="import_token_ids",
+            height=68,
+        )
+    else:
+        st.caption("This format carries its own token ids.")
     use_model = st.checkbox(
         f"Read layers, experts and token text from the sidebar's model ({display_name(model.model_id)})"
         if model is not None

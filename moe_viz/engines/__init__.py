@@ -58,7 +58,8 @@ class Imported:
 @dataclass(frozen=True)
 class Format:
     """One importable format: its name, what to call it in a page, the file endings it takes, and
-    its reader ``read(path, shape, token_ids, **options) -> Imported``."""
+    its reader ``read(path, shape, token_ids) -> Imported``; ``takes_token_ids`` is False where the
+    file carries its own tokens."""
 
     name: str
     engine: str  # the engine, as views name it ("vLLM")
@@ -85,7 +86,6 @@ def import_routing(
     path: str | Path,
     shape: ModelShape | None = None,
     token_ids: list[int] | None = None,
-    **options: Any,
 ) -> Imported:
     """Read ``path`` (a file, or a folder of per-rank files) in ``format``. ``shape`` (the model's
     MoE layers, experts, top-k and tokenizer; ``ModelShape.of(model)``) makes the import exact and
@@ -96,7 +96,7 @@ def import_routing(
     path = Path(path)
     if not path.exists():
         raise ValueError(f"path {str(path)!r} does not exist")
-    return known[format].read(path, shape or ModelShape(), token_ids, **options)
+    return known[format].read(path, shape or ModelShape(), token_ids)
 
 
 def recompute(trace: Trace, model: Any, **run_options: Any) -> Trace:

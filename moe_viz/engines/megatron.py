@@ -162,6 +162,7 @@ def read(path: Path, shape: ModelShape, token_ids: list[int] | None = None) -> I
     k = shape.top_k or int(every[0]["topk"])
     E = shape.num_experts or max(int(r["top_indices"].max()) for r in every if r["top_indices"].size) + 1
     width = max(int(r["layer"]) for r in every) + 1
+    all_layers = {int(r["layer"]) for r in every}
     for (rank, step), by_layer in sorted(groups.items()):
         first = next(iter(by_layer.values()))
         count = np.zeros((width, E), np.int64)
@@ -172,7 +173,7 @@ def read(path: Path, shape: ModelShape, token_ids: list[int] | None = None) -> I
                 np.add.at(count[layer], r["top_indices"].reshape(-1), 1)
         steps.append(count)
         micro = {len(rs) for rs in by_layer.values()}
-        if len(micro) != 1:  # Megatron left out some layer records (token dropping): no aligned sequence
+        if len(micro) != 1 or set(by_layer) != all_layers:  # Megatron left out some layer records (token dropping)
             skipped.append(f"{rank}/{step}")
             continue
         score = _score_function(folder, rank)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -124,7 +125,15 @@ def load_dump(path: Path) -> dict[str, Any]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - the unpickler raises many types; all mean "not a safe dump"
-        first = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # torch's message holds terminal colour codes
+        found = re.search(r"unsupported GLOBAL:? (?:GLOBAL )?(\S+)", text, re.IGNORECASE)  # name it, not torch's advice
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        if found:
+            first = f"it holds a pickled Python object ({found.group(1)}), which is never unpickled"
+        elif detail:
+            first = detail.group(1)[:160]
+        else:
+            first = text.splitlines()[0][:160] if text else type(err).__name__
         raise ValueError(
             f"{path.name} is not a recorder dump moe-viz can load safely (weights_only): {first}"
         ) from None

@@ -111,6 +111,8 @@ def _choice_sequences(answer: dict[str, Any]) -> list[tuple[str, np.ndarray, lis
     prompt_ids = answer.get("prompt_token_ids")
     out = []
     for i, choice in enumerate(choices):
+        if isinstance(choice, dict) and choice.get("routed_experts") is None and prompt_part is not None:
+            choice = {**choice, "routed_experts": []}  # vLLM 0.21 sends None for an empty generated part (one token)
         if not isinstance(choice, dict) or choice.get("routed_experts") is None:
             raise ValueError(
                 f"choice {i} has no routed_experts: start the server with --enable-return-routed-experts "
