@@ -273,3 +273,31 @@ def test_corpus_page_runs_an_uploaded_corpus_and_paper_mode_shows_the_figures(se
     shot(page, "8-paper", height=6000)
     assert not errors, errors
     context.close()
+
+
+def test_import_page_shows_an_uploaded_vllm_file_and_its_agreement_with_the_model(server, browser, tmp_path):
+    import numpy as np
+
+    from moe_viz import load_model, run_prompt
+
+    trace = run_prompt(load_model(MODEL), PROMPT)
+    ids = np.stack([lt.native_index.numpy() for lt in trace.layers], axis=1)[:-1].astype(np.uint8)  # vLLM 0.22+
+    upload = tmp_path / "routed_experts.npy"
+    np.save(upload, ids)
+    context, page, errors = open_page(server, browser, "Import")
+    page.locator("[data-testid='stFileUploader'] input[type='file']").set_input_files(str(upload))
+    page.get_by_test_id("stFileChipName").filter(has_text=upload.name).wait_for(timeout=30_000)
+    page.locator("textarea").first.fill(" ".join(map(str, trace.token_ids)))
+    page.get_by_role("button", name="Import", exact=True).click()
+    wait_ready(page, timeout_ms=120_000)
+    page.get_by_role("heading", name="Token × expert routing, layer 0").wait_for(timeout=60_000)
+    assert page.get_by_test_id("stAlertContentSuccess").filter(has_text=upload.name).count()
+    page.get_by_role("button", name="Recompute and compare", exact=True).click()
+    wait_ready(page, timeout_ms=120_000)
+    page.get_by_role("heading", name=re.compile("^Agreement between two routings")).wait_for(timeout=60_000)
+    assert page.get_by_text("go to the same experts in both routings").count()
+    assert not page.get_by_test_id("stAlertContentError").count()
+    assert not page.locator("[data-testid='stException']").count()
+    shot(page, "9-import", height=6000)
+    assert not errors, errors
+    context.close()
