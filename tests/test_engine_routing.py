@@ -145,7 +145,9 @@ def test_recomputing_an_untouched_import_agrees_everywhere_and_finds_every_alter
     changed = [1, 4, 7]
     for t in changed:  # swap the second choice for an expert the token did not take
         altered[t, 1, 1] = next(e for e in range(8) if e not in altered[t, 1])
-    drifted = to_trace(RoutedExperts("vLLM test", altered, routed.layers, token_ids=routed.token_ids), ModelShape.of(mixtral))
+    drifted = to_trace(
+        RoutedExperts("vLLM test", altered, routed.layers, token_ids=routed.token_ids), ModelShape.of(mixtral)
+    )
     ag = agreement(drifted, recompute(drifted, mixtral))
     layer = drifted.layer_ids[1]
     rows = ag.tokens(drifted, mine, layer)

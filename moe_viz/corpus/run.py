@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -93,11 +94,18 @@ def default_groups(num_layers: int, num_experts: int) -> int:
 def chunk_documents(
     model: MoEModel, documents: Iterator[Document], window: int, max_documents: int | None = None
 ) -> Iterator[Chunk]:
-    """Each document tokenized and cut into chunks of at most ``window`` tokens."""
+    """Each document tokenized with the model's tokenizer and cut into chunks of at most ``window`` tokens."""
+    return chunk_with_tokenizer(model.tokenizer, documents, window, max_documents)
+
+
+def chunk_with_tokenizer(
+    tokenizer: Any, documents: Iterator[Document], window: int, max_documents: int | None = None
+) -> Iterator[Chunk]:
+    """``chunk_documents`` with a bare tokenizer: a driver that plans a run without loading the model."""
     for doc in documents:
         if max_documents is not None and doc.ordinal >= max_documents:
             return
-        ids = model.tokenizer(doc.text)["input_ids"]
+        ids = tokenizer(doc.text)["input_ids"]
         if hasattr(ids, "tolist"):  # a tensor, (1, T) or (T,)
             ids = ids.tolist()
         if ids and isinstance(ids[0], list):
@@ -229,13 +237,19 @@ def _importance(model: MoEModel, chunk: Chunk, agg: CorpusAggregates) -> None:
     agg.importance_scored[g] += ids.shape[1] - 1
 
 
-def _check_settings(folder: Path, settings: RunSettings, source: CorpusSource, model: MoEModel) -> None:
-    wanted = {
+def run_record(settings: RunSettings, source: CorpusSource, model_id: str) -> dict:
+    """What ``out/run.json`` holds for a run: its settings, source, the source's fingerprint, model."""
+    return {
         "settings": asdict(settings),
         "source": source.describe(),
         "source_fingerprint": source_fingerprint(source, settings.max_documents),  # edited files are another run
-        "model": model.model_id,
+        "model": model_id,
     }
+
+
+def check_record(folder: Path, wanted: dict) -> None:
+    """Write ``folder/run.json`` (``wanted``), or refuse (ValueError naming what differs) when it
+    already describes another run."""
     path = folder / "run.json"
     if path.exists():
         had = json.loads(path.read_text())
@@ -251,7 +265,15 @@ def _check_settings(folder: Path, settings: RunSettings, source: CorpusSource, m
         path.write_text(json.dumps(wanted, indent=1))
 
 
-def _meta(model: MoEModel, settings: RunSettings, source: CorpusSource, forward, layer_ids: list[int]) -> CorpusMeta:  # noqa: ANN001
+def start_over(folder: Path) -> None:
+    """Remove an earlier run's record, checkpoint and aggregates from ``folder``."""
+    (folder / "run.json").unlink(missing_ok=True)
+    for name in ("checkpoint", "aggregates"):
+        if (folder / name).is_dir():
+            shutil.rmtree(folder / name)
+
+
+def _meta(model: MoEModel, settings: RunSettings, source_name: str, forward, layer_ids: list[int]) -> CorpusMeta:  # noqa: ANN001
     ks = []
     for call in forward.layers:
         index = call.index if call.index is not None else call.native_index
@@ -268,7 +290,7 @@ def _meta(model: MoEModel, settings: RunSettings, source: CorpusSource, forward,
         window=settings.window,
         groups=settings.groups,
         position_bucket=max(1, -(-settings.window // 64)),
-        source=source.describe(),
+        source=source_name,
         seed=settings.seed,
         reference_model=settings.reference_model,
         native_top_k=tuple(next(s.spec.top_k for s in model.sites if s.layer == layer) for layer in layer_ids),
@@ -283,6 +305,134 @@ def count_documents(source: CorpusSource, max_documents: int | None = None) -> i
         if max_documents is not None and n >= max_documents:
             break
     return n
+
+
+def resolve_window(window: int | None, limit: int | None) -> int:
+    """The chunk window: ``window``, else DEFAULT_WINDOW capped at the model's ``limit``; ValueError
+    when it is outside 2..limit."""
+    window = int(window or min(DEFAULT_WINDOW, limit or DEFAULT_WINDOW))
+    if window < 2 or (limit is not None and window > limit):
+        raise ValueError(f"window must satisfy 2 <= window <= {limit or 'the model limit'}; got {window}")
+    return window
+
+
+def check_batching(window: int, token_budget: int, max_batch_chunks: int | None) -> None:
+    """ValueError when ``token_budget`` or ``max_batch_chunks`` cannot batch chunks of ``window`` tokens."""
+    if token_budget < window:
+        raise ValueError(f"token_budget must be at least the window ({window} tokens); got {token_budget}")
+    if max_batch_chunks is not None and (
+        isinstance(max_batch_chunks, bool) or not isinstance(max_batch_chunks, int) or max_batch_chunks < 1
+    ):
+        raise ValueError(f"max_batch_chunks must be an integer >= 1 or None; got {max_batch_chunks!r}")
+
+
+def check_native_only(policy: Policy | None, with_reference: bool, importance_every: int) -> None:
+    """ValueError when router saturation (a reference) or causal importance is asked for under a
+    policy other than native routing."""
+    if with_reference and policy is not None:
+        raise ValueError(
+            "router saturation compares the two checkpoints' own (native) routing: run it with policy native, "
+            f"not {policy_spec(policy)!r}"
+        )
+    if importance_every and policy is not None:
+        raise ValueError(
+            "causal importance ablates experts under the model's own (native) routing and compares with its load: "
+            f"run it with policy native, not {policy_spec(policy)!r}"
+        )
+
+
+def run_settings(
+    model: MoEModel,
+    policy: Policy | None,
+    *,
+    window: int | None = None,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+    max_batch_chunks: int | None = None,
+    groups: int | None = None,
+    seed: int = 0,
+    importance_every: int = 0,
+    max_documents: int | None = None,
+    reference: MoEModel | None = None,
+) -> RunSettings:
+    """The checked settings of a run of ``model`` under ``policy`` (defaults filled in); ValueError
+    naming the argument when the model, the policy or a setting does not allow the run."""
+    if model.capture_only and policy is not None:
+        raise ValueError("this model's routers can only be captured: a corpus run needs policy=None (native routing)")
+    if not model.sites:
+        raise ValueError("this model has no MoE router moe-viz can read")
+    if policy is not None:
+        model.instrumentation.check(policy)
+    window = resolve_window(window, model.max_positions)
+    check_batching(window, token_budget, max_batch_chunks)
+    check_native_only(policy, reference is not None, importance_every)
+    if reference is not None and (
+        reference.moe_layers != model.moe_layers or reference.num_experts != model.num_experts
+    ):
+        raise ValueError(
+            "reference must have the same MoE layers and experts as the model "
+            f"(layers {model.moe_layers}, {model.num_experts} experts); got layers {reference.moe_layers}, "
+            f"{reference.num_experts} experts"
+        )
+    return RunSettings(
+        policy=policy_spec(policy),
+        window=window,
+        token_budget=token_budget,
+        max_batch_chunks=max_batch_chunks,
+        groups=int(groups or default_groups(len(model.sites), model.num_experts)),
+        seed=seed,
+        importance_every=importance_every,
+        max_documents=max_documents,
+        reference_model=reference.model_id if reference is not None else None,
+    )
+
+
+def run_batch(
+    model: MoEModel,
+    batch: list[Chunk],
+    policy: Policy | None,
+    settings: RunSettings,
+    source_name: str,
+    reference: MoEModel | None = None,
+) -> CorpusAggregates:
+    """One packed batch run under ``policy`` and reduced to its aggregates (with the reference's
+    routing of the same batch, and the causal importance of its sampled documents, when the
+    settings ask for them). Every engine runs its batches through this function."""
+    layer_ids = [s.layer for s in model.sites]
+    ids, mask = _padded(model, batch)
+    logits, forward = _forward(model, ids, mask, policy)
+    valid = mask.reshape(-1).bool().to(model.device)
+    meta = _meta(model, settings, source_name, forward, layer_ids)
+    rows = _token_rows(batch, logits, mask)
+    del logits
+    routing = _routings(model, forward, valid)
+    ref = None
+    if reference is not None:
+        ref = _routings(reference, _forward(reference, ids, mask, None)[1], valid)
+    part = reduce_batch(meta, rows, routing, ref)
+    part.chunks_done = len(batch)
+    part.documents_done = batch[-1].doc.ordinal + 1
+    for chunk in batch:
+        if _sampled_for_importance(chunk.doc, settings.importance_every, settings.seed):
+            if chunk.start == 0:
+                part.meta = replace(part.meta, importance_docs=part.meta.importance_docs + 1)
+            _importance(model, chunk, part)
+    return part
+
+
+def fold_parts(parts: Iterator[CorpusAggregates]) -> CorpusAggregates | None:
+    """The parts merged in stream order, as ``run_corpus`` folds them (None when there are none):
+    into a small pending total, which joins the running total every FOLD_EVERY parts."""
+    total: CorpusAggregates | None = None
+    pending: CorpusAggregates | None = None
+    for n, part in enumerate(parts, start=1):
+        if total is None:
+            total = empty(replace(part.meta, importance_docs=0))
+        pending = part if pending is None else merge(pending, part)
+        if n % FOLD_EVERY == 0:
+            total, pending = merge(total, pending), None
+    if total is not None and pending is not None:
+        total = merge(total, pending)
+    return total
 
 
 def run_corpus(
@@ -313,74 +463,34 @@ def run_corpus(
     ``max_batch_chunks`` = 1 runs every chunk alone: the counts then equal per-prompt traces bit
     for bit (padded batches can flip a near-tie by float rounding, in bfloat16 especially).
     ``progress`` is called after every batch; raising from it stops the run (the last checkpoint
-    stays, so it can resume).
+    stays, so it can resume). ``moe_viz.corpus.distributed.run_corpus_ray`` runs the same batches
+    over a Ray cluster.
     """
-    if model.capture_only and policy is not None:
-        raise ValueError("this model's routers can only be captured: a corpus run needs policy=None (native routing)")
-    if not model.sites:
-        raise ValueError("this model has no MoE router moe-viz can read")
-    if policy is not None:
-        model.instrumentation.check(policy)
-    limit = model.max_positions
-    window = int(window or min(DEFAULT_WINDOW, limit or DEFAULT_WINDOW))
-    if window < 2 or (limit is not None and window > limit):
-        raise ValueError(f"window must satisfy 2 <= window <= {limit or 'the model limit'}; got {window}")
-    if token_budget < window:
-        raise ValueError(f"token_budget must be at least the window ({window} tokens); got {token_budget}")
-    if max_batch_chunks is not None and (
-        isinstance(max_batch_chunks, bool) or not isinstance(max_batch_chunks, int) or max_batch_chunks < 1
-    ):
-        raise ValueError(f"max_batch_chunks must be an integer >= 1 or None; got {max_batch_chunks!r}")
-    if reference is not None and policy is not None:
-        raise ValueError(
-            "router saturation compares the two checkpoints' own (native) routing: run it with policy native, "
-            f"not {policy_spec(policy)!r}"
-        )
-    if importance_every and policy is not None:
-        raise ValueError(
-            "causal importance ablates experts under the model's own (native) routing and compares with its load: "
-            f"run it with policy native, not {policy_spec(policy)!r}"
-        )
-    if reference is not None and (
-        reference.moe_layers != model.moe_layers or reference.num_experts != model.num_experts
-    ):
-        raise ValueError(
-            "reference must have the same MoE layers and experts as the model "
-            f"(layers {model.moe_layers}, {model.num_experts} experts); got layers {reference.moe_layers}, "
-            f"{reference.num_experts} experts"
-        )
-    layer_ids = [s.layer for s in model.sites]
-    settings = RunSettings(
-        policy=policy_spec(policy),
+    settings = run_settings(
+        model,
+        policy,
         window=window,
         token_budget=token_budget,
         max_batch_chunks=max_batch_chunks,
-        groups=int(groups or default_groups(len(layer_ids), model.num_experts)),
+        groups=groups,
         seed=seed,
         importance_every=importance_every,
         max_documents=max_documents,
-        reference_model=reference.model_id if reference is not None else None,
+        reference=reference,
     )
+    window = settings.window
     folder = Path(out) if out is not None else None
     total: CorpusAggregates | None = None
     if folder is not None:
         if not resume:  # starting over: nothing of an earlier run may be resumed later
-            (folder / "run.json").unlink(missing_ok=True)
-            for name in ("checkpoint", "aggregates"):
-                if (folder / name).is_dir():
-                    shutil.rmtree(folder / name)
-        _check_settings(folder, settings, source, model)
+            start_over(folder)
+        check_record(folder, run_record(settings, source, model.model_id))
         if resume and (folder / "checkpoint" / "meta.json").exists():
             total = load(folder / "checkpoint")
     skip = total.chunks_done if total is not None else 0
     if max_tokens is not None:
-        tokens = 0
-        for chunk in chunk_documents(model, source.documents(), window, max_documents):
-            tokens += len(chunk.ids)
-            if tokens > max_tokens:  # stop counting at the limit: an oversized corpus costs no more
-                raise ValueError(
-                    f"the corpus is more than {max_tokens:,} tokens long; the limit here is {max_tokens:,} tokens"
-                )
+        for _ in within_max_tokens(chunk_documents(model, source.documents(), window, max_documents), max_tokens):
+            pass  # refused before any forward
     documents_total = count_documents(source, max_documents)
     start = time.perf_counter()
     batches_done = 0
@@ -390,25 +500,9 @@ def run_corpus(
     for _ in range(skip):
         next(chunks, None)
     for batch in pack_batches(chunks, token_budget, max_batch_chunks):
-        ids, mask = _padded(model, batch)
-        logits, forward = _forward(model, ids, mask, policy)
-        valid = mask.reshape(-1).bool().to(model.device)
+        part = run_batch(model, batch, policy, settings, source.describe(), reference)
         if total is None:
-            total = empty(_meta(model, settings, source, forward, layer_ids))
-        rows = _token_rows(batch, logits, mask)
-        del logits
-        routing = _routings(model, forward, valid)
-        ref = None
-        if reference is not None:
-            ref = _routings(reference, _forward(reference, ids, mask, None)[1], valid)
-        part = reduce_batch(total.meta, rows, routing, ref)
-        part.chunks_done = len(batch)
-        part.documents_done = batch[-1].doc.ordinal + 1
-        for chunk in batch:
-            if _sampled_for_importance(chunk.doc, importance_every, seed):
-                if chunk.start == 0:
-                    part.meta = replace(part.meta, importance_docs=part.meta.importance_docs + 1)
-                _importance(model, chunk, part)
+            total = empty(replace(part.meta, importance_docs=0))
         # Batches fold into a small pending total, and that into the run's total every
         # FOLD_EVERY batches (and at each checkpoint): merging into the large total (its per-token
         # counts grow with the vocabulary seen) once per batch would cost more than the batch.
@@ -431,6 +525,18 @@ def run_corpus(
         save(total, folder / "checkpoint")
         save(total, folder / "aggregates")
     return total
+
+
+def within_max_tokens(chunks: Iterator[Chunk], max_tokens: int) -> Iterator[Chunk]:
+    """The chunks, passed on; ValueError as soon as they hold more than ``max_tokens`` tokens."""
+    tokens = 0
+    for chunk in chunks:
+        tokens += len(chunk.ids)
+        if tokens > max_tokens:  # stop at the limit: an oversized corpus costs no more
+            raise ValueError(
+                f"the corpus is more than {max_tokens:,} tokens long; the limit here is {max_tokens:,} tokens"
+            )
+        yield chunk
 
 
 def source_fingerprint(source: CorpusSource, max_documents: int | None = None) -> str:
