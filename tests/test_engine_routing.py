@@ -178,7 +178,9 @@ def test_count_dumps_become_aggregates_whose_loads_are_the_summed_counts():
     assert agg.total_tokens == int((counts[:, 0].sum(axis=1) // 2).sum())
     report = corpus_report(agg)
     shown = views.count_views(report, agg, 2)
-    assert [v.name for v in shown] == ["count_load", "corpus_domain_shares", "corpus_coverage"]
+    assert [v.name for v in shown] == ["count_load", "count_shares", "corpus_coverage"]
+    assert "resamples of the run's 30 recorded steps" in shown[1].explanation  # steps, not documents
+    assert "document" not in shown[1].explanation and "domain" not in shown[1].explanation
     with pytest.raises(ValueError, match="name the model \\(or give top_k\\)"):
         counts_to_aggregates(counts, (0, 1, 2), engine="SGLang stat")
     with pytest.raises(ValueError, match="must not be negative"):

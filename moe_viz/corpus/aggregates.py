@@ -49,6 +49,7 @@ class CorpusMeta:
     reference_model: str | None = None  # the checkpoint saturation was measured against
     importance_docs: int = 0  # documents whose experts were ablated one by one
     native_top_k: tuple[int, ...] = ()  # each MoE layer's own k (saturation compares native choices)
+    unit: str = "document"  # what a resampling unit is: a document, or an engine's recorded step (count imports)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from .._trace_build import token_texts
@@ -315,10 +316,26 @@ def counts_to_aggregates(
         position_bucket=1,
         source=engine + ("" if not notes else " — " + "; ".join(notes)),
         native_top_k=tuple([k] * L),
+        unit="recorded step",
     )
     agg = empty(meta, ["all"])
     group = np.arange(S) % G  # (S,)
+    step_tokens = counts[:, 0, :].sum(axis=1) // k  # (S,)
     np.add.at(agg.assigned[:, :, 0, :], group, counts)
-    np.add.at(agg.tokens[:, 0], group, counts[:, 0, :].sum(axis=1) // k)
+    np.add.at(agg.tokens[:, 0], group, step_tokens)
+    # One row per step where a corpus run has one per document: the statistics count their units here.
+    agg.docs = pd.DataFrame(
+        {
+            "ordinal": np.arange(S),
+            "name": [f"step {s}" for s in range(S)],
+            "domain": "all",
+            "group": group,
+            "tokens": step_tokens,
+            "nll": 0.0,
+            "scored": 0,
+        }
+    )
+    agg.doc_loads = counts.copy()  # (S, L, E)
     agg.chunks_done = S
+    agg.documents_done = S
     return agg

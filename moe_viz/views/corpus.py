@@ -99,13 +99,14 @@ THIN_DOCUMENTS = 5  # a domain with fewer documents gets intervals that understa
 
 
 def intervals_note(report: CorpusReport) -> str:
+    unit = report.meta.get("unit", "document")  # an engine's count import resamples its recorded steps
     note = (
         f"Intervals: {report.level:.0%} bootstrap percentile intervals from {report.replicates} resamples of the "
-        f"run's {report.documents} documents (whole documents, in groups; seed {report.seed})."
+        f"run's {report.documents} {unit}s (whole {unit}s, in groups; seed {report.seed})."
     )
     thin = [d for d, n in report.documents_per_domain.items() if n < THIN_DOCUMENTS]
     if report.documents < 2 * THIN_DOCUMENTS:
-        note += f" **With {report.documents} documents these intervals are rough; take them as a lower bound.**"
+        note += f" **With {report.documents} {unit}s these intervals are rough; take them as a lower bound.**"
     elif thin:
         note += (
             f" **Fewer than {THIN_DOCUMENTS} documents in {', '.join(thin)}: their intervals understate the "

@@ -17,11 +17,11 @@ from .. import metrics
 from ..corpus.aggregates import CorpusAggregates
 from ..corpus.report import CorpusReport
 from ..trace import Trace
-from ._display import bin_mean, bin_note, plural, token_bins
+from ._display import bin_mean, bin_note, pct, plural, token_bins
 from ._plotly import SEQUENTIAL, FigureBuilder, expert_axis, f32, finish, plotly_trace, token_axis
 from ._view import View
 from .balance import balance_table, coactivation, expert_load, layer_load, load_map, reuse
-from .corpus import coverage_curves, domain_shares
+from .corpus import TOP_LEGEND, _error, _layer_index, ci_text, coverage_curves, intervals_note, reference_line
 from .paths import expert_paths
 from .routing import coloured_text
 
@@ -115,7 +115,46 @@ def count_load(agg: CorpusAggregates) -> View:
     return View("count_load", "Layer × expert load", text, figure=finish(fig))
 
 
+def count_shares(report: CorpusReport, layer: int) -> View:
+    """One layer's share of assignments per expert over the recorded steps, with intervals that
+    resample whole steps, against the balanced share 1/E."""
+    li = _layer_index(report, layer)
+    share = report.domain.share  # (L, 1, E): a count import has one domain, "all"
+    E = share.value.shape[-1]
+    fig = FigureBuilder(
+        plotly_trace(
+            go.Bar,
+            x=list(range(E)),
+            y=share.value[li, 0],
+            marker={"color": "#0072B2"},
+            error_y=_error(share, li, 0, slice(None)),
+            name="share",
+            hovertemplate="expert %{x}: %{y:.2%} of the layer's assignments<extra></extra>",
+        )
+    )
+    fig.add_trace(reference_line(E, 1 / E, f"balanced 1/{E} = {pct(1 / E)}"))
+    fig.update_layout(
+        title={"text": f"Share of layer {layer}'s assignments per expert, over the recorded steps"},
+        yaxis={"title": {"text": "share of assignments"}, "tickformat": ".1%"},
+        legend=TOP_LEGEND,
+        plot_bgcolor="#FFFFFF",
+    )
+    expert_axis(fig, E, "x")
+    busiest = int(np.nanargmax(share.value[li, 0]))
+    quietest = int(np.nanargmin(share.value[li, 0]))
+    above = sum(share.excludes(1 / E, li, 0, e) and share.value[li, 0, e] > 1 / E for e in range(E))
+    below = sum(share.excludes(1 / E, li, 0, e) and share.value[li, 0, e] < 1 / E for e in range(E))
+    text = (
+        f"Each bar is an expert's share of the assignments layer {layer} recorded; balanced routing puts every expert "
+        f"at the dashed line, 1/{E} = {pct(1 / E)}. Expert {busiest} takes the most, "
+        f"{ci_text(*share.at(li, 0, busiest), pct)}; expert {quietest} the least, "
+        f"{ci_text(*share.at(li, 0, quietest), pct)}. The intervals of {plural(above, 'expert')} lie above the "
+        f"balanced share and of {below} below it. " + intervals_note(report)
+    )
+    return View("count_shares", f"Expert share, layer {layer}", text, figure=finish(fig))
+
+
 def count_views(report: CorpusReport, agg: CorpusAggregates, layer: int) -> list[View]:
     """A count-only import, top to bottom: the load map, one layer's expert shares with their
     intervals (over resampled steps) and the coverage curves."""
-    return [count_load(agg), domain_shares(report, layer), coverage_curves(report)]
+    return [count_load(agg), count_shares(report, layer), coverage_curves(report)]
