@@ -74,7 +74,10 @@ def test_import_page_shows_a_vllm_file_with_every_view_ids_allow_and_says_what_n
     at = click(at, "Recompute and compare")
     clean(at)
     agreement = next(m.value for m in at.markdown if "overlap of the experts" in m.value)
-    assert "lowest in layer" in agreement and "overlap 100%" in agreement
+    assert "identical in all 4 layers" in agreement
+    at.selectbox(key="import_layer").set_value(2).run()  # the comparison stays while other widgets change
+    clean(at)
+    assert "Tokens routed differently, layer 2" in headings(at)
     assert any("all" in m.value and "go to the same experts in both routings" in m.value for m in at.markdown)
 
 
@@ -87,6 +90,7 @@ def test_import_page_finds_the_tokens_an_altered_file_routes_differently(monkeyp
     assert any(
         m.value.startswith("2 of ") and "processed by a different set of experts" in m.value for m in at.markdown
     )
+    assert any("They differ in 1 of 4 layers; agreement is lowest in layer 0" in m.value for m in at.markdown)
 
 
 def test_import_page_turns_a_sglang_stat_dump_into_the_count_views(monkeypatch, tmp_path):

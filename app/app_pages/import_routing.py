@@ -21,6 +21,7 @@ from moe_viz.corpus.report import corpus_report
 
 IMPORTED = "imported_routing"  # session: (label, engines.Imported)
 UPLOAD_DIR = "import_upload_dir"  # session: where this session's uploads are written
+AGREEMENT = "import_agreement"  # session: ((label, sequence, model), recomputed trace, Agreement)
 
 st.title("Import an engine's routing")
 ctx = page_context()
@@ -42,8 +43,9 @@ name = st.selectbox("Format", list(formats), format_func=lambda n: formats[n].la
 fmt = formats[name]
 with st.form("import_form"):
     uploads = st.file_uploader(
-        f"The file ({', '.join(fmt.suffixes)}); several files for per-rank dumps; at most "
-        f"{cfg.max_import_upload_mb} MiB",
+        f"The file ({', '.join(fmt.suffixes)})"
+        + ("; several files for per-rank dumps" if fmt.per_rank_files else "")
+        + f"; at most {cfg.max_import_upload_mb} MiB",
         type=[s.lstrip(".") for s in fmt.suffixes],
         accept_multiple_files=True,
         key=f"import_upload_{name}",
@@ -109,6 +111,7 @@ if submitted:
         with st.spinner("Reading and checking the file …"):
             imported = engines.import_routing(name, path, shape, _token_ids(ids_text))
         st.session_state[IMPORTED] = (label, imported)
+        st.session_state.pop(AGREEMENT, None)  # a new import: the old comparison no longer applies
     except ValueError as err:
         st.error(str(err))
         st.stop()
@@ -118,11 +121,12 @@ if IMPORTED not in st.session_state:
     st.stop()
 
 label, imported = st.session_state[IMPORTED]
-st.success(
-    f"{label}: {len(imported.traces)} sequence(s)"
-    + (f" and expert counts over {imported.counts.chunks_done:,} recorded steps" if imported.counts else "")
-    + f" ({formats[imported.format].label})."
-)
+held = []
+if imported.traces:
+    held.append(f"{len(imported.traces)} sequence{'s' * (len(imported.traces) != 1)} of per-token routing")
+if imported.counts is not None:
+    held.append(f"expert counts over {imported.counts.chunks_done:,} recorded steps")
+st.success(f"{label}: {' and '.join(held)} ({formats[imported.format].label}).")
 for note in imported.notes:
     st.caption(note)
 
@@ -151,16 +155,20 @@ if imported.traces:
             "the experts it picks with the engine's. Identical routing scores 100%; kernels, batching and "
             "precision make engines drift, most often on tokens whose top-k scores nearly tie."
         )
+        compared = (label, index, model.model_id)  # the agreement stays while other widgets change
         if st.button("Recompute and compare", key="import_recompute"):
             try:
                 with st.spinner("Running the model on the imported tokens …"):
                     mine = get_recomputed(model, trace)
                     ag = agreement.agreement(trace, mine, a_name=formats[imported.format].engine, b_name="moe-viz")
+                st.session_state[AGREEMENT] = (compared, mine, ag)
             except (ValueError, RequestRefused) as err:
                 st.error(str(err))
-            else:
-                show(views.agreement_by_layer(ag), key="import_agreement_layers")
-                show(views.agreement_tokens(ag, trace, mine, layer), key="import_agreement_tokens")
+        kept = st.session_state.get(AGREEMENT)
+        if kept is not None and kept[0] == compared:
+            _, mine, ag = kept
+            show(views.agreement_by_layer(ag), key="import_agreement_layers")
+            show(views.agreement_tokens(ag, trace, mine, layer), key="import_agreement_tokens")
     downloads(trace, "import")
 
 if imported.counts is not None:

@@ -67,6 +67,7 @@ class Format:
     suffixes: tuple[str, ...]
     read: Callable[..., Imported]
     takes_token_ids: bool = True
+    per_rank_files: bool = False  # a folder of one file per rank is one import
 
 
 def _formats() -> dict[str, Format]:

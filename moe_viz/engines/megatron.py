@@ -205,4 +205,5 @@ FORMAT = Format(
     label="Megatron-LM router trace (router_trace_rank*.jsonl, + logits_rank*.bin)",
     suffixes=(".jsonl", ".bin", ".pt"),
     read=read,
+    per_rank_files=True,
 )

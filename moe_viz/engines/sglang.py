@@ -285,4 +285,5 @@ DUMP_FORMAT = Format(
     suffixes=(".pt",),
     read=read_dump,
     takes_token_ids=False,
+    per_rank_files=True,
 )

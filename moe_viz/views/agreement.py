@@ -42,10 +42,20 @@ def agreement_by_layer(ag: Agreement) -> View:
     text = (
         f"For every token, the overlap of the experts that processed it in `{ag.a_name}` and in `{ag.b_name}`, "
         f"divided by k (the larger run's k per token, so identical routing scores 100%), averaged per layer; and how "
-        f"often both runs agree on the first-choice expert. Agreement is lowest in layer {int(low.layer)} "
-        f"(overlap {pct(float(low.topk_overlap))}, top-1 match {pct(float(low.top1_match))}) and highest in layer "
-        f"{int(high.layer)} (overlap {pct(float(high.topk_overlap))}). Comparing an early checkpoint with the final "
-        "one this way is OLMoE's router saturation."
+        "often both runs agree on the first-choice expert. "
+    )
+    if (t["topk_overlap"] == 1.0).all():
+        text += f"The two routings are identical in all {plural(len(t), 'layer')}. "
+    else:
+        differ = int((t["topk_overlap"] < 1.0).sum())
+        text += (
+            f"They differ in {differ} of {plural(len(t), 'layer')}; agreement is lowest in layer {int(low.layer)} "
+            f"(overlap {pct(float(low.topk_overlap))}, top-1 match {pct(float(low.top1_match))}) and highest in "
+            f"layer {int(high.layer)} (overlap {pct(float(high.topk_overlap))}). "
+        )
+    text += (
+        "Between an early and the final checkpoint this is OLMoE's router saturation; between a serving engine and "
+        "moe-viz, the drift that kernels, batching and precision cause."
     )
     return View("agreement_by_layer", "Agreement between two routings", text, figure=finish(fig))
 
