@@ -18,7 +18,7 @@ and it has no next-token predictions (``has_predictions`` is False) unless it wa
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -165,6 +165,44 @@ class Trace:
             digest.update(lt.dropped.numpy().tobytes())
         return digest.hexdigest()[:12]
 
+    def window(self, start: int, stop: int) -> Trace:
+        """The trace of tokens ``start`` to ``stop - 1`` (views of a long prompt zoom in with it): the
+        same routing and predictions, cut to those positions. ValueError outside 0 <= start < stop <= T."""
+        T = self.num_tokens
+        for name, value in (("start", start), ("stop", stop)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer; got {value!r}")
+        if not 0 <= start < stop <= T:
+            raise ValueError(f"the window must satisfy 0 <= start < stop <= {T}; got start={start}, stop={stop}")
+        if (start, stop) == (0, T):
+            return self
+        rows = slice(start, stop)
+        layers = [
+            replace(
+                lt,
+                **{name: getattr(lt, name)[rows] for name in _PER_TOKEN_LAYER_FIELDS},
+            )
+            for lt in self.layers
+        ]
+        out = self.output
+        output = replace(
+            out,
+            top_ids=out.top_ids[rows],
+            top_logprobs=out.top_logprobs[rows],
+            top_tokens=out.top_tokens[rows],
+            target_logprob=out.target_logprob[rows],
+            entropy=out.entropy[rows],
+            vocab_logprobs=None if out.vocab_logprobs is None else out.vocab_logprobs[rows],
+        )
+        return replace(
+            self,
+            token_ids=self.token_ids[rows],
+            tokens=self.tokens[rows],
+            step=self.step[rows],
+            layers=layers,
+            output=output,
+        )
+
     def check_position(self, position: int) -> int:
         """``position`` as an index 0 <= t < T (negative counts from the end); ValueError if out of range."""
         T = self.num_tokens
@@ -186,3 +224,14 @@ class Trace:
             raise ValueError("this trace has no next-token predictions: it was imported from an engine's routing")
         probs = self.output.top_logprobs[position, :n].exp().tolist()
         return list(zip(self.output.top_tokens[position][:n], probs))
+
+
+_PER_TOKEN_LAYER_FIELDS = (
+    "router_logits",
+    "router_probs",
+    "native_index",
+    "native_weights",
+    "index",
+    "weights",
+    "dropped",
+)

@@ -8,6 +8,7 @@ from app.resources import Keys, current_prompt, display_name, get_noise, get_tra
 from app.sidebar import page_context
 from app.ui import downloads, show, traced_page
 from moe_viz import fragility, metrics, views
+from moe_viz.views import BIN_THRESHOLD, MANY_EXPERTS, SHOWN_EXPERTS
 
 model, layer, trace = traced_page("Explore routing", "explore")
 lt = trace.layer(layer)
@@ -30,7 +31,27 @@ if trace.held_native_layers:
         f"`{trace.policy}` (hash-routed, or maths moe-viz could not verify; `moe-viz inspect` says why per router)."
     )
 
-heatmap, text, layer_load, _paths = views.explore_views(trace, layer)
+tokens = None
+if trace.num_tokens > BIN_THRESHOLD:  # a long prompt: zoom the heatmap and the text into a range of tokens
+    first, last = st.slider(
+        "Tokens shown in the heatmap and the text",
+        0,
+        trace.num_tokens - 1,
+        (0, trace.num_tokens - 1),
+        key="explore_token_range",
+        help=f"Above {BIN_THRESHOLD} tokens the heatmap groups tokens into bins; a narrower range shows each token.",
+    )
+    tokens = (first, last + 1)
+experts = None
+if lt.num_experts > MANY_EXPERTS:  # many experts: the heatmap shows the busiest unless the user picks some
+    picked = st.multiselect(
+        f"Experts on the heatmap (default: the {SHOWN_EXPERTS} busiest of layer {layer}, the rest in one row)",
+        list(range(lt.num_experts)),
+        key="explore_experts",
+        format_func=lambda e: f"e{e}",
+    )
+    experts = picked or None
+heatmap, text, layer_load, _paths = views.explore_views(trace, layer, experts, tokens)
 show(heatmap)
 show(text)
 

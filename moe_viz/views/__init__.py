@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from ..fragility import NoiseSensitivity
 from ..trace import Trace
-from ._display import code_token, display_token, pct, token_bins
+from ._display import BIN_THRESHOLD, code_token, display_token, pct, per_layer_counts, token_bins
+from ._experts import MANY_EXPERTS, SHOWN_EXPERTS, ExpertFocus, expert_focus
 from ._plotly import expert_colors
 from ._view import View
 from .agreement import agreement_by_layer, agreement_tokens
@@ -40,9 +41,19 @@ from .routing import coloured_text, predictions, router_distribution, routing_he
 from .sweeps import capacity_sweep, k_sweep
 
 
-def explore_views(trace: Trace, layer: int) -> list[View]:
-    """The Explore page, top to bottom (the token close-up is ``token_views``)."""
-    return [routing_heatmap(trace, layer), coloured_text(trace, layer), layer_load(trace), expert_paths(trace)]
+def explore_views(
+    trace: Trace, layer: int, experts: list[int] | None = None, tokens: tuple[int, int] | None = None
+) -> list[View]:
+    """The Explore page, top to bottom (the token close-up is ``token_views``). ``experts``: the
+    heatmap's rows on a model with many experts (default: the busiest); ``tokens`` = (start, stop):
+    the heatmap and the text zoom into those positions of a long prompt (the rest use all tokens)."""
+    zoomed = trace.window(*tokens) if tokens is not None else trace
+    return [
+        routing_heatmap(zoomed, layer, experts),
+        coloured_text(zoomed, layer),
+        layer_load(trace),
+        expert_paths(trace),
+    ]
 
 
 def token_views(trace: Trace, layer: int, position: int, noise: NoiseSensitivity | None = None) -> list[View]:
@@ -84,16 +95,20 @@ def run_summary(trace: Trace) -> str:
 
     The load test reads it back from the page to check that every session got its own result.
     """
-    dropped = ", ".join(str(lt.dropped_count) for lt in trace.layers)
+    dropped = per_layer_counts(trace.layer_ids, [lt.dropped_count for lt in trace.layers], "dropped")
     top = f"top next token id {int(trace.output.top_ids[-1, 0])}" if trace.has_predictions else "no predictions"
     return (
-        f"Run summary: `{trace.policy}` · {trace.num_tokens} tokens · dropped per layer {dropped} · "
+        f"Run summary: `{trace.policy}` · {trace.num_tokens} tokens · {dropped} · "
         f"{top} · routing fingerprint `{trace.fingerprint()}`"
     )
 
 
 __all__ = [
+    "BIN_THRESHOLD",
     "Card",
+    "ExpertFocus",
+    "MANY_EXPERTS",
+    "SHOWN_EXPERTS",
     "View",
     "agreement_by_layer",
     "agreement_tokens",
@@ -109,6 +124,7 @@ __all__ = [
     "display_token",
     "edit_diff",
     "expert_colors",
+    "expert_focus",
     "expert_load",
     "expert_paths",
     "explore_views",

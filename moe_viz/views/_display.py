@@ -94,3 +94,29 @@ def bin_sum(x: torch.Tensor, size: int) -> torch.Tensor:
     n = math.ceil(T / size)
     xs = torch.cat([x, torch.zeros((n * size - T, *x.shape[1:]), dtype=x.dtype)])
     return xs.reshape(n, size, *x.shape[1:]).sum(dim=1)
+
+
+LIST_LAYERS = 8  # per-layer numbers are listed up to this many layers, summarised above
+
+
+def per_layer_counts(layers: list[int], counts: list[int], noun: str) -> str:
+    """Per-layer counts in a phrase that stays short at 94 layers: 'dropped per layer 0, 3, 1, 0'
+    up to LIST_LAYERS layers; '0 dropped in all 48 layers'; 'dropped in 3 of 61 layers: 12, 40, 41'."""
+    if len(layers) <= LIST_LAYERS:
+        return f"{noun} per layer " + ", ".join(map(str, counts))
+    hit = [layer for layer, n in zip(layers, counts, strict=True) if n]
+    if not hit:
+        return f"0 {noun} in all {len(layers)} layers"
+    named = ", ".join(map(str, hit[:LIST_LAYERS])) + (" …" if len(hit) > LIST_LAYERS else "")
+    return f"{sum(counts)} {noun} in {len(hit)} of {len(layers)} layers: {named}"
+
+
+def per_layer_values(layers: list[int], values: list[float], fmt=str) -> str:  # noqa: ANN001 - a formatter
+    """'layer 0: 4, layer 1: 5' up to LIST_LAYERS layers; else the range over layers and where."""
+    if len(layers) <= LIST_LAYERS:
+        return ", ".join(f"layer {layer}: {fmt(v)}" for layer, v in zip(layers, values, strict=True))
+    low, high = min(range(len(values)), key=values.__getitem__), max(range(len(values)), key=values.__getitem__)
+    return (
+        f"from {fmt(values[low])} (layer {layers[low]}) to {fmt(values[high])} (layer {layers[high]}) over "
+        f"{len(layers)} layers"
+    )

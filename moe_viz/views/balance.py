@@ -14,13 +14,13 @@ import torch
 from .. import metrics
 from ..trace import Trace
 from ._display import code_token, pct, plural, times
+from ._experts import MANY_EXPERTS, NEUTRAL, SHOWN_EXPERTS, category_axis, chart_height, expert_focus, fold
 from ._plotly import (
     CELL_TEXT_LIMIT,
     DROPPED_COLOR,
     SEQUENTIAL,
     FigureBuilder,
     expert_axis,
-    expert_colors,
     f32,
     finish,
     line_trace,
@@ -107,15 +107,23 @@ def expert_load(trace: Trace, layer: int) -> View:
     lt = trace.layer(layer)
     b = metrics.balance(lt)
     E = lt.num_experts
-    experts = list(range(E))
+    focus = expert_focus(lt)
+    experts: list = list(range(E))
+    kept, dropped = b.load.double(), (b.routed - b.load).double()  # (E,)
+    colors = focus.colors()
+    if focus.folded:  # many experts: the busiest by load, then the others' mean as one bar
+        kept, experts = fold(kept, focus, "mean")
+        dropped, _ = fold(dropped, focus, "mean")
+        experts[-1] += " (mean)"
+        colors = [focus.color(e) for e in focus.shown] + [NEUTRAL]
     fig = FigureBuilder(
         plotly_trace(
             go.Bar,
             x=experts,
-            y=b.load.numpy(),
-            marker={"color": expert_colors(E), "line": {"width": 0.5, "color": "#333333"}},
+            y=kept.numpy(),
+            marker={"color": colors, "line": {"width": 0.5, "color": "#333333"}},
             name="kept",
-            hovertemplate="expert %{x}: %{y} kept<extra></extra>",
+            hovertemplate=("%{x}" if focus.folded else "expert %{x}") + ": %{y:.4g} kept<extra></extra>",
         )
     )
     if b.dropped:
@@ -123,7 +131,7 @@ def expert_load(trace: Trace, layer: int) -> View:
             plotly_trace(
                 go.Bar,
                 x=experts,
-                y=(b.routed - b.load).numpy(),
+                y=dropped.numpy(),
                 name="dropped",
                 marker={
                     "color": "rgba(255,255,255,0.6)",
@@ -153,9 +161,17 @@ def expert_load(trace: Trace, layer: int) -> View:
         showlegend=bool(b.dropped),
         plot_bgcolor="#FFFFFF",
     )
-    expert_axis(fig, E, "x")
+    if focus.folded:
+        category_axis(fig, experts, focus.axis_title(), "x")
+    else:
+        expert_axis(fig, E, "x")
 
     text = _expert_load_text(trace, layer, b)
+    if focus.folded:
+        text += (
+            f" With {E} experts the bars are the {len(focus.shown)} busiest, busiest first, and the mean of the other "
+            f"{len(focus.folded)}; hover a bar for its exact count."
+        )
     return View("expert_load", f"Expert load, layer {layer}", text, figure=finish(fig))
 
 
@@ -213,25 +229,44 @@ def load_map(loads: torch.Tensor, layer_ids: list[int], label: str, policy: str)
     L, E = loads.shape
     fair = loads.double().sum(dim=1, keepdim=True) / max(E, 1)  # (L, 1)
     rel = loads.double() / fair.clamp_min(1e-12)  # (L, E)
-    text = loads.numpy().astype(str) if L * E <= CELL_TEXT_LIMIT else None
+    shown_rel, shown_loads, columns = rel, loads, np.arange(E)
+    busiest: list[int] = []
+    if E > MANY_EXPERTS:  # many experts: the busiest over all layers, then the others' mean
+        total = loads.double().sum(dim=0)  # (E,)
+        busiest = torch.argsort(-total * (E + 1) + torch.arange(E, dtype=torch.float64))[:SHOWN_EXPERTS].tolist()
+        rest = [e for e in range(E) if e not in set(busiest)]
+        shown_rel = torch.cat([rel[:, busiest], rel[:, rest].mean(dim=1, keepdim=True)], dim=1)  # (L, S + 1)
+        shown_loads = torch.cat([loads[:, busiest].double(), loads[:, rest].double().mean(dim=1, keepdim=True)], dim=1)
+        columns = [f"e{e}" for e in busiest] + [f"other {len(rest)} (mean)"]
+    many_layers = L > 32
+    text = shown_loads.numpy().astype(str) if shown_loads.numel() <= CELL_TEXT_LIMIT else None
     fig = FigureBuilder(
         plotly_trace(
             go.Heatmap,
-            z=f32(rel),
-            x=np.arange(E),
-            y=[str(i) for i in layer_ids],
+            z=f32(shown_rel),
+            x=columns,
+            y=list(layer_ids) if many_layers else [str(i) for i in layer_ids],
             colorscale=SEQUENTIAL,
             zmin=0.0,
-            customdata=loads.numpy(),
+            customdata=shown_loads.numpy(),
             text=text,
             texttemplate="%{text}" if text is not None else None,
             colorbar={"title": {"text": "load / fair"}},
-            hovertemplate="layer %{y}, expert %{x}<br>%{customdata} assignments<br>%{z:.2f}× fair share<extra></extra>",
+            hovertemplate=("layer %{y}, " + ("%{x}" if busiest else "expert %{x}"))
+            + "<br>%{customdata:.4g} assignments<br>%{z:.2f}× fair share<extra></extra>",
         )
     )
     fig.update_layout(title={"text": f"Load per layer and expert, {label}, relative to fair share ({policy})"})
-    fig.update_yaxes(title_text="layer", type="category")
-    expert_axis(fig, E, "x")
+    if many_layers:  # numbered layers: plotly thins the ticks; every row keeps its hover
+        fig.update_yaxes(title_text="layer", autorange="reversed")
+    else:
+        fig.update_yaxes(title_text="layer", type="category")
+    if busiest:
+        category_axis(fig, list(columns), f"expert: the {len(busiest)} busiest over all layers, then the rest", "x")
+    else:
+        expert_axis(fig, E, "x")
+    if many_layers or busiest:
+        fig.update_layout(height=chart_height(L))
 
     flat = int(rel.argmax())
     row, e = divmod(flat, E)
@@ -250,6 +285,11 @@ def load_map(loads: torch.Tensor, layer_ids: list[int], label: str, policy: str)
         )
     if empty:
         explanation += f" {empty} of the {L * E} cells are 0: experts that processed no token in that layer."
+    if busiest:
+        explanation += (
+            f" With {E} experts the columns are the {len(busiest)} busiest over all layers and the mean of the other "
+            f"{E - len(busiest)}; the hottest cell above is searched over all {E}."
+        )
     return fig, explanation
 
 
@@ -318,7 +358,10 @@ def metric_cards(trace: Trace, layer: int) -> list[Card]:
         "cv": f"{b.cv:.3f}",
         "max_vio": f"{b.max_vio:.3f}",
         "load_entropy_norm": f"{b.load_entropy_norm:.3f}",
-        "effective_experts": f"{b.effective_experts:.2f} / {E}",
+        # compact at hundreds of experts, so a card of a six-column row is not cut
+        "effective_experts": f"{b.effective_experts:.2f} / {E}"
+        if E <= MANY_EXPERTS
+        else f"{b.effective_experts:.0f}/{E}",
         "gini": f"{b.gini:.3f}",
         "dead_fraction": f"{b.dead_fraction:.1%}",
         "max_share": f"{b.max_share:.1%}",
@@ -386,19 +429,25 @@ def coactivation(trace: Trace, layer: int, which: metrics.SetKind = "routed") ->
     lt = trace.layer(layer)
     co = metrics.coactivation(lt, which)
     E = lt.num_experts
+    focus = expert_focus(lt)
+    matrix, counts, axis = co.matrix, co.counts, np.arange(E)
+    if focus.folded:  # many experts: the busiest experts' pairs, in load order
+        shown = list(focus.shown)
+        matrix, counts = co.matrix[shown][:, shown], co.counts[shown][:, shown]
+        axis = [focus.label(e) for e in shown]
     cells = None
-    if E * E <= CELL_TEXT_LIMIT:
-        cells = [["" if math.isnan(v) else f"{v:.2f}" for v in row] for row in co.matrix.tolist()]
+    if matrix.numel() <= CELL_TEXT_LIMIT:
+        cells = [["" if math.isnan(v) else f"{v:.2f}" for v in row] for row in matrix.tolist()]
     fig = FigureBuilder(
         plotly_trace(
             go.Heatmap,
-            z=f32(co.matrix),
-            x=np.arange(E),
-            y=np.arange(E),
+            z=f32(matrix),
+            x=axis,
+            y=axis,
             colorscale=SEQUENTIAL,
             zmin=0.0,
             zmax=1.0,
-            customdata=co.counts.numpy(),
+            customdata=counts.numpy(),
             text=cells,
             texttemplate="%{text}" if cells is not None else None,
             colorbar={"title": {"text": "P(b | a)"}},
@@ -411,10 +460,15 @@ def coactivation(trace: Trace, layer: int, which: metrics.SetKind = "routed") ->
             f"(independent routing: {co.baseline:.2f})"
         }
     )
-    expert_axis(fig, E, "x")
-    expert_axis(fig, E, "y")
-    fig.update_xaxes(title_text="expert b")
-    fig.update_yaxes(title_text="expert a", autorange="reversed")
+    if focus.folded:
+        category_axis(fig, axis, f"expert b (the {len(axis)} busiest)", "x")
+        category_axis(fig, axis, f"expert a (the {len(axis)} busiest, by load)", "y", reverse=True)
+        fig.update_layout(height=chart_height(len(axis), extra=220))
+    else:
+        expert_axis(fig, E, "x")
+        expert_axis(fig, E, "y")
+        fig.update_xaxes(title_text="expert b")
+        fig.update_yaxes(title_text="expert a", autorange="reversed")
 
     if co.top_pair is None or co.k < 2:
         text = f"With {plural(co.k, 'expert')} per token in layer {layer} there are no pairs of experts to co-activate."
@@ -438,6 +492,11 @@ def coactivation(trace: Trace, layer: int, which: metrics.SetKind = "routed") ->
         if co.min_tokens > 1:
             text += f" (experts a with fewer than {co.min_tokens} tokens are not cited: too few to mean much)"
         text += "."
+        if focus.folded:
+            text += (
+                f" With {E} experts the map shows the pairs among the {len(focus.shown)} busiest, busiest first; "
+                "the sentence above searches all of them."
+            )
     return View("coactivation", f"Which experts work together, layer {layer}", text, figure=finish(fig))
 
 

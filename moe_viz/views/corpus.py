@@ -17,7 +17,7 @@ import plotly.graph_objects as go
 from ..corpus.aggregates import CorpusAggregates
 from ..corpus.report import CorpusReport
 from ..corpus.stats import Estimate
-from ._display import num, pct, times, visible
+from ._display import num, pct, per_layer_values, times, visible
 from ._plotly import OKABE_ITO, TOL_MUTED, FigureBuilder, expert_axis, expert_colors, finish, plotly_trace
 from ._view import View
 
@@ -580,7 +580,7 @@ def coverage_curves(report: CorpusReport) -> View:
         f"Experts ranked by load in each layer, then the cumulative share of assignments. Uniform routing is the "
         f"dashed diagonal. Half of all assignments go to {half[li]} of {E} experts in layer {cov.layers[li]} "
         f"(the busiest alone takes {ci_text(*top1, pct)}); per layer: "
-        + ", ".join(f"layer {layer}: {n}" for layer, n in zip(cov.layers, half))
+        + per_layer_values(list(cov.layers), half)
         + ". "
         + intervals_note(report)
     )

@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 
 from .. import fragility as frag
 from ..trace import Trace
-from ._display import code_token, display_token, num, pct, plural, visible
+from ._display import LIST_LAYERS, code_token, display_token, num, pct, plural, visible
 from ._plotly import FigureBuilder, finish, plotly_trace
 from ._view import View
 
@@ -78,6 +78,19 @@ def noise_sensitivity(ns: frag.NoiseSensitivity) -> View:
     return View("noise_sensitivity", "Routing under router-input noise", text, figure=finish(fig))
 
 
+def _noise_layers(hit: dict[int, float], layers: int) -> str:
+    """'layer 0 (from 5%), layer 3 (from 10%)', or at many layers 'd of L layers, first at ...'."""
+    if len(hit) <= LIST_LAYERS:
+        return ", ".join(f"layer {layer} (from {level:.0%})" for layer, level in hit.items())
+    lowest = min(hit.values())
+    first = [layer for layer, level in hit.items() if level == lowest]
+    return (
+        f"{len(hit)} of {layers} layers; from {lowest:.0%} noise already in layers "
+        + ", ".join(map(str, first[:LIST_LAYERS]))
+        + (" …" if len(first) > LIST_LAYERS else "")
+    )
+
+
 def token_fragility(trace: Trace, position: int, ns: frag.NoiseSensitivity | None = None) -> View:
     """One token in every layer: its top-k margin, its rank among the prompt's tokens (1 = most
     fragile) and, when a noise measurement of the same tokens is given, the smallest noise level
@@ -116,9 +129,7 @@ def token_fragility(trace: Trace, position: int, ns: frag.NoiseSensitivity | Non
         hit = {layer: level for layer, level in noise.items() if level is not None}
         text += (
             f" Router-input noise up to {ns.levels[-1]:.0%} (measured on the native top-{ns.k} routing) changes its "
-            "experts in "
-            + (", ".join(f"layer {layer} (from {level:.0%})" for layer, level in hit.items()) if hit else "no layer")
-            + "."
+            "experts in " + (_noise_layers(hit, len(noise)) if hit else "no layer") + "."
         )
     return View("token_fragility", "How fragile this token's routing is", text, table=table)
 

@@ -18,6 +18,7 @@ from ..corpus.aggregates import CorpusAggregates
 from ..corpus.report import CorpusReport
 from ..trace import Trace
 from ._display import bin_mean, bin_note, pct, plural, token_bins
+from ._experts import category_axis, chart_height, expert_focus, focus_sentence, fold
 from ._plotly import SEQUENTIAL, FigureBuilder, expert_axis, f32, finish, plotly_trace, token_axis
 from ._view import View
 from .balance import balance_table, coactivation, expert_load, layer_load, load_map, reuse
@@ -26,24 +27,29 @@ from .paths import expert_paths
 from .routing import coloured_text
 
 
-def routed_heatmap(trace: Trace, layer: int) -> View:
+def routed_heatmap(trace: Trace, layer: int, experts: list[int] | None = None) -> View:
     """Which experts each token was sent to, as the engine recorded it: 1 where routed (the share
-    of a bin's tokens on long sequences), no scores."""
+    of a bin's tokens on long sequences), no scores. Above 16 experts the busiest (or ``experts``)
+    get a row each and the rest share one row (its cells count the tokens' folded experts)."""
     lt = trace.layer(layer)
     T, E = lt.num_tokens, lt.num_experts
     size = token_bins(T)
     routed = bin_mean(metrics.membership(lt, "routed").float(), size)  # (B, E)
+    focus = expert_focus(lt, chosen=experts)
+    rows = np.arange(E)
+    if focus.folded:
+        routed, rows = fold(routed, focus)  # (B, S + 1)
     x = np.arange(routed.shape[0]) * size if size > 1 else np.arange(T)
     fig = FigureBuilder(
         plotly_trace(
             go.Heatmap,
             z=f32(routed.t()),
             x=x,
-            y=np.arange(E),
+            y=rows,
             colorscale=SEQUENTIAL,
             zmin=0.0,
-            zmax=1.0,
-            showscale=size > 1,
+            zmax=1.0 if not focus.folded else None,
+            showscale=size > 1 or focus.folded,
             colorbar={"title": {"text": "share of the bin's tokens"}},
             hovertemplate=(
                 "position %{x}<br>expert %{y}: %{z:.0f} (1 = routed)<extra></extra>"
@@ -57,7 +63,11 @@ def routed_heatmap(trace: Trace, layer: int) -> View:
         plot_bgcolor="#FFFFFF",
     )
     token_axis(fig, trace, size)
-    expert_axis(fig, E)
+    if focus.folded:
+        category_axis(fig, list(rows), focus.axis_title(), reverse=True)
+        fig.update_layout(height=chart_height(len(rows)))
+    else:
+        expert_axis(fig, E)
     load = metrics.expert_load(lt, "routed")  # (E,)
     busiest = int(load.argmax())
     unused = int((load == 0).sum())
@@ -68,6 +78,8 @@ def routed_heatmap(trace: Trace, layer: int) -> View:
         f"was. Expert {busiest} takes the most tokens ({int(load[busiest])} of {T}, {load[busiest] / T:.0%})"
     )
     text += f"; {plural(unused, 'expert')} of {E} take none." if unused else f"; all {E} experts take some."
+    if focus.folded:
+        text += " " + focus_sentence(focus, layer)
     return View("routing_heatmap", f"Token × expert routing, layer {layer}", text, figure=finish(fig))
 
 

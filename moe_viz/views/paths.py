@@ -9,6 +9,7 @@ import plotly.graph_objects as go
 from .. import metrics
 from ..trace import Trace
 from ._display import code_token, pct, plural
+from ._experts import MANY_EXPERTS, NEUTRAL
 from ._plotly import FigureBuilder, expert_colors, finish, plotly_trace
 from ._view import View
 
@@ -29,26 +30,43 @@ def expert_paths(trace: Trace, top: int = 5, positions: list[int] | None = None)
     p = metrics.expert_paths(trace, top=top, positions=positions)
     L = len(p.layers)
     E = p.marginals.shape[1]
-    colors = expert_colors(E)
-    labels = [f"L{layer} · e{e}" for layer in p.layers for e in range(E)]
+    columns = _columns(L)
+    many = E > MANY_EXPERTS
+    colors = expert_colors(E) if not many else [NEUTRAL] * E  # many experts: identity in the labels only
+    # Each column's nodes: every expert (up to 16), else its PATH_EXPERTS commonest first choices and one
+    # "other" node; node id = (column, expert) with expert E standing for "other".
+    kept = [_column_experts(p.paths[:, i].tolist(), E) for i in columns]
+    nodes: dict[tuple[int, int], int] = {}
+    labels, node_colors = [], []
+    for c, (i, experts) in enumerate(zip(columns, kept, strict=True)):
+        for e in [*experts, E] if many else range(E):
+            nodes[(c, e)] = len(labels)
+            layer = p.layers[i]
+            labels.append(f"L{layer} · e{e}" if e < E else f"L{layer} · other")
+            node_colors.append(colors[e] if e < E else NEUTRAL)
     source, target, value = [], [], []
-    for i in range(L - 1):
+    for c in range(len(columns) - 1):
         pairs: dict[tuple[int, int], int] = {}
-        for a, b in p.paths[:, i : i + 2].tolist():
+        for a, b in p.paths[:, [columns[c], columns[c + 1]]].tolist():
+            a = a if (c, a) in nodes else E
+            b = b if (c + 1, b) in nodes else E
             pairs[(a, b)] = pairs.get((a, b), 0) + 1
         for (a, b), n in sorted(pairs.items()):
-            source.append(i * E + a)
-            target.append((i + 1) * E + b)
+            source.append(nodes[(c, a)])
+            target.append(nodes[(c + 1, b)])
             value.append(n)
     fig = FigureBuilder(
         plotly_trace(
             go.Sankey,
             arrangement="snap",
-            node={"label": labels, "color": [colors[j % E] for j in range(L * E)], "pad": 8, "thickness": 12},
+            node={"label": labels, "color": node_colors, "pad": 8, "thickness": 12},
             link={"source": source, "target": target, "value": value},
         )
     )
-    fig.update_layout(title={"text": f"First-choice expert paths across {plural(L, 'MoE layer')} ({trace.policy})"})
+    shown = "" if len(columns) == L else f", {len(columns)} of them shown"
+    fig.update_layout(
+        title={"text": f"First-choice expert paths across {plural(L, 'MoE layer')}{shown} ({trace.policy})"}
+    )
     path, tokens, share, indep = p.top[0]
     route = " → ".join(f"e{e}" for e in path)
     if len(p.positions) == 1:
@@ -66,7 +84,34 @@ def expert_paths(trace: Trace, top: int = 5, positions: list[int] | None = None)
         f"sum of per-layer entropies {p.independent_entropy:.2f} minus the path entropy {p.path_entropy:.2f}; "
         "0 = independent layers)."
     )
+    if len(columns) < L or many:
+        text += (
+            f" With {plural(L, 'layer')} and {E} experts the chart shows {len(columns)} evenly spaced layers and, in "
+            f"each, the {PATH_EXPERTS} commonest first choices with the rest in one grey 'other' node; the numbers "
+            "above count every layer and expert."
+            if many
+            else f" With {L} layers the chart shows {len(columns)} evenly spaced ones; the numbers count every layer."
+        )
     return View("expert_paths", "Expert paths across layers", text, figure=finish(fig))
+
+
+MAX_COLUMNS = 12  # Sankey columns: more layers are sampled evenly (first and last kept)
+PATH_EXPERTS = 8  # nodes per column above MANY_EXPERTS experts, besides "other"
+
+
+def _columns(L: int) -> list[int]:
+    """Indices of the layers the Sankey draws: all up to MAX_COLUMNS, else evenly spaced."""
+    if L <= MAX_COLUMNS:
+        return list(range(L))
+    return sorted({round(i * (L - 1) / (MAX_COLUMNS - 1)) for i in range(MAX_COLUMNS)})
+
+
+def _column_experts(first_choices: list[int], E: int) -> list[int]:
+    """The experts of one column that get their own node: the commonest first choices."""
+    counts: dict[int, int] = {}
+    for e in first_choices:
+        counts[e] = counts.get(e, 0) + 1
+    return sorted(counts, key=lambda e: (-counts[e], e))[:PATH_EXPERTS]
 
 
 def paths_table(trace: Trace, top: int = 10, positions: list[int] | None = None) -> View:

@@ -17,13 +17,22 @@ import torch
 from .. import metrics
 from ..trace import LayerTrace, Trace
 from ._display import bin_mean, bin_note, bin_sum, code_token, display_token, pct, plural, token_bins
+from ._experts import (
+    NEUTRAL,
+    SHOWN_EXPERTS,
+    ExpertFocus,
+    category_axis,
+    chart_height,
+    expert_focus,
+    focus_sentence,
+    fold,
+)
 from ._plotly import (
     DROPPED_COLOR,
     KEPT_MARK_COLOR,
     SEQUENTIAL,
     FigureBuilder,
     expert_axis,
-    expert_colors,
     f32,
     finish,
     plotly_trace,
@@ -70,26 +79,40 @@ def fragility_sentence(lt: LayerTrace) -> str:
 
 
 # ----------------------------------------------------------------------------- token x expert heatmap
-def routing_heatmap(trace: Trace, layer: int) -> View:
+def _row_of(focus: ExpertFocus):  # noqa: ANN202 - (n,) expert ids -> their rows on the expert axis
+    """Expert ids -> their row: the id itself when every expert has one, else its label or the
+    "other experts" row it was folded into."""
+    if not focus.folded:
+        return lambda ids: ids.numpy()
+    shown = set(focus.shown)
+    return lambda ids: np.array([focus.label(e) if e in shown else focus.other_label for e in ids.tolist()])
+
+
+def routing_heatmap(trace: Trace, layer: int, experts: list[int] | None = None) -> View:
     """Router probability per (expert, token); kept assignments marked with white dots, dropped
     ones with vermillion crosses. Long prompts show the mean probability per token bin and one
-    cross per (bin, expert) with dropped assignments (hover: how many)."""
+    cross per (bin, expert) with dropped assignments (hover: how many). Above 16 experts the
+    busiest (or ``experts``) get a row each and the rest share one "other experts" row."""
     lt = trace.layer(layer)
     if not lt.scores_recorded:  # an engine import: which experts, not how strongly
         from .imported import routed_heatmap
 
-        return routed_heatmap(trace, layer)
+        return routed_heatmap(trace, layer, experts)
     T, E = lt.num_tokens, lt.num_experts
     k_applied = _applied_k(trace, layer)
     size = token_bins(T)
     probs = bin_mean(lt.router_probs, size)  # (B, E)
+    focus = expert_focus(lt, chosen=experts)
+    rows = np.arange(E)
+    if focus.folded:  # many experts: the busiest on their own rows, the rest summed into one
+        probs, rows = fold(probs, focus)  # (B, S + 1)
     x = np.arange(probs.shape[0]) * size if size > 1 else np.arange(T)
     fig = FigureBuilder(
         plotly_trace(
             go.Heatmap,
             z=f32(probs.t()),
             x=x,
-            y=np.arange(E),
+            y=rows,
             colorscale=SEQUENTIAL,
             zmin=0.0,
             colorbar={"title": {"text": ("router " if size == 1 else "mean ") + lt.score_name}},
@@ -99,6 +122,7 @@ def routing_heatmap(trace: Trace, layer: int) -> View:
         )
     )
     pos = torch.arange(T).unsqueeze(1).expand_as(lt.index)  # (T, k')
+    row_of = _row_of(focus)
     if size == 1:
         kept = ~lt.dropped
         if k_applied < E:  # ensemble: every expert is chosen, no markers needed
@@ -106,7 +130,7 @@ def routing_heatmap(trace: Trace, layer: int) -> View:
                 plotly_trace(
                     scatter(int(kept.sum())),
                     x=pos[kept].numpy(),
-                    y=lt.index[kept].numpy(),
+                    y=row_of(lt.index[kept]),
                     mode="markers",
                     name="chosen",
                     marker={
@@ -118,14 +142,17 @@ def routing_heatmap(trace: Trace, layer: int) -> View:
                     hovertemplate="position %{x}: expert %{y} chosen<extra></extra>",
                 )
             )
-        dropped_x, dropped_y, dropped_n = pos[lt.dropped].numpy(), lt.index[lt.dropped].numpy(), None
+        dropped_x, dropped_y, dropped_n = pos[lt.dropped].numpy(), row_of(lt.index[lt.dropped]), None
     else:
         onehot = torch.zeros(T, E, dtype=torch.long)
         ones = torch.ones(int(lt.dropped.sum()), dtype=torch.long)
         onehot.index_put_((pos[lt.dropped], lt.index[lt.dropped]), ones, accumulate=True)
         per_bin = bin_sum(onehot, size)  # (B, E)
+        if focus.folded:
+            per_bin, _ = fold(per_bin, focus)  # (B, S + 1)
         where = per_bin.nonzero()
-        dropped_x, dropped_y = (where[:, 0] * size).numpy(), where[:, 1].numpy()
+        dropped_x = (where[:, 0] * size).numpy()
+        dropped_y = np.asarray(rows)[where[:, 1].numpy()] if focus.folded else where[:, 1].numpy()
         dropped_n = per_bin[where[:, 0], where[:, 1]].numpy()
     if lt.dropped_count:
         fig.add_trace(
@@ -153,7 +180,11 @@ def routing_heatmap(trace: Trace, layer: int) -> View:
         plot_bgcolor="#FFFFFF",
     )
     token_axis(fig, trace, size)
-    expert_axis(fig, E)
+    if focus.folded:
+        category_axis(fig, list(rows), focus.axis_title(), reverse=True)
+        fig.update_layout(height=chart_height(len(rows)))
+    else:
+        expert_axis(fig, E)
     boundary = trace.prompt_length  # a generation: prompt tokens first, then the generated ones
     if 0 < boundary < T:
         fig.add_vline(
@@ -166,6 +197,7 @@ def routing_heatmap(trace: Trace, layer: int) -> View:
     h = metrics.router_entropy(lt)  # (T,)
     top = lt.router_probs.float().max(dim=-1)  # (T,)
     t_conf = int(top.values.argmax())
+    rows_text = f"the {plural(E, 'expert')}" if not focus.folded else "the experts"
     if size > 1:  # the heatmap groups long prompts into bins and marks no individual choices
         opening = (
             f"Each column is a group of {size} consecutive tokens ({T} tokens in all), each row one of the "
@@ -175,14 +207,16 @@ def routing_heatmap(trace: Trace, layer: int) -> View:
     elif not lt.every_expert_runs:
         sent = "the expert" if k_applied == 1 else f"the {k_applied} experts"
         opening = (
-            f"Columns are the {plural(T, 'token')}, rows the {plural(E, 'expert')}; brighter means a higher router "
+            f"Columns are the {plural(T, 'token')}, rows {rows_text}; brighter means a higher router "
             f"{score}, and dots mark {sent} each token is sent to in this run. "
         )
     else:
         opening = (
-            f"Columns are the {plural(T, 'token')}, rows the {plural(E, 'expert')}; brighter means a higher router "
+            f"Columns are the {plural(T, 'token')}, rows {rows_text}; brighter means a higher router "
             f"{score}. Every expert processes every token in this run, so no choice is marked. "
         )
+    if focus.folded:
+        opening += focus_sentence(focus, layer)
     renorm = " (scores renormalised to sum to 1)" if lt.score_name == "score" else ""
     text = (
         opening + f"The mean router entropy is {float(h.mean()):.2f} of its maximum{renorm} (1 = undecided, "
@@ -213,7 +247,8 @@ def coloured_text(trace: Trace, layer: int) -> View:
     Partially dropped tokens are underlined (dotted), fully dropped ones struck through."""
     lt = trace.layer(layer)
     E = lt.num_experts
-    colors = expert_colors(E)
+    focus = expert_focus(lt)  # above 16 experts: colours for the commonest first choices only
+    colors = focus.colors()
     first = metrics.first_choice(lt)  # (T,)
     top1 = first.tolist()
     scores = lt.scores_recorded
@@ -243,10 +278,13 @@ def coloured_text(trace: Trace, layer: int) -> View:
             style += ";text-decoration:underline dotted"
         text = html.escape(tok, quote=True).replace("\n", "↵<br>") or "∅"
         spans.append(f'<span class="moe-tok" style="{style}" title="{html.escape(title, quote=True)}">{text}</span>')
+    chip = '<span style="background:{c};color:{t};padding:0 4px;border-radius:3px;white-space:nowrap">{label}</span>'
     legend = " ".join(
-        f'<span style="background:{c};color:{text_color(c)};padding:0 4px;border-radius:3px">expert {i}</span>'
-        for i, c in enumerate(colors)
+        chip.format(c=focus.color(e), t=text_color(focus.color(e)), label=f"expert {e}") for e in focus.coloured
     )
+    if len(focus.coloured) < E:  # the neutral colour stands for every other expert
+        others = E - len(focus.coloured)
+        legend += " " + chip.format(c=NEUTRAL, t=text_color(NEUTRAL), label=f"the other {others} experts")
     # The key comes first: a long text scrolls in its box, and the key must stay in view.
     body = (
         f'<div class="moe-viz-legend" style="margin-bottom:6px;font-size:0.85em">Top-1 expert at layer '
@@ -273,6 +311,11 @@ def coloured_text(trace: Trace, layer: int) -> View:
             f" Neighbouring tokens keep the same first choice {pct(r.first_choice_same)} of the time; "
             f"random routing would give {pct(r.first_choice_baseline)}."
         )
+    if len(focus.coloured) < E:
+        explanation += (
+            f" With {E} experts, only the {len(focus.coloured)} commonest first choices of this layer get a colour of "
+            "their own; the others share the grey."
+        )
     explanation += (
         " Hover a token to see its full router distribution." if scores else " Hover a token to see all its experts."
     )
@@ -297,18 +340,34 @@ def router_distribution(trace: Trace, layer: int, position: int) -> View:
     margin_note = ""
     if not every and lt.scores_decide:
         margin_note = f" (top-{lt.applied_k} margin {float(metrics.topk_margin(lt, lt.applied_k)[t]):.3f})"
+    focus = expert_focus(lt)
+    bars = list(range(E))  # up to 16 experts: every one, by id
+    if focus.folded:  # many experts: this token's highest scores (its experts among them), then the rest summed
+        top = [e for e in p.argsort(descending=True).tolist()][: max(SHOWN_EXPERTS, len(chosen))]
+        bars = sorted(set(top) | chosen, key=lambda e: -float(p[e]))
+    x = [f"e{e}" for e in bars] if focus.folded else bars
+    y = [float(p[e]) for e in bars]
+    if focus.folded:
+        x.append(f"other {E - len(bars)} experts")
+        y.append(float(p.sum()) - sum(y))
     fig = FigureBuilder(
         plotly_trace(
             go.Bar,
-            x=list(range(E)),
-            y=f32(p),
-            customdata=status,
+            x=x,
+            y=np.asarray(y, dtype=np.float32),
+            customdata=[status[e] for e in bars] + (["summed"] if focus.folded else []),
             marker={
-                "color": expert_colors(E),
-                "line": {"width": [3 if e in chosen else 0.5 for e in range(E)], "color": "#000000"},
-                "pattern": {"shape": ["x" if e in dropped else "" for e in range(E)], "fgcolor": DROPPED_COLOR},
+                "color": [focus.color(e) for e in bars] + ([NEUTRAL] if focus.folded else []),
+                "line": {
+                    "width": [3 if e in chosen else 0.5 for e in bars] + [0.5] * bool(focus.folded),
+                    "color": "#000000",
+                },
+                "pattern": {
+                    "shape": ["x" if e in dropped else "" for e in bars] + [""] * bool(focus.folded),
+                    "fgcolor": DROPPED_COLOR,
+                },
             },
-            hovertemplate="expert %{x}: %{y:.3f} (%{customdata})<extra></extra>",
+            hovertemplate=("%{x}" if focus.folded else "expert %{x}") + ": %{y:.3f} (%{customdata})<extra></extra>",
         )
     )
     fig.update_layout(
@@ -319,7 +378,10 @@ def router_distribution(trace: Trace, layer: int, position: int) -> View:
         yaxis_title=f"router {lt.score_name}",
         plot_bgcolor="#FFFFFF",
     )
-    expert_axis(fig, E, "x")
+    if focus.folded:
+        category_axis(fig, x, f"expert: this token's {len(bars)} highest scores, then the other {E - len(bars)}", "x")
+    else:
+        expert_axis(fig, E, "x")
 
     token = f"Token {code_token(trace.tokens[t])} (position {t}) in layer {layer}"
     if every:
