@@ -13,6 +13,7 @@ from plotly.subplots import make_subplots
 from .. import metrics
 from ..trace import Trace
 from ._display import bin_mean, bin_note, code_token, num, pct, plural, token_bins
+from ._experts import MANY_EXPERTS, SHOWN_EXPERTS, category_axis, chart_height
 from ._plotly import (
     DROPPED_COLOR,
     FLIP_COLOR,
@@ -101,6 +102,13 @@ def routing_diff(reference: Trace, other: Trace, layer: int) -> View:
     d = metrics.routing_diff(reference, other, layer)
     T, E = d.reference_sets.shape
     size = token_bins(T)
+    rows, labels = list(range(E)), np.arange(E)
+    if E > MANY_EXPERTS:  # many experts: the ones whose tokens changed most, then the busiest
+        changed = (d.reference_sets != d.other_sets).sum(dim=0)  # (E,)
+        used = (d.reference_sets | d.other_sets).sum(dim=0)  # (E,)
+        order = sorted(range(E), key=lambda e: (-int(changed[e]), -int(used[e]), e))
+        rows = order[:SHOWN_EXPERTS]
+        labels = [f"e{e}" for e in rows]
     if size == 1:
         code = d.reference_sets.long() * 1 + d.other_sets.long() * 3  # 0, 1, 3, 4
         code = torch.tensor([0, 2, 0, 3, 1])[code]  # neither 0, both 1, ref only 2, other only 3
@@ -111,9 +119,9 @@ def routing_diff(reference: Trace, other: Trace, layer: int) -> View:
         fig = FigureBuilder(
             plotly_trace(
                 go.Heatmap,
-                z=code.t().numpy().astype(np.int8),
+                z=code[:, rows].t().numpy().astype(np.int8),
                 x=np.arange(T),
-                y=np.arange(E),
+                y=labels,
                 colorscale=scale,
                 zmin=-0.5,
                 zmax=n - 0.5,
@@ -123,12 +131,14 @@ def routing_diff(reference: Trace, other: Trace, layer: int) -> View:
         )
         oth = other.layer(layer)
         pos = torch.arange(T).unsqueeze(1).expand_as(oth.index)
-        if oth.dropped_count:
+        marked = oth.dropped & torch.isin(oth.index, torch.tensor(rows))  # (T, k') drops on the rows drawn
+        if marked.any():
+            where = {e: label for e, label in zip(rows, labels, strict=True)}
             fig.add_trace(
                 plotly_trace(
-                    scatter(oth.dropped_count),
-                    x=pos[oth.dropped].numpy(),
-                    y=oth.index[oth.dropped].numpy(),
+                    scatter(int(marked.sum())),
+                    x=pos[marked].numpy(),
+                    y=np.array([where[e] for e in oth.index[marked].tolist()]),
                     mode="markers",
                     name=f"dropped in {other.policy}",
                     marker={"symbol": "x", "size": 8, "color": DROPPED_COLOR, "line": {"width": 1, "color": "#000000"}},
@@ -137,13 +147,13 @@ def routing_diff(reference: Trace, other: Trace, layer: int) -> View:
             )
     else:
         differs = (d.reference_sets != d.other_sets).double()  # (T, E)
-        share = bin_mean(differs, size)  # (B, E)
+        share = bin_mean(differs, size)[:, rows]  # (B, rows)
         fig = FigureBuilder(
             plotly_trace(
                 go.Heatmap,
                 z=f32(share.t()),
                 x=np.arange(share.shape[0]) * size,
-                y=np.arange(E),
+                y=labels,
                 colorscale=SEQUENTIAL,
                 zmin=0.0,
                 zmax=1.0,
@@ -160,7 +170,11 @@ def routing_diff(reference: Trace, other: Trace, layer: int) -> View:
         plot_bgcolor="#FFFFFF",
     )
     token_axis(fig, reference, size)
-    expert_axis(fig, E)
+    if E > MANY_EXPERTS:
+        category_axis(fig, list(labels), f"expert: the {len(rows)} whose tokens changed most", reverse=True)
+        fig.update_layout(height=chart_height(len(rows)))
+    else:
+        expert_axis(fig, E)
     gained, lost = int(d.added.sum()), int(d.removed.sum())
     oth = other.layer(layer)
     dropped_at = metrics.membership(oth, "routed") & ~d.other_sets  # (T, E) assignments other dropped
@@ -176,4 +190,6 @@ def routing_diff(reference: Trace, other: Trace, layer: int) -> View:
         were = "was" if elsewhere == 1 else "were"
         text += f"; {plural(elsewhere, 'more dropped assignment')} {were} at experts `{reference.policy}` did not use"
     text += "."
+    if E > MANY_EXPERTS:
+        text += f" With {E} experts the map shows the {len(rows)} whose tokens changed most; the counts cover all {E}."
     return View("routing_diff", f"Routing diff, {other.policy}, layer {layer}", text, figure=finish(fig))

@@ -18,6 +18,7 @@ from ..corpus.aggregates import CorpusAggregates
 from ..corpus.report import CorpusReport
 from ..corpus.stats import Estimate
 from ._display import num, pct, per_layer_values, times, visible
+from ._experts import MANY_EXPERTS, SHOWN_EXPERTS, chart_height
 from ._plotly import OKABE_ITO, TOL_MUTED, FigureBuilder, expert_axis, expert_colors, finish, plotly_trace
 from ._view import View
 
@@ -436,6 +437,10 @@ def coactivation_heatmap(
     co = report.coactivation_adjacent if adjacent else report.coactivation
     m = co.matrix.value[li]  # (E, E)
     E = m.shape[0]
+    busiest = order is None and E > MANY_EXPERTS
+    if busiest:  # many experts: the pairs of the busiest, busiest first
+        tokens = co.tokens[li]  # (E,)
+        order = sorted(range(E), key=lambda e: (-int(tokens[e]), e))[:SHOWN_EXPERTS]
     order = order or list(range(E))
     z = m[np.ix_(order, order)] * 100
     lo = co.matrix.low[li][np.ix_(order, order)] * 100
@@ -457,11 +462,13 @@ def coactivation_heatmap(
         )
     )
     kind = "adjacent-rank co-activation (OLMoE script variant)" if adjacent else "co-activation"
+    which = f" (the {len(order)} busiest)" if busiest else ""
     fig.update_layout(
         title={"text": f"Expert {kind}, layer {layer}: % of row expert's tokens that also use the column expert"},
-        xaxis={"title": {"text": "expert b"}, "type": "category"},
-        yaxis={"title": {"text": "expert a"}, "type": "category", "autorange": "reversed"},
+        xaxis={"title": {"text": "expert b" + which}, "type": "category"},
+        yaxis={"title": {"text": "expert a" + which}, "type": "category", "autorange": "reversed"},
         plot_bgcolor="#FFFFFF",
+        height=chart_height(len(order), extra=220) if len(order) > MANY_EXPERTS else None,
     )
     base = float(co.baseline[li])
     strongest = co.strongest(li)
@@ -480,6 +487,8 @@ def coactivation_heatmap(
             f" The strongest pair is expert {a} → {b}: {ci_text(v, low, high, pct)} of expert {a}'s tokens, "
             f"{times(v / base) if base else 'n/a'} independence."
         )
+    if busiest:
+        text += f" With {E} experts the map shows the pairs among the {len(order)} busiest; the strongest pair is searched over all."
     return View(
         f"corpus_coactivation{'_adjacent' if adjacent else ''}",
         f"Co-activation (layer {layer})",
@@ -748,12 +757,17 @@ def position_profile(agg: CorpusAggregates, layer: int) -> View:
     share = (counts[used] / totals[used]).T  # (E, P_used)
     b = agg.meta.position_bucket
     x = [f"{p * b}–{p * b + b - 1}" if b > 1 else str(p) for p in used]
+    E = agg.num_experts
+    rows: list = list(range(E))
+    if E > MANY_EXPERTS:  # many experts: the busiest, busiest first
+        load = counts.sum(axis=0)  # (E,)
+        rows = sorted(range(E), key=lambda e: (-load[e], e))[:SHOWN_EXPERTS]
     fig = FigureBuilder(
         plotly_trace(
             go.Heatmap,
-            z=share,
+            z=share[rows],
             x=x,
-            y=list(range(agg.num_experts)),
+            y=[f"e{e}" for e in rows] if E > MANY_EXPERTS else rows,
             colorscale="Cividis",
             zmin=0,
             colorbar={"title": {"text": "share"}, "tickformat": ".0%"},
@@ -765,7 +779,11 @@ def position_profile(agg: CorpusAggregates, layer: int) -> View:
         xaxis={"title": {"text": "position in the chunk"}, "type": "category"},
         plot_bgcolor="#FFFFFF",
     )
-    expert_axis(fig, agg.num_experts)
+    if E > MANY_EXPERTS:
+        fig.update_yaxes(title_text=f"expert (the {len(rows)} busiest)", type="category", autorange="reversed")
+        fig.update_layout(height=chart_height(len(rows)))
+    else:
+        expert_axis(fig, E)
     first = share[:, 0]
     rest = counts[used[1:]].sum(axis=0) / max(1.0, counts[used[1:]].sum()) if len(used) > 1 else first
     e = int(np.argmax(np.abs(first - rest)))

@@ -10,6 +10,7 @@ import plotly.graph_objects as go
 
 from ..importance import Importance
 from ._display import num, pct
+from ._experts import MANY_EXPERTS, SHOWN_EXPERTS, chart_height
 from ._plotly import FigureBuilder, expert_axis, expert_colors, finish, plotly_trace
 from ._view import View
 
@@ -37,12 +38,17 @@ def importance_heatmap(imp: Importance) -> View:
     for row in t.itertuples():
         z[row.expert, layers.index(row.layer)] = row.delta_loss
     bound = float(np.nanmax(np.abs(z))) or 1e-9
+    rows: list = list(range(E))
+    if E > MANY_EXPERTS:  # many experts: those with the largest effect in any layer
+        strength = np.nan_to_num(np.nanmax(np.abs(z), axis=1), nan=-1.0)  # (E,)
+        rows = sorted(range(E), key=lambda e: (-strength[e], e))[:SHOWN_EXPERTS]
+        z = z[rows]
     fig = FigureBuilder(
         plotly_trace(
             go.Heatmap,
             z=z,
             x=[str(layer) for layer in layers],
-            y=np.arange(E),
+            y=[f"e{e}" for e in rows] if E > MANY_EXPERTS else np.arange(E),
             colorscale="RdBu_r",
             zmin=-bound,
             zmax=bound,
@@ -55,7 +61,13 @@ def importance_heatmap(imp: Importance) -> View:
         xaxis={"title": {"text": "MoE layer"}, "type": "category"},
         plot_bgcolor="#FFFFFF",
     )
-    expert_axis(fig, E)
+    if E > MANY_EXPERTS:
+        fig.update_yaxes(
+            title_text=f"expert (the {len(rows)} with the largest effect)", type="category", autorange="reversed"
+        )
+        fig.update_layout(height=chart_height(len(rows)))
+    else:
+        expert_axis(fig, E)
     best = t.loc[t["importance"].idxmax()]
     helps = t.loc[t["delta_loss"].idxmin()]
     text = (

@@ -10,6 +10,7 @@ import plotly.graph_objects as go
 from .. import phases
 from ..trace import Trace
 from ._display import num, pct, plural
+from ._experts import MANY_EXPERTS, SHOWN_EXPERTS
 from ._plotly import FigureBuilder, expert_axis, finish, plotly_trace
 from ._view import View
 
@@ -21,13 +22,16 @@ def prefill_decode(trace: Trace, layer: int) -> View:
     i = split.layers.index(trace.layer(layer).layer)
     p, g = split.prompt_shares[i], split.generated_shares[i]  # (E,) each
     E = len(p)
+    bars: list = list(range(E))
+    if E > MANY_EXPERTS:  # many experts: those whose share moves most between the phases
+        bars = (g - p).abs().argsort(descending=True)[:SHOWN_EXPERTS].tolist()
     fig = FigureBuilder()
     for name, shares, color in (("prompt (prefill)", p, "#56B4E9"), ("generated (decode)", g, "#D55E00")):
         fig.add_trace(
             plotly_trace(
                 go.Bar,
-                x=np.arange(E),
-                y=shares.numpy(),
+                x=[f"e{e}" for e in bars] if E > MANY_EXPERTS else np.arange(E),
+                y=shares[bars].numpy(),
                 name=name,
                 marker={"color": color},
                 hovertemplate=f"{name}: expert %{{x}} takes %{{y:.1%}}<extra></extra>",
@@ -41,7 +45,10 @@ def prefill_decode(trace: Trace, layer: int) -> View:
         legend={"orientation": "h", "y": -0.2},
         plot_bgcolor="#FFFFFF",
     )
-    expert_axis(fig, E, axis="x")
+    if E > MANY_EXPERTS:
+        fig.update_xaxes(title_text=f"expert (the {len(bars)} whose share moves most)", type="category")
+    else:
+        expert_axis(fig, E, axis="x")
     rows = split.table[split.table["layer"] == layer].set_index("phase")
     shift = int((g - p).abs().argmax())
     generated = trace.num_tokens - split.boundary
