@@ -21,6 +21,7 @@ request is bounded. Any single setting below can still be overridden by its own 
 | model computations at once | ``MOE_VIZ_COMPUTE_SLOTS`` | unbounded | 2 |
 | longest wait for a free slot, seconds | ``MOE_VIZ_MAX_WAIT_S`` | — | 120 |
 | traces kept per session | ``MOE_VIZ_TRACES_PER_SESSION`` | 24 | 6 |
+| memory for a session's traces, MiB (oldest evicted first; 0 = no bound) | ``MOE_VIZ_SESSION_MB`` | 0 | 64 |
 | token rows per analysis (ablation grid, sweeps: copies x tokens x forwards) | ``MOE_VIZ_MAX_ANALYSIS_TOKENS`` | unbounded | 16384 |
 | tokens per corpus run (Corpus and Paper pages) | ``MOE_VIZ_MAX_CORPUS_TOKENS`` | unbounded | 60000 |
 | corpus upload size, MiB (hosted: uploads are the only source besides the demo) | ``MOE_VIZ_MAX_CORPUS_UPLOAD_MB`` | 200 | 2 |
@@ -97,6 +98,7 @@ class AppConfig:
     compute_slots: int | None = None
     max_wait_s: float = 120.0
     traces_per_session: int = 24
+    session_mb: int | None = None  # bytes a session's traces may hold, in MiB (None: only the count bounds them)
     max_analysis_tokens: int | None = None
     max_corpus_tokens: int | None = None
     max_corpus_upload_mb: int = 200
@@ -157,6 +159,10 @@ class AppConfig:
             ("computations at once", str(self.compute_slots) if self.compute_slots else unlimited),
             ("traces kept per session", str(self.traces_per_session)),
             (
+                "memory per session",
+                f"{self.session_mb} MiB of traces (oldest dropped first)" if self.session_mb else unlimited,
+            ),
+            (
                 "analyses (ablation grid, sweeps)",
                 f"at most {self.max_analysis_tokens} token rows each" if self.max_analysis_tokens else unlimited,
             ),
@@ -209,6 +215,7 @@ def load_config() -> AppConfig:
         compute_slots=slots,
         max_wait_s=_env_float("MOE_VIZ_MAX_WAIT_S", 120.0) or 120.0,
         traces_per_session=_env_int("MOE_VIZ_TRACES_PER_SESSION", 6 if hosted else 24),
+        session_mb=_env_int("MOE_VIZ_SESSION_MB", 64 if hosted else 0, low=0) or None,
         max_analysis_tokens=_env_int("MOE_VIZ_MAX_ANALYSIS_TOKENS", 16_384 if hosted else 0, low=0) or None,
         max_corpus_tokens=_env_int("MOE_VIZ_MAX_CORPUS_TOKENS", 60_000 if hosted else 0, low=0) or None,
         max_corpus_upload_mb=_env_int("MOE_VIZ_MAX_CORPUS_UPLOAD_MB", 2 if hosted else 200),

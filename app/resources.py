@@ -61,6 +61,7 @@ class Keys:
     WIDGETS_FOR = "widgets_for_model"  # the model id the k / layer widgets were set up for
     POSITION = "position"  # widget: selected token position
     TRACES = "traces"  # OrderedDict[(model, prompt, policy spec)] -> Trace
+    EVICTED = "traces_evicted"  # traces the session's byte budget dropped since the page last said so
     GENERATIONS = "generations"  # dict[(model, prompt, spec, n)] -> Generation
     ANALYSES = "analyses"  # OrderedDict[(kind, model, prompt, args)] -> importance / sweep / noise results
 
@@ -238,9 +239,34 @@ def get_trace(model: MoEModel, prompt: str, policy: Policy | None) -> Trace:
         lambda: run_prompt(model, prompt, policy, max_tokens=cfg.max_prompt_tokens, time_budget_s=cfg.time_budget_s)
     )
     cache[key] = trace
-    while len(cache) > cfg.traces_per_session:  # only the latest traces stay in memory
-        cache.popitem(last=False)
+    evict_traces(cache, cfg.traces_per_session, cfg.session_mb)
     return trace
+
+
+def evict_traces(cache: OrderedDict[Any, Trace], max_traces: int, budget_mb: int | None) -> int:
+    """Drop the oldest traces until at most ``max_traces`` remain and, with a budget, their bytes
+    fit in ``budget_mb`` MiB (the newest always stays). Records how many went, for the page to say."""
+    evicted = 0
+    while len(cache) > max_traces or (
+        budget_mb and len(cache) > 1 and sum(t.nbytes() for t in cache.values()) > budget_mb * 2**20
+    ):
+        cache.popitem(last=False)
+        evicted += 1
+    if evicted:
+        st.session_state[Keys.EVICTED] = st.session_state.get(Keys.EVICTED, 0) + evicted
+    return evicted
+
+
+def evicted_note() -> str | None:
+    """What the budget did this session, once: the page shows it under the run."""
+    n = st.session_state.pop(Keys.EVICTED, 0)
+    cfg = config()
+    if not n or not cfg.session_mb:
+        return None
+    return (
+        f"To keep this session within {cfg.session_mb} MiB, {n} older trace{'s' * (n != 1)} "
+        f"{'were' if n != 1 else 'was'} dropped from memory; going back to one computes it again."
+    )
 
 
 def get_generation(

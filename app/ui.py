@@ -18,7 +18,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app.resources import Keys, config, current_prompt, get_trace
+from app.resources import Keys, config, current_prompt, evicted_note, get_trace
 from app.sidebar import PageContext, page_context
 from moe_viz import MoEModel, Trace, trace_io
 from moe_viz.views import View
@@ -90,6 +90,9 @@ def traced_page(title: str, page: str) -> tuple[MoEModel, int, Trace]:
     start_figures()
     with shows_errors():
         trace = get_trace(model, prompt, ctx.policy)
+    note = evicted_note()
+    if note:
+        st.info(note)
     return model, layer, trace
 
 

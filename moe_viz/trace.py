@@ -165,6 +165,17 @@ class Trace:
             digest.update(lt.dropped.numpy().tobytes())
         return digest.hexdigest()[:12]
 
+    def nbytes(self) -> int:
+        """Bytes this trace holds in memory: its tensors (the full next-token distribution, when
+        kept, is most of it) and, roughly, its token texts. What a per-session budget counts."""
+        tensors = [getattr(lt, name) for lt in self.layers for name in _PER_TOKEN_LAYER_FIELDS]
+        out = self.output
+        tensors += [out.top_ids, out.top_logprobs, out.target_logprob, out.entropy]
+        if out.vocab_logprobs is not None:
+            tensors.append(out.vocab_logprobs)
+        texts = sum(len(t) for t in self.tokens) + sum(len(t) for row in out.top_tokens for t in row)
+        return sum(t.numel() * t.element_size() for t in tensors) + 8 * len(self.token_ids) + 2 * texts
+
     def window(self, start: int, stop: int) -> Trace:
         """The trace of tokens ``start`` to ``stop - 1`` (views of a long prompt zoom in with it): the
         same routing and predictions, cut to those positions. ValueError outside 0 <= start < stop <= T."""

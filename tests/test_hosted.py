@@ -151,3 +151,23 @@ def test_a_link_with_a_bad_policy_is_reported_not_raised(hosted):
     at = _run({"policy": "top-k:zero"})
     assert not at.exception
     assert any("Ignored the link's policy" in w.value for w in at.warning)
+
+
+@pytest.mark.skipif(not HAS_MODEL, reason=f"no model at {MODEL}")
+def test_a_sessions_byte_budget_drops_its_oldest_trace_and_the_page_says_so(hosted):
+    from streamlit.testing.v1 import AppTest
+
+    assert _config().session_mb == 64  # the hosted default
+    assert ("memory per session", "64 MiB of traces (oldest dropped first)") in _config().limit_rows()
+    hosted.setenv("MOE_VIZ_SESSION_MB", "1")  # one default-model trace of ~25 tokens holds ~0.8 MiB
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    at = at.switch_page("app_pages/load_balance.py").run()  # a page that holds one trace per run
+    [old_key] = list(at.session_state["traces"])
+    assert not [i for i in at.info if "older trace" in i.value]
+    at.text_area(key="prompt_input_balance").set_value("A second prompt, so that the session holds two traces.")
+    at = next(b for b in at.button if b.label == "Run").click().run()
+    assert not at.exception
+    traces = at.session_state["traces"]
+    assert old_key not in traces and len(traces) == 1  # the newest stays, the oldest went
+    assert sum(t.nbytes() for t in traces.values()) <= 1 * 2**20
+    assert any("To keep this session within 1 MiB, 1 older trace was dropped" in i.value for i in at.info)
