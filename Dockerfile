@@ -24,6 +24,9 @@ RUN pip install --no-deps -e ".[app]" && useradd --create-home --uid 1000 moeviz
 USER moeviz
 
 EXPOSE 8501
-HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
-  CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8501/_stcore/health', timeout=4).status == 200 else 1)"
-CMD ["streamlit", "run", "app/streamlit_app.py", "--server.address=0.0.0.0", "--server.port=8501", "--server.headless=true", "--browser.gatherUsageStats=false"]
+# The launcher loads the default model (and MOE_VIZ_PRELOAD_MODELS) before it starts the server;
+# --check is healthy only once that is done and the server answers (/_stcore/health alone turns
+# OK before any model is loaded).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+  CMD ["moe-viz", "app", "--check", "--server.port=8501"]
+CMD ["moe-viz", "app", "--server.address=0.0.0.0", "--server.port=8501", "--server.headless=true", "--browser.gatherUsageStats=false"]

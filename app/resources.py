@@ -7,6 +7,7 @@ runs the forward). Results (traces, generations) are per session and live in ``s
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -94,6 +95,7 @@ def _cached_model(name: str, trust_remote_code: bool = False) -> MoEModel:
         if threads is not None and not _threads_set:
             torch.set_num_threads(threads)  # process-wide: set once, here
             _threads_set = True
+    print(f"moe-viz: loading model {name}", file=sys.stderr, flush=True)  # once per process: launch tests read it
     return load_model(name, trust_remote_code=trust_remote_code)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -103,6 +104,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     corpus_cli.add_parser(sub, MODEL_HELP, POLICY_HELP, DEVICE_HELP)
     import_cli.add_parser(sub, MODEL_HELP, DEVICE_HELP, REMOTE_CODE_HELP)
+    sub.add_parser(
+        "app",
+        help="start the web app with its models loaded first (the remaining arguments go to streamlit run; "
+        "'moe-viz app --check' exits 0 only when the server is ready)",
+        add_help=False,
+    )
     sub.add_parser(
         "train-default",
         help="retrain the default model (the remaining arguments go to moe_viz.training.train_default; see --help)",
@@ -301,6 +308,19 @@ def _import_command(args: argparse.Namespace) -> int:
     return import_cli.command(args, lambda name: _load(args, name))
 
 
+def _app_command(rest: list[str]) -> int:
+    """Run the app's launcher (``app/launch.py`` of this checkout) in place of this process."""
+    launch = Path(__file__).resolve().parent.parent / "app" / "launch.py"
+    if not launch.is_file():
+        print(
+            "moe-viz app: error: the app is not beside this package (run it from a checkout or the image)",
+            file=sys.stderr,
+        )
+        return 2
+    os.execv(sys.executable, [sys.executable, str(launch), *rest])
+    return 0  # not reached: execv replaces the process
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train-default"]:
@@ -312,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"moe-viz train-default: error: {err}", file=sys.stderr)
             return 2
         return 0
+    if argv[:1] == ["app"]:
+        return _app_command(argv[1:])
     args = _parser().parse_args(argv)
     commands = {
         "trace": _trace_command,

@@ -28,7 +28,9 @@ def test_dockerfile_serves_the_hosted_app_as_a_non_root_user_with_a_healthcheck(
     assert "MOE_VIZ_HOSTED=1" in docker
     assert "COPY assets ./assets" in docker  # the default model is inside the image
     assert re.search(r"^USER (?!root)\w+", docker, re.M)
-    assert re.search(r"^HEALTHCHECK .*\n?.*/_stcore/health", docker, re.M)
+    # ready only once the launcher has loaded the default model (not Streamlit's bare /_stcore/health)
+    assert re.search(r'^HEALTHCHECK .*\n?.*"moe-viz", "app", "--check"', docker, re.M)
+    assert re.search(r'^CMD \["moe-viz", "app"', docker, re.M)
     assert "EXPOSE 8501" in docker and "--server.port=8501" in docker
 
 
