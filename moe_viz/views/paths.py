@@ -68,7 +68,7 @@ def expert_paths(trace: Trace, top: int = 5, positions: list[int] | None = None)
         title={"text": f"First-choice expert paths across {plural(L, 'MoE layer')}{shown} ({trace.policy})"}
     )
     path, tokens, share, indep = p.top[0]
-    route = " → ".join(f"e{e}" for e in path)
+    route = route_text(path)
     if len(p.positions) == 1:
         text = (
             f"Each column is one MoE layer. {_scope(trace, p)[0].upper()}{_scope(trace, p)[1:]} takes the path "
@@ -93,6 +93,14 @@ def expert_paths(trace: Trace, top: int = 5, positions: list[int] | None = None)
             else f" With {L} layers the chart shows {len(columns)} evenly spaced ones; the numbers count every layer."
         )
     return View("expert_paths", "Expert paths across layers", text, figure=finish(fig))
+
+
+def route_text(path: tuple[int, ...] | list[int]) -> str:
+    """'e3 → e1 → e7' up to 8 layers; longer paths keep their first three and last two experts."""
+    steps = [f"e{e}" for e in path]
+    if len(steps) <= 8:
+        return " → ".join(steps)
+    return " → ".join(steps[:3]) + " → … → " + " → ".join(steps[-2:]) + f" ({len(steps)} layers)"
 
 
 MAX_COLUMNS = 12  # Sankey columns: more layers are sampled evenly (first and last kept)
@@ -131,7 +139,8 @@ def paths_table(trace: Trace, top: int = 10, positions: list[int] | None = None)
     table = pd.DataFrame(rows, columns=["path", "tokens", "share", "if independent", "× independent"])
     first = rows[0]
     text = (
-        f"The {len(rows)} commonest first-choice paths over {_scope(trace, p)}. The top one, {first['path']}, is "
+        f"The {len(rows)} commonest first-choice paths over {_scope(trace, p)}. The top one, "
+        f"{route_text(p.top[0][0])}, is "
         f"taken {first['× independent']:.3g}× as often as if each layer chose independently "
         f"({pct(first['share'])} against {pct(first['if independent'])}). {len(set(map(tuple, p.paths.tolist())))} "
         f"distinct paths in all; total correlation {p.total_correlation:.2f} nats (0 = independent layers)."
