@@ -22,7 +22,7 @@ import torch
 
 from .. import metrics
 from ..trace import LayerTrace
-from ._plotly import OKABE_ITO, TOL_MUTED, expert_colors
+from ._plotly import OKABE_ITO, TOL_MUTED, expert_axis, expert_colors
 
 MANY_EXPERTS = 16  # above this, expert axes focus on the busiest experts and fold the rest
 SHOWN_EXPERTS = 24  # experts an axis shows on their own row by default above MANY_EXPERTS
@@ -148,3 +148,22 @@ def focus_sentence(focus: ExpertFocus, layer: int) -> str:
         f"With {focus.num_experts} experts, the chart gives {who} a row each and sums the other "
         f"{len(focus.folded)} into one row; hover a cell for the exact expert and value. "
     )
+
+
+def focused_rows(x: torch.Tensor, lt: LayerTrace, experts: Sequence[int] | None = None):  # noqa: ANN201
+    """(B, E) -> the matrix a token x expert heatmap draws, its row labels and the focus: every
+    expert by id up to MANY_EXPERTS, else the busiest (or ``experts``) and one folded row."""
+    focus = expert_focus(lt, chosen=experts)
+    if focus.folded:
+        folded, rows = fold(x, focus)  # (B, S + 1)
+        return folded, rows, focus
+    return x, list(range(lt.num_experts)), focus
+
+
+def expert_rows_axis(fig, focus: ExpertFocus, rows: list) -> None:  # noqa: ANN001 - a FigureBuilder
+    """The expert axis of a token x expert heatmap: labelled, ordered and sized when folded."""
+    if focus.folded:
+        category_axis(fig, list(rows), focus.axis_title(), reverse=True)
+        fig.update_layout(height=chart_height(len(rows)))
+    else:
+        expert_axis(fig, focus.num_experts)

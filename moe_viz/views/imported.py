@@ -18,7 +18,7 @@ from ..corpus.aggregates import CorpusAggregates
 from ..corpus.report import CorpusReport
 from ..trace import Trace
 from ._display import bin_mean, bin_note, pct, plural, token_bins
-from ._experts import category_axis, chart_height, expert_focus, focus_sentence, fold
+from ._experts import expert_rows_axis, focus_sentence, focused_rows
 from ._plotly import SEQUENTIAL, FigureBuilder, expert_axis, f32, finish, plotly_trace, token_axis
 from ._view import View
 from .balance import balance_table, coactivation, expert_load, layer_load, load_map, reuse
@@ -34,11 +34,7 @@ def routed_heatmap(trace: Trace, layer: int, experts: list[int] | None = None) -
     lt = trace.layer(layer)
     T, E = lt.num_tokens, lt.num_experts
     size = token_bins(T)
-    routed = bin_mean(metrics.membership(lt, "routed").float(), size)  # (B, E)
-    focus = expert_focus(lt, chosen=experts)
-    rows = np.arange(E)
-    if focus.folded:
-        routed, rows = fold(routed, focus)  # (B, S + 1)
+    routed, rows, focus = focused_rows(bin_mean(metrics.membership(lt, "routed").float(), size), lt, experts)
     x = np.arange(routed.shape[0]) * size if size > 1 else np.arange(T)
     fig = FigureBuilder(
         plotly_trace(
@@ -63,11 +59,7 @@ def routed_heatmap(trace: Trace, layer: int, experts: list[int] | None = None) -
         plot_bgcolor="#FFFFFF",
     )
     token_axis(fig, trace, size)
-    if focus.folded:
-        category_axis(fig, list(rows), focus.axis_title(), reverse=True)
-        fig.update_layout(height=chart_height(len(rows)))
-    else:
-        expert_axis(fig, E)
+    expert_rows_axis(fig, focus, rows)
     load = metrics.expert_load(lt, "routed")  # (E,)
     busiest = int(load.argmax())
     unused = int((load == 0).sum())

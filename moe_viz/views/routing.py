@@ -22,9 +22,10 @@ from ._experts import (
     SHOWN_EXPERTS,
     ExpertFocus,
     category_axis,
-    chart_height,
     expert_focus,
+    expert_rows_axis,
     focus_sentence,
+    focused_rows,
     fold,
 )
 from ._plotly import (
@@ -101,11 +102,8 @@ def routing_heatmap(trace: Trace, layer: int, experts: list[int] | None = None) 
     T, E = lt.num_tokens, lt.num_experts
     k_applied = _applied_k(trace, layer)
     size = token_bins(T)
-    probs = bin_mean(lt.router_probs, size)  # (B, E)
-    focus = expert_focus(lt, chosen=experts)
-    rows = np.arange(E)
-    if focus.folded:  # many experts: the busiest on their own rows, the rest summed into one
-        probs, rows = fold(probs, focus)  # (B, S + 1)
+    # many experts: the busiest on their own rows, the rest summed into one
+    probs, rows, focus = focused_rows(bin_mean(lt.router_probs, size), lt, experts)  # (B, rows)
     x = np.arange(probs.shape[0]) * size if size > 1 else np.arange(T)
     fig = FigureBuilder(
         plotly_trace(
@@ -180,11 +178,7 @@ def routing_heatmap(trace: Trace, layer: int, experts: list[int] | None = None) 
         plot_bgcolor="#FFFFFF",
     )
     token_axis(fig, trace, size)
-    if focus.folded:
-        category_axis(fig, list(rows), focus.axis_title(), reverse=True)
-        fig.update_layout(height=chart_height(len(rows)))
-    else:
-        expert_axis(fig, E)
+    expert_rows_axis(fig, focus, rows)
     boundary = trace.prompt_length  # a generation: prompt tokens first, then the generated ones
     if 0 < boundary < T:
         fig.add_vline(
