@@ -61,6 +61,13 @@ def finished_run(key: tuple) -> CorpusResult | None:
         return result
 
 
+def _report(agg: CorpusAggregates, seed: int) -> CorpusReport:
+    """The run's statistics, with a spinner that says what the wait is (long on big models)."""
+    shape = f"{len(agg.meta.layers)} layers × {agg.num_experts} experts"
+    with st.spinner(f"Computing the statistics: bootstrap intervals over {agg.meta.groups} groups ({shape}) …"):
+        return corpus_report(agg, seed=seed)
+
+
 def get_corpus_run(
     model: MoEModel,
     source: CorpusSource,
@@ -89,7 +96,7 @@ def get_corpus_run(
                 max_tokens=cfg.max_corpus_tokens,
                 **settings,  # type: ignore[arg-type]
             )
-            return CorpusResult(label, agg, corpus_report(agg, seed=seed), source)
+            return CorpusResult(label, agg, _report(agg, seed), source)
 
         result = compute(work)
         with _runs_lock:
@@ -106,7 +113,7 @@ def open_run(folder: str) -> CorpusResult:
     if (path / "aggregates" / "meta.json").is_file():
         path = path / "aggregates"
     agg = load(path)
-    result = CorpusResult(f"finished run {path}", agg, corpus_report(agg, seed=agg.meta.seed), None)
+    result = CorpusResult(f"finished run {path}", agg, _report(agg, agg.meta.seed), None)
     st.session_state[RESULT_KEY] = result
     return result
 

@@ -40,7 +40,10 @@ show(views.router_distribution(native, layer, position), key="learn_router", hea
 st.header("2 · The output is a gate-weighted sum of experts")
 chosen = lt.index[position].tolist()
 weights = lt.weights[position].tolist()
-st.latex("y = " + " + ".join(f"{w:.3f} \\cdot E_{{{e}}}(x)" for e, w in zip(chosen, weights)))
+terms = [f"{w:.3f} \\cdot E_{{{e}}}(x)" for e, w in zip(chosen, weights)]
+if len(terms) > 4:  # a wide top-k: the first terms, then how many more (the sum would run off the page)
+    terms = [*terms[:4], f"\\cdots\\ (+{len(terms) - 4}\\ \\text{{more}})"]
+st.latex("y = " + " + ".join(terms))
 st.markdown(learn.gate_sum_concept(native, layer, position))
 
 CAPTURE_ONLY = (

@@ -20,8 +20,8 @@ st.caption(
 
 st.subheader(f"Layer {layer} at a glance")
 cards = views.metric_cards(trace, layer)
-for row in range(0, len(cards), 6):
-    for col, card in zip(st.columns(6), cards[row : row + 6]):
+for row in range(0, len(cards), 4):  # four a row: the longest labels ("Aux loss (normalised)") fit
+    for col, card in zip(st.columns(4), cards[row : row + 4]):
         col.metric(card.label, card.value, help=card.help)
 st.caption(
     "Imbalance metrics use the load each expert processed (dropped assignments are counted apart); hover a "

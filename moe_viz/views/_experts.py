@@ -22,7 +22,7 @@ import torch
 
 from .. import metrics
 from ..trace import LayerTrace
-from ._plotly import OKABE_ITO, TOL_MUTED, expert_axis, expert_colors
+from ._plotly import OKABE_ITO, expert_axis, expert_colors
 
 MANY_EXPERTS = 16  # above this, expert axes focus on the busiest experts and fold the rest
 SHOWN_EXPERTS = 24  # experts an axis shows on their own row by default above MANY_EXPERTS
@@ -31,7 +31,9 @@ NEUTRAL = "#C8C8C8"  # every other expert
 ROW_PX = 16  # chart height per row of experts or layers
 MIN_HEIGHT = 320
 MAX_HEIGHT = 900  # past this a chart keeps its height and its rows get thinner (zoom to read them)
-FOCUS_COLORS = [c for c in OKABE_ITO if c != "#000000"] + [c for c in TOL_MUTED if c != "#DDDDDD"]
+# Twelve colours told apart: Okabe-Ito without black, then Tol's muted colours unlike any of those
+# (no cyan beside sky blue, no second green, no sand beside yellow, no grey).
+FOCUS_COLORS = [c for c in OKABE_ITO if c != "#000000"] + ["#CC6677", "#332288", "#882255", "#999933", "#AA4499"]
 
 
 @dataclass(frozen=True)

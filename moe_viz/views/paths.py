@@ -3,6 +3,8 @@ frequent paths against the independence baseline, and how concentrated the paths
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pandas as pd
 import plotly.graph_objects as go
 
@@ -27,10 +29,11 @@ def expert_paths(trace: Trace, top: int = 5, positions: list[int] | None = None)
     """Sankey: one column of nodes per MoE layer (its experts), links = tokens whose first choice
     goes from expert a in one layer to expert b in the next (all tokens, or those at
     ``positions``); the text cites the commonest path."""
-    p = metrics.expert_paths(trace, top=top, positions=positions)
+    all_layers = len(trace.layers)
+    p = metrics.expert_paths(sampled_layers(trace), top=top, positions=positions)
     L = len(p.layers)
     E = p.marginals.shape[1]
-    columns = _columns(L)
+    columns = list(range(L))
     many = E > MANY_EXPERTS
     colors = expert_colors(E) if not many else [NEUTRAL] * E  # many experts: identity in the labels only
     # Each column's nodes: every expert (up to 16), else its PATH_EXPERTS commonest first choices and one
@@ -63,7 +66,7 @@ def expert_paths(trace: Trace, top: int = 5, positions: list[int] | None = None)
             link={"source": source, "target": target, "value": value},
         )
     )
-    shown = "" if len(columns) == L else f", {len(columns)} of them shown"
+    shown = "" if L == all_layers else f" ({L} evenly spaced of {all_layers})"
     fig.update_layout(
         title={"text": f"First-choice expert paths across {plural(L, 'MoE layer')}{shown} ({trace.policy})"}
     )
@@ -84,13 +87,15 @@ def expert_paths(trace: Trace, top: int = 5, positions: list[int] | None = None)
         f"sum of per-layer entropies {p.independent_entropy:.2f} minus the path entropy {p.path_entropy:.2f}; "
         "0 = independent layers)."
     )
-    if len(columns) < L or many:
+    if L < all_layers:
         text += (
-            f" With {plural(L, 'layer')} and {E} experts the chart shows {len(columns)} evenly spaced layers and, in "
-            f"each, the {PATH_EXPERTS} commonest first choices with the rest in one grey 'other' node; the numbers "
-            "above count every layer and expert."
-            if many
-            else f" With {L} layers the chart shows {len(columns)} evenly spaced ones; the numbers count every layer."
+            f" With {all_layers} layers, paths and numbers use {L} evenly spaced ones (layers "
+            f"{', '.join(map(str, p.layers))}): over every layer nearly each token's path would be its own."
+        )
+    if many:
+        text += (
+            f" With {E} experts each column shows its {PATH_EXPERTS} commonest first choices and one grey node for "
+            "the rest; the numbers count every expert."
         )
     return View("expert_paths", "Expert paths across layers", text, figure=finish(fig))
 
@@ -103,15 +108,18 @@ def route_text(path: tuple[int, ...] | list[int]) -> str:
     return " → ".join(steps[:3]) + " → … → " + " → ".join(steps[-2:]) + f" ({len(steps)} layers)"
 
 
-MAX_COLUMNS = 12  # Sankey columns: more layers are sampled evenly (first and last kept)
+MAX_COLUMNS = 8  # layers a path spans: more are sampled evenly (first and last kept)
 PATH_EXPERTS = 8  # nodes per column above MANY_EXPERTS experts, besides "other"
 
 
-def _columns(L: int) -> list[int]:
-    """Indices of the layers the Sankey draws: all up to MAX_COLUMNS, else evenly spaced."""
+def sampled_layers(trace: Trace) -> Trace:
+    """``trace`` with at most MAX_COLUMNS of its MoE layers, evenly spaced, first and last kept:
+    paths across dozens of layers are all different, across a few they can be compared."""
+    L = len(trace.layers)
     if L <= MAX_COLUMNS:
-        return list(range(L))
-    return sorted({round(i * (L - 1) / (MAX_COLUMNS - 1)) for i in range(MAX_COLUMNS)})
+        return trace
+    keep = sorted({round(i * (L - 1) / (MAX_COLUMNS - 1)) for i in range(MAX_COLUMNS)})
+    return replace(trace, layers=[trace.layers[i] for i in keep])
 
 
 def _column_experts(first_choices: list[int], E: int) -> list[int]:
@@ -125,7 +133,7 @@ def _column_experts(first_choices: list[int], E: int) -> list[int]:
 def paths_table(trace: Trace, top: int = 10, positions: list[int] | None = None) -> View:
     """The most frequent first-choice paths: tokens, share, the share if layers chose independently
     (product of per-layer marginals over the same tokens) and the ratio of the two."""
-    p = metrics.expert_paths(trace, top=top, positions=positions)
+    p = metrics.expert_paths(sampled_layers(trace), top=top, positions=positions)
     rows = [
         {
             "path": " → ".join(f"e{e}" for e in path),
@@ -145,4 +153,6 @@ def paths_table(trace: Trace, top: int = 10, positions: list[int] | None = None)
         f"({pct(first['share'])} against {pct(first['if independent'])}). {len(set(map(tuple, p.paths.tolist())))} "
         f"distinct paths in all; total correlation {p.total_correlation:.2f} nats (0 = independent layers)."
     )
+    if len(p.layers) < len(trace.layers):
+        text += f" Paths span {len(p.layers)} evenly spaced of the {len(trace.layers)} layers: {', '.join(map(str, p.layers))}."
     return View("paths_table", "Most frequent expert paths", text, table=table)
