@@ -51,9 +51,10 @@ if lt.num_experts > MANY_EXPERTS:  # many experts: the heatmap shows the busiest
         format_func=lambda e: f"e{e}",
     )
     experts = picked or None
-heatmap, text, layer_load, _paths = views.explore_views(trace, layer, experts, tokens)
-show(heatmap)
-show(text)
+# One view at a time: the heatmap reaches the browser before the rest are computed (first paint).
+page_views = views.iter_explore_views(trace, layer, experts, tokens)
+show(next(page_views))  # the token x expert heatmap
+show(next(page_views))  # the coloured text
 
 
 @st.fragment
@@ -114,7 +115,7 @@ def routing_fragility() -> None:
 
 trace_policy = page_context().policy  # the edited prompt runs under the same policy
 routing_fragility()
-show(layer_load, key="explore_layer_load")
+show(next(page_views), key="explore_layer_load")  # the layer x expert load; paths are drawn by their fragment
 
 
 @st.fragment

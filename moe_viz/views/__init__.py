@@ -12,6 +12,8 @@ a chart and its sentence can never be paired by hand. Needs plotly (the ``app`` 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from ..fragility import NoiseSensitivity
 from ..trace import Trace
 from ._display import BIN_THRESHOLD, code_token, display_token, pct, per_layer_counts, token_bins
@@ -47,13 +49,19 @@ def explore_views(
     """The Explore page, top to bottom (the token close-up is ``token_views``). ``experts``: the
     heatmap's rows on a model with many experts (default: the busiest); ``tokens`` = (start, stop):
     the heatmap and the text zoom into those positions of a long prompt (the rest use all tokens)."""
+    return list(iter_explore_views(trace, layer, experts, tokens))
+
+
+def iter_explore_views(
+    trace: Trace, layer: int, experts: list[int] | None = None, tokens: tuple[int, int] | None = None
+) -> Iterator[View]:
+    """``explore_views`` one at a time, each built when asked for: a page shows the first chart
+    while the rest are still to be computed."""
     zoomed = trace.window(*tokens) if tokens is not None else trace
-    return [
-        routing_heatmap(zoomed, layer, experts),
-        coloured_text(zoomed, layer),
-        layer_load(trace),
-        expert_paths(trace),
-    ]
+    yield routing_heatmap(zoomed, layer, experts)
+    yield coloured_text(zoomed, layer)
+    yield layer_load(trace)
+    yield expert_paths(trace)
 
 
 def token_views(trace: Trace, layer: int, position: int, noise: NoiseSensitivity | None = None) -> list[View]:
@@ -132,6 +140,7 @@ __all__ = [
     "import_views",
     "importance_heatmap",
     "importance_vs_load",
+    "iter_explore_views",
     "k_sweep",
     "layer_load",
     "margin_ranking",
