@@ -3,6 +3,7 @@
     python bench/page.py                                  # the default model in assets/
     python bench/page.py --model /tmp/quick-model         # any local MoE checkpoint
     python bench/page.py --model /tmp/quick-model --random-default-size   # untrained weights, default-model shape
+    python bench/page.py --wide                           # also a thin random 256-expert x 61-layer model at 256 tokens
 
 For each prompt length (32, 256, 2,048 tokens) and repeat, interleaved, it times
 
@@ -14,6 +15,12 @@ For each prompt length (32, 256, 2,048 tokens) and repeat, interleaved, it times
 
 and prints medians: page / forward (target <= 2.0 at 256 tokens), each stage's share of the page
 and the figures' JSON size.
+
+``--wide`` adds, in the same interleaved repeats, a thin random model of DeepSeek-V3's routing shape
+(256 experts, 61 MoE layers, top-8; hidden size 16, ``tests/wide_models.py``) saved to a temporary
+folder and loaded with ``moe_viz.load_model``, measured at 256 tokens, and prints it side by side
+with the benched model at 256 tokens. Its forward is far cheaper than a real 256-expert model's, so
+its page / forward overstates what the views add to a real model of that shape.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,10 +36,14 @@ from typing import Any
 
 import torch
 
-import moe_viz
-from moe_viz import views
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's moe_viz, installed or not
+import moe_viz  # noqa: E402
+from moe_viz import views  # noqa: E402
 
 STAGES = ("run", "views", "json")
+WIDE_SHAPE = "deepseek-v3-like"  # tests/wide_models.py: 256 experts, 61 layers, top-8
+WIDE_TOKENS = 256
 
 
 def make_prompt(model: moe_viz.MoEModel, n_tokens: int) -> tuple[str, torch.Tensor]:
@@ -108,7 +120,7 @@ def load(args: argparse.Namespace) -> moe_viz.MoEModel:
         return model
     import transformers
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    sys.path.insert(0, str(ROOT / "scripts"))
     from train_default_model import ModelSpec  # the default model's architecture
 
     spec = ModelSpec()
@@ -118,6 +130,20 @@ def load(args: argparse.Namespace) -> moe_viz.MoEModel:
     torch.manual_seed(0)
     net = transformers.MixtralForCausalLM(config).eval()
     return moe_viz.wrap_model(net, model.tokenizer, f"random {spec.hidden_size}d x {spec.num_hidden_layers} layers")
+
+
+def load_wide(folder: Path) -> moe_viz.MoEModel:
+    """The thin random model of DeepSeek-V3's routing shape, saved to ``folder`` and loaded from it."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from wide_models import SHAPES, save_wide_model
+
+    experts, layers, top_k = SHAPES[WIDE_SHAPE]
+    save_wide_model(folder, experts, layers, top_k)
+    return moe_viz.load_model(str(folder), device="cpu", dtype=torch.float32)
+
+
+def describe(model: moe_viz.MoEModel) -> str:
+    return f"{len(model.moe_layers)} MoE layers x {model.num_experts} experts, top-{model.top_k}"
 
 
 def main() -> None:
@@ -132,36 +158,56 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--policy", default="native", help="policy of the page, e.g. native, capacity:1.0, top-k:1")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--wide",
+        action="store_true",
+        help=f"also bench a thin random {WIDE_SHAPE} model (256 experts x 61 layers) at {WIDE_TOKENS} tokens",
+    )
     args = ap.parse_args()
+    if args.wide and WIDE_TOKENS not in args.lengths:
+        args.lengths.append(WIDE_TOKENS)  # the benched model at the same length, side by side
     if args.threads:
         torch.set_num_threads(args.threads)
     policy = moe_viz.parse_policy(args.policy)
-    model = load(args)
+    models = {"model": load(args)}
+    wide_dir = tempfile.TemporaryDirectory(prefix="page-bench-wide-") if args.wide else None
+    if wide_dir is not None:
+        models["wide"] = load_wide(Path(wide_dir.name))
+    model = models["model"]
     print(
-        f"model {model.model_id}: {len(model.moe_layers)} MoE layers x {model.num_experts} experts, top-{model.top_k}; "
+        f"model {model.model_id}: {describe(model)}; "
         f"policy {moe_viz.policy_spec(policy)}; {torch.get_num_threads()} threads; {args.repeats} repeats",
         flush=True,
     )
-    prompts = {n: make_prompt(model, n) for n in args.lengths}
-    for prompt, ids in prompts.values():  # warm-up
-        bare_forward(model, ids)
+    if "wide" in models:
+        print(f"wide: thin random {WIDE_SHAPE} model: {describe(models['wide'])}, at {WIDE_TOKENS} tokens", flush=True)
+    # (model, length) cases in run order: the wide model right after the benched one at the same length
+    cases = [("model", n) for n in args.lengths]
+    if "wide" in models:
+        cases.insert(cases.index(("model", WIDE_TOKENS)) + 1, ("wide", WIDE_TOKENS))
+    prompts = {(m, n): make_prompt(models[m], n) for m, n in cases}
+    for m, n in cases:  # warm-up
+        prompt, ids = prompts[m, n]
+        bare_forward(models[m], ids)
         for name in PAGES:
-            page(model, prompt, policy, name)
-    fwd: dict[int, list[float]] = {n: [] for n in args.lengths}
-    stage = {(n, p): {s: [] for s in STAGES} for n in args.lengths for p in PAGES}
-    total: dict[tuple[int, str], list[float]] = {key: [] for key in stage}
-    size: dict[tuple[int, str], int] = {}
+            page(models[m], prompt, policy, name)
+    fwd: dict[tuple[str, int], list[float]] = {case: [] for case in cases}
+    stage = {(m, n, p): {s: [] for s in STAGES} for m, n in cases for p in PAGES}
+    total: dict[tuple[str, int, str], list[float]] = {key: [] for key in stage}
+    size: dict[tuple[str, int, str], int] = {}
     t_start = time.perf_counter()
     for rep in range(args.repeats):
-        for n in args.lengths:  # interleaved: forward then each page, length by length, every repeat
-            prompt, ids = prompts[n]
-            fwd[n].append(bare_forward(model, ids))
+        for m, n in cases:  # interleaved: forward then each page, case by case, every repeat
+            prompt, ids = prompts[m, n]
+            fwd[m, n].append(bare_forward(models[m], ids))
             for name in PAGES:
-                times, size[n, name] = page(model, prompt, policy, name)
+                times, size[m, n, name] = page(models[m], prompt, policy, name)
                 for s in STAGES:
-                    stage[n, name][s].append(times[s])
-                total[n, name].append(sum(times.values()))
+                    stage[m, n, name][s].append(times[s])
+                total[m, n, name].append(sum(times.values()))
         print(f"  repeat {rep + 1}/{args.repeats} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    if wide_dir is not None:
+        wide_dir.cleanup()
 
     med = statistics.median
     header = (
@@ -174,16 +220,34 @@ def main() -> None:
     print("-" * len(header))
     for name in PAGES:
         for n in args.lengths:
-            T = prompts[n][1].shape[1]
-            f, p = med(fwd[n]), med(total[n, name])
-            shares = " ".join(f"{med(stage[n, name][s]) / p:>8.0%}" for s in STAGES)
+            T = prompts["model", n][1].shape[1]
+            f, p = med(fwd["model", n]), med(total["model", n, name])
+            shares = " ".join(f"{med(stage['model', n, name][s]) / p:>8.0%}" for s in STAGES)
             print(
-                f"{name:<13} {T:>6} {f * 1e3:>11.1f} {p * 1e3:>8.1f} {p / f:>6.2f}  {shares} {size[n, name] / 1024:>8.0f}"
+                f"{name:<13} {T:>6} {f * 1e3:>11.1f} {p * 1e3:>8.1f} {p / f:>6.2f}  {shares} {size['model', n, name] / 1024:>8.0f}"
             )
-    if 256 in prompts:
+    if 256 in args.lengths:
         for name in PAGES:
-            r = med(total[256, name]) / med(fwd[256])
+            r = med(total["model", 256, name]) / med(fwd["model", 256])
             print(f"target page/forward <= 2.0 at 256 tokens, {name}: {r:.2f} ({'met' if r <= 2.0 else 'NOT met'})")
+    if "wide" in models:
+        labels = {"model": f"benched ({describe(model)})", "wide": f"wide ({describe(models['wide'])})"}
+        print(f"\n{WIDE_TOKENS} tokens, side by side (same interleaved repeats); medians")
+        header = (
+            f"{'page':<13} {'model':<40} {'forward ms':>11} {'page ms':>8} {'ratio':>6}  "
+            + " ".join(f"{s:>8}" for s in STAGES)
+            + f" {'JSON KiB':>9}"
+        )
+        print(header)
+        print("-" * len(header))
+        for name in PAGES:
+            for m in ("model", "wide"):
+                f, p = med(fwd[m, WIDE_TOKENS]), med(total[m, WIDE_TOKENS, name])
+                shares = " ".join(f"{med(stage[m, WIDE_TOKENS, name][s]) / p:>8.0%}" for s in STAGES)
+                print(
+                    f"{name:<13} {labels[m]:<40} {f * 1e3:>11.1f} {p * 1e3:>8.1f} {p / f:>6.2f}  {shares}"
+                    f" {size[m, WIDE_TOKENS, name] / 1024:>9.1f}"
+                )
 
 
 if __name__ == "__main__":
