@@ -482,9 +482,9 @@ def topk_margin(layer: LayerTrace, k: int | None = None) -> torch.Tensor:
     k = layer.top_k if k is None else k
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= E:
         raise ValueError(f"k must satisfy 1 <= k <= {E}; got {k!r}")
-    sorted_p = layer.router_probs.float().sort(dim=-1, descending=True).values  # (T, E)
-    rejected = sorted_p[:, k] if k < E else torch.zeros(sorted_p.shape[0])
-    return sorted_p[:, k - 1] - rejected
+    best = layer.router_probs.float().topk(min(k + 1, E), dim=-1).values  # (T, k + 1): no full sort needed
+    rejected = best[:, k] if k < E else torch.zeros(best.shape[0])
+    return best[:, k - 1] - rejected
 
 
 # ----------------------------------------------------------------------------- co-activation and reuse

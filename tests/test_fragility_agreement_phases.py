@@ -222,3 +222,15 @@ def test_hosted_limits_bound_the_token_rows_of_an_analysis_and_say_how_to_fit():
     ):
         limits.check_analysis("The ablation grid", 4, 8, 200)
     Limits().check_analysis("anything", 100, 100, 10_000)  # local: unbounded
+
+
+def test_one_tokens_margin_and_rank_are_its_row_of_the_layers_margin_ranking(mixtral):
+    from moe_viz.fragility import token_margin
+
+    trace = run_prompt(mixtral, TEXT)
+    layer = trace.layer_ids[1]
+    ranking = margin_ranking(trace, layer)
+    for rank, row in enumerate(ranking.itertuples(), start=1):
+        one = token_margin(trace, layer, row.position)
+        assert (one.rank, one.margin, one.chosen, one.runner_up) == (rank, row.margin, row.chosen, row.runner_up)
+        assert one.tokens == trace.num_tokens

@@ -104,10 +104,8 @@ def token_fragility(trace: Trace, position: int, ns: frag.NoiseSensitivity | Non
         if reason is not None:
             notes.append(reason)
             continue
-        ranking = frag.margin_ranking(trace, lt.layer)
-        rank = int(ranking.index[ranking["position"] == position][0]) + 1
-        row = ranking.iloc[rank - 1]
-        entry = {"layer": lt.layer, "margin": float(row.margin), "rank": f"{rank} of {len(ranking)}"}
+        row = frag.token_margin(trace, lt.layer, position)
+        entry = {"layer": lt.layer, "margin": row.margin, "rank": f"{row.rank} of {row.tokens}"}
         entry |= {"chosen": row.chosen, "runner_up": row.runner_up}
         if noise is not None:
             level = noise.get(lt.layer)
