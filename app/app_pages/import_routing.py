@@ -20,7 +20,6 @@ from moe_viz import agreement, engines, views
 from moe_viz.corpus.report import corpus_report
 
 IMPORTED = "imported_routing"  # session: (label, engines.Imported)
-UPLOAD_DIR = "import_upload_dir"  # session: where this session's uploads are written
 AGREEMENT = "import_agreement"  # session: ((label, sequence, model), recomputed trace, Agreement)
 
 st.title("Import an engine's routing")
@@ -85,34 +84,29 @@ def _token_ids(text: str) -> list[int] | None:
     return [int(p) for p in parts]
 
 
-def _saved_uploads() -> Path:
-    """This session's uploads on disk (readers take paths; a folder holds per-rank files)."""
-    folder = Path(st.session_state.setdefault(UPLOAD_DIR, tempfile.mkdtemp(prefix="moe-viz-import-")))
-    target = folder / "current"
-    if target.exists():
-        for old in target.iterdir():
-            old.unlink()
-    target.mkdir(parents=True, exist_ok=True)
-    for upload in uploads:
-        (target / Path(upload.name).name).write_bytes(upload.getvalue())
-    files = sorted(target.iterdir())
-    return files[0] if len(files) == 1 else target
+def _import(folder: Path) -> tuple[str, engines.Imported]:
+    """Read the uploads (written into ``folder``: readers take paths, a folder holds per-rank
+    files) or the typed path. Readers read everything at once, so the files can go afterwards."""
+    if uploads:
+        for upload in uploads:
+            (folder / Path(upload.name).name).write_bytes(upload.getvalue())
+        files = sorted(folder.iterdir())
+        path, label = (files[0] if len(files) == 1 else folder), ", ".join(u.name for u in uploads)
+    elif path_text.strip():
+        path, label = Path(path_text.strip()).expanduser(), path_text.strip()
+    else:
+        raise ValueError("choose a file to upload first" + ("" if cfg.hosted else ", or type a path"))
+    shape = engines.ModelShape.of(model) if use_model and model is not None else None
+    with st.spinner("Reading and checking the file …"):
+        return label, engines.import_routing(name, path, shape, _token_ids(ids_text))
 
 
 if submitted:
     try:
-        if uploads:
-            path, label = _saved_uploads(), ", ".join(u.name for u in uploads)
-        elif path_text.strip():
-            path, label = Path(path_text.strip()).expanduser(), path_text.strip()
-        else:
-            raise ValueError("choose a file to upload first" + ("" if cfg.hosted else ", or type a path"))
-        shape = engines.ModelShape.of(model) if use_model and model is not None else None
-        with st.spinner("Reading and checking the file …"):
-            imported = engines.import_routing(name, path, shape, _token_ids(ids_text))
-        st.session_state[IMPORTED] = (label, imported)
+        with tempfile.TemporaryDirectory(prefix="moe-viz-import-") as tmp:  # uploads never outlive the import
+            st.session_state[IMPORTED] = _import(Path(tmp))
         st.session_state.pop(AGREEMENT, None)  # a new import: the old comparison no longer applies
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # OSError: an unreadable path (permissions, a device)
         st.error(str(err))
         st.stop()
 
