@@ -9,8 +9,9 @@ Load a model, run a prompt under a routing policy, get a trace::
 
 Modules: ``policies`` (the routing-policy protocol and the built-in policies), ``trace`` (the
 data of a run), ``trace_io`` (its file formats), ``metrics`` (balance and comparison
-statistics), ``views`` (figure + explanation per chart; needs plotly), ``serving`` (request
-limits and a fair compute gate). Modules starting with ``_`` are implementation.
+statistics), ``views`` (figure + explanation per chart; needs plotly), ``corpus`` (corpus runs
+with intervals; ``corpus.distributed`` on Ray), ``engines`` (routing imported from vLLM, SGLang,
+Megatron-LM and llama.cpp), ``serving`` (request limits and a fair compute gate). Modules starting with ``_`` are implementation.
 """
 
 from ._hooks import TimeBudgetExceeded
