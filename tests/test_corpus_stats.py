@@ -678,3 +678,16 @@ def test_domain_chart_is_grouped_bars_for_few_experts_and_a_heatmap_for_many(exp
     assert view.figure.data[0].type == kind
     assert view.explanation.startswith("Each cell" if kind == "heatmap" else "Each bar")
     assert "balanced 1/" in (view.figure.layout.title.text + "".join(str(t.name) for t in view.figure.data))
+
+
+def test_domain_heatmap_of_hundreds_of_experts_shows_the_most_domain_dependent_ones():
+    from moe_viz.views.corpus import domain_shares
+
+    rng = np.random.default_rng(0)
+    agg = empty(make_meta(num_experts=256, top_k=(8,), groups=6), ["a", "b"])
+    agg.assigned[:, 0] = rng.integers(1, 5, agg.assigned[:, 0].shape)
+    agg.assigned[:, 0, 0, 200] += 400  # expert 200 is domain a's
+    agg.tokens[:] = agg.assigned[:, 0].sum(axis=2) // 8
+    heat = domain_shares(report.corpus_report(agg, replicates=20), 0).figure.data[0]
+    assert len(heat.x) == 24 and heat.x[0] == "e200"  # furthest from the balanced share first
+    assert np.asarray(heat.z).shape == (2, 24)

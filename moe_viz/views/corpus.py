@@ -126,11 +126,19 @@ def _domain_expert_heatmap(
     z = est.value[li] * 100  # (D, E) percent
     top = float(np.nanmax(z)) if np.isfinite(z).any() else 1.0
     custom = np.dstack([est.low[li] * 100, est.high[li] * 100])  # (D, E, 2)
+    E = z.shape[1]
+    columns: list = list(range(E))
+    if E > SHOWN_EXPERTS:  # hundreds of experts: the ones whose share depends most on the domain
+        spread = np.nan_to_num(np.nanmax(np.abs(z - reference[0] * 100), axis=0), nan=-1.0)  # (E,)
+        keep = sorted(range(E), key=lambda e: (-spread[e], e))[:SHOWN_EXPERTS]
+        z, custom = z[:, keep], custom[:, keep]
+        columns = [f"e{e}" for e in keep]
+        title += f"; the {len(keep)} experts of {E} furthest from it"
     fig = FigureBuilder(
         plotly_trace(
             go.Heatmap,
             z=z,
-            x=list(range(z.shape[1])),
+            x=columns,
             y=domains,
             customdata=custom,
             colorscale=around(reference[0] * 100, top),
@@ -146,7 +154,10 @@ def _domain_expert_heatmap(
         yaxis={"type": "category", "autorange": "reversed"},
         plot_bgcolor="#FFFFFF",
     )
-    expert_axis(fig, z.shape[1], "x")
+    if E > SHOWN_EXPERTS:
+        fig.update_xaxes(title_text="expert (furthest from the neutral colour first)", type="category")
+    else:
+        expert_axis(fig, E, "x")
     return fig
 
 
