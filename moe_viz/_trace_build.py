@@ -100,6 +100,48 @@ def build_layers(model: MoEModel, parts: Sequence[Part]) -> list[LayerTrace]:
     return [_layer_trace(model, layer, calls) for layer, calls in sorted(by_layer.items())]
 
 
+OUTPUT_FIELDS = ("top_ids", "top_logprobs", "top_tokens", "target_logprob", "entropy", "vocab_logprobs")
+
+
+class LazyOutputTrace(OutputTrace):
+    """An ``OutputTrace`` computed from the model's (T, V) logits when one of its fields is first
+    read (all fields at once, exactly as ``output_trace`` computes them); until then it holds the
+    logits in the model's dtype. A run nobody reads predictions from costs the forward alone."""
+
+    def __init__(self, tokenizer: Any, logits: torch.Tensor, ids: list[int]) -> None:  # noqa: D107
+        object.__setattr__(self, "_pending", (tokenizer, logits.detach().cpu(), list(ids)))
+
+    def __getattr__(self, name: str) -> Any:  # only called for fields not computed yet
+        if name not in OUTPUT_FIELDS or self.__dict__.get("_pending") is None:
+            raise AttributeError(name)
+        self._materialise()
+        return self.__dict__[name]
+
+    @property
+    def vocab_logprobs(self) -> torch.Tensor | None:  # OutputTrace gives it a class default: no __getattr__
+        self._materialise()
+        return self.__dict__["vocab_logprobs"]
+
+    def _materialise(self) -> None:
+        pending = self.__dict__.get("_pending")
+        if pending is None:
+            return
+        full = output_trace(*pending)
+        self.__dict__.update({name: getattr(full, name) for name in OUTPUT_FIELDS})
+        self.__dict__["_pending"] = None  # the logits go: the fields hold what is kept
+
+    @property
+    def has_predictions(self) -> bool:
+        return True
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        pending = self.__dict__.get("_pending")
+        return [pending[1]] if pending is not None else super().held_tensors()
+
+    def held_text_chars(self) -> int:
+        return 0 if self.__dict__.get("_pending") is not None else super().held_text_chars()
+
+
 def output_trace(tokenizer: Any, logits: torch.Tensor, ids: list[int]) -> OutputTrace:
     """Top-K predictions, log-prob of the actual next token and entropy at every position."""
     # Few full-size (T, V) temporaries: each fresh one costs page faults comparable to the maths.
@@ -139,7 +181,11 @@ def make_trace(
 ) -> Trace:
     """The finished trace; ``logits`` (T, V) are the model's next-token logits at every position."""
     t0 = time.perf_counter()
-    output = output_trace(model.tokenizer, logits, ids)
+    T, V = logits.shape
+    # Predictions are built when first read; beyond the size kept for the full distribution they
+    # are built now, so a long run does not hold its (T, V) logits until someone reads them.
+    lazy = T * V <= VOCAB_KEEP_LIMIT
+    output = LazyOutputTrace(model.tokenizer, logits, ids) if lazy else output_trace(model.tokenizer, logits, ids)
     trace = Trace(
         model_id=model.model_id,
         architecture=model.architecture,

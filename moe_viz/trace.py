@@ -89,7 +89,9 @@ class LayerTrace:
 
 @dataclass(frozen=True, eq=False)
 class OutputTrace:
-    """Next-token predictions at every traced position."""
+    """Next-token predictions at every traced position. A run builds them lazily (a subclass in
+    ``_trace_build``): the (T, V) log-softmax, top-k and entropy are computed when a field is
+    first read, so a run whose predictions nobody reads does not pay for them."""
 
     top_ids: torch.Tensor  # (T, K) long
     top_logprobs: torch.Tensor  # (T, K) float32
@@ -97,6 +99,19 @@ class OutputTrace:
     target_logprob: torch.Tensor  # (T,) float32: log p(actual next token); NaN at the last position
     entropy: torch.Tensor  # (T,) float32, nats
     vocab_logprobs: torch.Tensor | None = None  # (T, V) float32
+
+    @property
+    def has_predictions(self) -> bool:
+        """False for an engine import (no next-token distribution was recorded)."""
+        return int(self.top_ids.shape[1]) > 0
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """The tensors this output holds in memory now (what a byte budget counts)."""
+        held = [self.top_ids, self.top_logprobs, self.target_logprob, self.entropy]
+        return held + ([self.vocab_logprobs] if self.vocab_logprobs is not None else [])
+
+    def held_text_chars(self) -> int:
+        return sum(len(t) for row in self.top_tokens for t in row)
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,7 +144,7 @@ class Trace:
     @property
     def has_predictions(self) -> bool:
         """False for an imported trace: engines record routing, not the next-token distribution."""
-        return int(self.output.top_ids.shape[1]) > 0
+        return self.output.has_predictions
 
     @property
     def scores_recorded(self) -> bool:
@@ -169,11 +184,8 @@ class Trace:
         """Bytes this trace holds in memory: its tensors (the full next-token distribution, when
         kept, is most of it) and, roughly, its token texts. What a per-session budget counts."""
         tensors = [getattr(lt, name) for lt in self.layers for name in _PER_TOKEN_LAYER_FIELDS]
-        out = self.output
-        tensors += [out.top_ids, out.top_logprobs, out.target_logprob, out.entropy]
-        if out.vocab_logprobs is not None:
-            tensors.append(out.vocab_logprobs)
-        texts = sum(len(t) for t in self.tokens) + sum(len(t) for row in out.top_tokens for t in row)
+        tensors += self.output.held_tensors()  # counting does not compute lazy predictions
+        texts = sum(len(t) for t in self.tokens) + self.output.held_text_chars()
         return sum(t.numel() * t.element_size() for t in tensors) + 8 * len(self.token_ids) + 2 * texts
 
     def window(self, start: int, stop: int) -> Trace:
@@ -196,8 +208,7 @@ class Trace:
             for lt in self.layers
         ]
         out = self.output
-        output = replace(
-            out,
+        output = OutputTrace(
             top_ids=out.top_ids[rows],
             top_logprobs=out.top_logprobs[rows],
             top_tokens=out.top_tokens[rows],

@@ -310,3 +310,22 @@ def test_public_api_is_sorted_and_free_of_streamlit():
 def test_byte_tokenizer_stand_in_is_reversible():
     tok = ByteTokenizer()
     assert tok.decode(tok("héllo")["input_ids"][0].tolist()) == "héllo"
+
+
+def test_next_token_predictions_are_built_when_first_read_and_equal_the_eager_ones(mixtral):
+    from moe_viz._trace_build import LazyOutputTrace, output_trace
+
+    trace = run_prompt(mixtral, "Predictions cost a pass over the vocabulary per token.")
+    out = trace.output
+    assert isinstance(out, LazyOutputTrace) and out.__dict__["_pending"] is not None  # nothing computed yet
+    held_before = trace.nbytes()  # counting memory does not compute them either
+    assert out.__dict__["_pending"] is not None and trace.has_predictions
+    with torch.inference_mode():
+        logits = mixtral.model(input_ids=torch.tensor([trace.token_ids]), use_cache=False).logits[0]
+    eager = output_trace(mixtral.tokenizer, logits, trace.token_ids)
+    assert out.top_ids.equal(eager.top_ids) and out.__dict__["_pending"] is None  # one read computes all
+    assert out.top_tokens == eager.top_tokens and out.vocab_logprobs.equal(eager.vocab_logprobs)
+    assert torch.allclose(out.entropy, eager.entropy) and torch.equal(
+        out.target_logprob.isnan(), eager.target_logprob.isnan()
+    )
+    assert trace.nbytes() > held_before  # the float32 distribution replaced the logits
