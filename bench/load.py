@@ -6,6 +6,7 @@ and checks every session's run summary against a single-session reference. Print
 latency, throughput and throughput relative to one session. Bounded: one round of N sessions.
 
     python bench/load.py --sessions 32
+    python bench/load.py --sessions 64 --tokens 512     # prompts at the hosted limit
 """
 
 from __future__ import annotations
@@ -22,12 +23,38 @@ from load_scenarios import HOSTED_ENV, query, references, scenarios  # noqa: E40
 from streamlit_client import Server, run_sessions  # noqa: E402
 
 
+def lengthen(prompt: str, tokens: int) -> str:
+    """``prompt`` repeated and cut to about ``tokens`` tokens of the served model (its own subject
+    first, so every session's prompt stays distinct)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _tokenizer(AutoTokenizer)
+    ids: list[int] = []
+    while len(ids) < tokens:
+        ids += tokenizer(prompt + "\n", add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids[: tokens - 2], skip_special_tokens=True)  # room for special tokens
+
+
+_TOKENIZERS: dict[str, object] = {}
+
+
+def _tokenizer(auto):  # noqa: ANN001, ANN202 - transformers' AutoTokenizer; the served model's tokenizer
+    if "t" not in _TOKENIZERS:
+        _TOKENIZERS["t"] = auto.from_pretrained(HOSTED_ENV["MOE_VIZ_MODEL"])
+    return _TOKENIZERS["t"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=32)
     parser.add_argument("--slots", default=HOSTED_ENV["MOE_VIZ_COMPUTE_SLOTS"], help="MOE_VIZ_COMPUTE_SLOTS")
+    parser.add_argument(
+        "--tokens", type=int, default=0, help="make every prompt about this many tokens long (hosted limit: 512)"
+    )
     args = parser.parse_args()
     pairs = scenarios(args.sessions)
+    if args.tokens:
+        pairs = [(lengthen(prompt, args.tokens), spec) for prompt, spec in pairs]
     print(f"computing {len(pairs)} single-session references ...", file=sys.stderr, flush=True)
     expected = references(pairs)
     env = {**HOSTED_ENV, "MOE_VIZ_COMPUTE_SLOTS": str(args.slots)}
