@@ -81,15 +81,21 @@ class ExpertFocus:
         return "chosen" if self.basis == "your choice" else f"busiest ({self.basis})"
 
 
+def busiest_first(values, n: int | None = None) -> list[int]:  # noqa: ANN001 - a tensor, array or list
+    """Indices of ``values`` from the largest down, ties to the lower index (the expert order every
+    folded axis states); the first ``n`` of them when ``n`` is given."""
+    v = [float(x) for x in (values.tolist() if hasattr(values, "tolist") else values)]
+    order = sorted(range(len(v)), key=lambda i: (-v[i], i))
+    return order if n is None else order[:n]
+
+
 def expert_focus(lt: LayerTrace, top: int | None = None, chosen: Sequence[int] | None = None) -> ExpertFocus:
     """The focus of a view of layer ``lt``: up to MANY_EXPERTS experts, all of them in id order
     with ``expert_colors``; above it the ``top`` (default SHOWN_EXPERTS) busiest, or ``chosen``."""
     E = lt.num_experts
     if E <= MANY_EXPERTS and chosen is None:
         return ExpertFocus(E, tuple(range(E)), tuple(range(E)), dict(enumerate(expert_colors(E))), "id")
-    load = metrics.expert_load(lt, "routed").double()  # (E,)
-    order = torch.argsort(-load * (E + 1) + torch.arange(E, dtype=torch.float64))  # busiest, then lowest id
-    ranking = tuple(int(e) for e in order)
+    ranking = tuple(busiest_first(metrics.expert_load(lt, "routed")))  # busiest, then lowest id
     if chosen is not None:
         bad = [e for e in chosen if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < E]
         if bad or not chosen:
@@ -103,9 +109,8 @@ def expert_focus(lt: LayerTrace, top: int | None = None, chosen: Sequence[int] |
             raise ValueError(f"top must be an integer >= 1; got {top!r}")
         shown, basis = ranking[:n], "load"
     if lt.first_choice_known:
-        firsts = torch.bincount(metrics.first_choice(lt), minlength=E).double()  # (E,)
-        by_first = torch.argsort(-firsts * (E + 1) + torch.arange(E, dtype=torch.float64))
-        coloured = [int(e) for e in by_first[:COLOURED_EXPERTS] if firsts[e] > 0]
+        firsts = torch.bincount(metrics.first_choice(lt), minlength=E)  # (E,)
+        coloured = [e for e in busiest_first(firsts, COLOURED_EXPERTS) if firsts[e] > 0]
     else:
         coloured = list(ranking[:COLOURED_EXPERTS])
     palette = {e: FOCUS_COLORS[i % len(FOCUS_COLORS)] for i, e in enumerate(coloured)}

@@ -14,7 +14,16 @@ import torch
 from .. import metrics
 from ..trace import Trace
 from ._display import code_token, pct, plural, times
-from ._experts import MANY_EXPERTS, NEUTRAL, SHOWN_EXPERTS, category_axis, chart_height, expert_focus, fold
+from ._experts import (
+    MANY_EXPERTS,
+    NEUTRAL,
+    SHOWN_EXPERTS,
+    busiest_first,
+    category_axis,
+    chart_height,
+    expert_focus,
+    fold,
+)
 from ._plotly import (
     CELL_TEXT_LIMIT,
     DROPPED_COLOR,
@@ -233,7 +242,7 @@ def load_map(loads: torch.Tensor, layer_ids: list[int], label: str, policy: str)
     busiest: list[int] = []
     if E > MANY_EXPERTS:  # many experts: the busiest over all layers, then the others' mean
         total = loads.double().sum(dim=0)  # (E,)
-        busiest = torch.argsort(-total * (E + 1) + torch.arange(E, dtype=torch.float64))[:SHOWN_EXPERTS].tolist()
+        busiest = busiest_first(total, SHOWN_EXPERTS)
         rest = [e for e in range(E) if e not in set(busiest)]
         shown_rel = torch.cat([rel[:, busiest], rel[:, rest].mean(dim=1, keepdim=True)], dim=1)  # (L, S + 1)
         shown_loads = torch.cat([loads[:, busiest].double(), loads[:, rest].double().mean(dim=1, keepdim=True)], dim=1)

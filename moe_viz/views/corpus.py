@@ -18,7 +18,7 @@ from ..corpus.aggregates import CorpusAggregates
 from ..corpus.report import CorpusReport
 from ..corpus.stats import Estimate
 from ._display import num, pct, per_layer_values, times, visible
-from ._experts import MANY_EXPERTS, SHOWN_EXPERTS, chart_height
+from ._experts import MANY_EXPERTS, SHOWN_EXPERTS, busiest_first, chart_height
 from ._plotly import OKABE_ITO, TOL_MUTED, FigureBuilder, expert_axis, expert_colors, finish, plotly_trace
 from ._view import View
 
@@ -130,7 +130,7 @@ def _domain_expert_heatmap(
     columns: list = list(range(E))
     if E > SHOWN_EXPERTS:  # hundreds of experts: the ones whose share depends most on the domain
         spread = np.nan_to_num(np.nanmax(np.abs(z - reference[0] * 100), axis=0), nan=-1.0)  # (E,)
-        keep = sorted(range(E), key=lambda e: (-spread[e], e))[:SHOWN_EXPERTS]
+        keep = busiest_first(spread, SHOWN_EXPERTS)
         z, custom = z[:, keep], custom[:, keep]
         columns = [f"e{e}" for e in keep]
         title += f"; the {len(keep)} experts of {E} furthest from it"
@@ -451,7 +451,7 @@ def coactivation_heatmap(
     busiest = order is None and E > MANY_EXPERTS
     if busiest:  # many experts: the pairs of the busiest, busiest first
         tokens = co.tokens[li]  # (E,)
-        order = sorted(range(E), key=lambda e: (-int(tokens[e]), e))[:SHOWN_EXPERTS]
+        order = busiest_first(tokens, SHOWN_EXPERTS)
     order = order or list(range(E))
     z = m[np.ix_(order, order)] * 100
     lo = co.matrix.low[li][np.ix_(order, order)] * 100
@@ -772,7 +772,7 @@ def position_profile(agg: CorpusAggregates, layer: int) -> View:
     rows: list = list(range(E))
     if E > MANY_EXPERTS:  # many experts: the busiest, busiest first
         load = counts.sum(axis=0)  # (E,)
-        rows = sorted(range(E), key=lambda e: (-load[e], e))[:SHOWN_EXPERTS]
+        rows = busiest_first(load, SHOWN_EXPERTS)
     fig = FigureBuilder(
         plotly_trace(
             go.Heatmap,

@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 
 from ..importance import Importance
 from ._display import num, pct
-from ._experts import MANY_EXPERTS, SHOWN_EXPERTS, chart_height
+from ._experts import MANY_EXPERTS, SHOWN_EXPERTS, busiest_first, chart_height
 from ._plotly import FigureBuilder, expert_axis, expert_colors, finish, plotly_trace
 from ._view import View
 
@@ -41,7 +41,7 @@ def importance_heatmap(imp: Importance) -> View:
     rows: list = list(range(E))
     if E > MANY_EXPERTS:  # many experts: those with the largest effect in any layer
         strength = np.nan_to_num(np.nanmax(np.abs(z), axis=1), nan=-1.0)  # (E,)
-        rows = sorted(range(E), key=lambda e: (-strength[e], e))[:SHOWN_EXPERTS]
+        rows = busiest_first(strength, SHOWN_EXPERTS)
         z = z[rows]
     fig = FigureBuilder(
         plotly_trace(
