@@ -236,3 +236,24 @@ def test_prediction_labels_stay_categorical_even_when_they_look_like_numbers(tin
 
 def test_token_labels_escape_markup_but_keep_quotes_readable() -> None:
     assert views.display_token('<b>"x"</b> & y') == '&lt;b&gt;"x"&lt;/b&gt;␣&amp;␣y'
+
+
+def test_figures_carry_a_compact_copy_of_the_users_default_template(native: Trace, capped: Trace) -> None:
+    import json
+
+    import plotly.io as pio
+
+    full = pio.templates["plotly"].to_plotly_json()
+    for name, fig in all_figures(native, capped, native.layer_ids[0]).items():
+        template = fig.to_plotly_json()["layout"]["template"]
+        assert len(json.dumps(template)) < len(json.dumps(full)) / 3, name  # a fraction of the bytes
+        assert "geo" not in template["layout"] and "scatter3d" not in template["data"], name
+        assert template["layout"]["xaxis"] == full["layout"]["xaxis"], name  # what our charts use is kept
+        assert set(template) == {"data", "layout"}, name  # Streamlit's theme writes into both
+    previous = pio.templates.default
+    try:
+        pio.templates.default = "plotly_white"
+        fig = views.routing_heatmap(native, native.layer_ids[0]).figure
+        assert fig.layout.template.layout.plot_bgcolor == "white"  # a user's choice is followed
+    finally:
+        pio.templates.default = previous
