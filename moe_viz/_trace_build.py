@@ -130,6 +130,18 @@ class LazyOutputTrace(OutputTrace):
         self.__dict__.update({name: getattr(full, name) for name in OUTPUT_FIELDS})
         self.__dict__["_pending"] = None  # the logits go: the fields hold what is kept
 
+    def at(self, position: int) -> OutputTrace:
+        pending = self.__dict__.get("_pending")
+        if pending is None:
+            return super().at(position)
+        tokenizer, logits, ids = pending
+        position = range(len(ids))[position]  # negative counts from the end; IndexError outside
+        rows = self.__dict__.setdefault("_rows", {})
+        if position not in rows:  # one row of logits, through the same maths as every row
+            next_id = ids[position + 1] if position + 1 < len(ids) else None
+            rows[position] = predict(tokenizer, logits[position : position + 1], [next_id], keep_vocab=False)
+        return rows[position]
+
     @property
     def has_predictions(self) -> bool:
         return True
@@ -144,17 +156,26 @@ class LazyOutputTrace(OutputTrace):
 
 def output_trace(tokenizer: Any, logits: torch.Tensor, ids: list[int]) -> OutputTrace:
     """Top-K predictions, log-prob of the actual next token and entropy at every position."""
-    # Few full-size (T, V) temporaries: each fresh one costs page faults comparable to the maths.
-    logprobs = logits.log_softmax(dim=-1, dtype=torch.float32).cpu()  # (T, V)
+    T, V = logits.shape
+    return predict(tokenizer, logits, [*ids[1:], None], keep_vocab=T * V <= VOCAB_KEEP_LIMIT)
+
+
+def predict(tokenizer: Any, logits: torch.Tensor, next_ids: list[int | None], keep_vocab: bool) -> OutputTrace:
+    """Predictions for each row of ``logits`` (n, V); ``next_ids[i]`` is the token that actually
+    followed row i (None where none did: its target log-prob is NaN)."""
+    # Few full-size (n, V) temporaries: each fresh one costs page faults comparable to the maths.
+    logprobs = logits.log_softmax(dim=-1, dtype=torch.float32).cpu()  # (n, V)
     T, V = logprobs.shape
-    top = logprobs.topk(min(TOP_PREDICTIONS, V), dim=-1)  # (T, K)
+    top = logprobs.topk(min(TOP_PREDICTIONS, V), dim=-1)  # (n, K)
     target = torch.full((T,), float("nan"))
-    if T > 1:
-        target[:-1] = logprobs[:-1].gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
-    entropy = -torch.bmm(logprobs.exp().unsqueeze(1), logprobs.unsqueeze(2)).view(T)  # (T,)
+    known = [i for i, nxt in enumerate(next_ids) if nxt is not None]
+    if known:
+        rows = torch.tensor(known)
+        target[rows] = logprobs[rows].gather(1, torch.tensor([next_ids[i] for i in known]).unsqueeze(1)).squeeze(1)
+    entropy = -torch.bmm(logprobs.exp().unsqueeze(1), logprobs.unsqueeze(2)).view(T)  # (n,)
     bad = entropy.isnan()  # rows with -inf log-probs (masked tokens): 0 * -inf; redo them with 0 log 0 = 0
     if bad.any():
-        rows = logprobs[bad]  # (n, V)
+        rows = logprobs[bad]  # (m, V)
         entropy[bad] = -(rows.exp() * rows.clamp(min=torch.finfo(rows.dtype).min)).sum(dim=-1)
     unique = top.indices.unique().tolist()
     vocab_tokens = dict(zip(unique, token_texts(tokenizer, unique), strict=True))
@@ -164,7 +185,7 @@ def output_trace(tokenizer: Any, logits: torch.Tensor, ids: list[int]) -> Output
         top_tokens=[[vocab_tokens[i] for i in row] for row in top.indices.tolist()],
         target_logprob=target,
         entropy=entropy,
-        vocab_logprobs=logprobs if T * V <= VOCAB_KEEP_LIMIT else None,
+        vocab_logprobs=logprobs if keep_vocab else None,
     )
 
 

@@ -113,6 +113,21 @@ class OutputTrace:
     def held_text_chars(self) -> int:
         return sum(len(t) for row in self.top_tokens for t in row)
 
+    def at(self, position: int) -> OutputTrace:
+        """The predictions at one position, as a one-row ``OutputTrace`` (no full distribution).
+
+        A run's lazy output computes just that row from its logits, so a page that shows one
+        token's predictions does not pay for the whole vocabulary at every position."""
+        position = range(len(self.entropy))[position]  # negative counts from the end; IndexError outside
+        t = slice(position, position + 1)
+        return OutputTrace(
+            top_ids=self.top_ids[t],
+            top_logprobs=self.top_logprobs[t],
+            top_tokens=self.top_tokens[t],
+            target_logprob=self.target_logprob[t],
+            entropy=self.entropy[t],
+        )
+
 
 @dataclass(frozen=True, eq=False)
 class Trace:
@@ -244,8 +259,9 @@ class Trace:
         position = self.check_position(position)
         if not self.has_predictions:
             raise ValueError("this trace has no next-token predictions: it was imported from an engine's routing")
-        probs = self.output.top_logprobs[position, :n].exp().tolist()
-        return list(zip(self.output.top_tokens[position][:n], probs))
+        row = self.output.at(position)
+        probs = row.top_logprobs[0, :n].exp().tolist()
+        return list(zip(row.top_tokens[0][:n], probs))
 
 
 _PER_TOKEN_LAYER_FIELDS = (

@@ -329,3 +329,21 @@ def test_next_token_predictions_are_built_when_first_read_and_equal_the_eager_on
         out.target_logprob.isnan(), eager.target_logprob.isnan()
     )
     assert trace.nbytes() > held_before  # the float32 distribution replaced the logits
+
+
+def test_one_tokens_predictions_are_computed_alone_and_equal_the_full_ones(mixtral):
+    trace = run_prompt(mixtral, "A page that shows one token's predictions reads one row.")
+    out = trace.output
+    last = out.at(-1)
+    assert out.__dict__["_pending"] is not None  # the other rows were not computed
+    assert trace.predictions(2, 3) and out.__dict__["_pending"] is not None
+    assert last.top_ids.shape == (1, 10) and len(last.top_tokens) == 1 and last.vocab_logprobs is None
+    rows = {t: out.at(t) for t in range(trace.num_tokens)}
+    assert out.top_ids[-1].equal(last.top_ids[0])  # reading a field computes them all, as before
+    for t, row in rows.items():
+        assert row.top_ids[0].equal(out.top_ids[t]) and row.top_tokens[0] == out.top_tokens[t]
+        assert torch.allclose(row.top_logprobs[0], out.top_logprobs[t], atol=1e-6)
+        assert torch.allclose(row.entropy, out.entropy[t : t + 1], atol=1e-5)
+        assert torch.allclose(row.target_logprob, out.target_logprob[t : t + 1], atol=1e-6, equal_nan=True)
+    assert math.isnan(float(last.target_logprob[0])) and not math.isnan(float(rows[0].target_logprob[0]))
+    assert out.at(3).top_ids.equal(rows[3].top_ids)  # after materialising, rows come from the fields

@@ -104,7 +104,11 @@ def run_summary(trace: Trace) -> str:
     The load test reads it back from the page to check that every session got its own result.
     """
     dropped = per_layer_counts(trace.layer_ids, [lt.dropped_count for lt in trace.layers], "dropped")
-    top = f"top next token id {int(trace.output.top_ids[-1, 0])}" if trace.has_predictions else "no predictions"
+    top = (
+        f"top next token id {int(trace.output.at(trace.num_tokens - 1).top_ids[0, 0])}"
+        if trace.has_predictions
+        else "no predictions"
+    )
     return (
         f"Run summary: `{trace.policy}` · {trace.num_tokens} tokens · {dropped} · "
         f"{top} · routing fingerprint `{trace.fingerprint()}`"

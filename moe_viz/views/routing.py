@@ -436,8 +436,9 @@ def predictions(trace: Trace, position: int = -1, n: int = 10) -> View:
     text = f"After {code_token(trace.tokens[t])} (position {t}) the model predicts {code_token(tok)} with {pct(q)}"
     if rest:
         text += ", then " + ", ".join(f"{code_token(s)} {pct(w)}" for s, w in rest)
-    text += f"; the prediction entropy is {float(trace.output.entropy[t]):.2f} nats."
-    target = float(trace.output.target_logprob[t])
+    row = trace.output.at(t)
+    text += f"; the prediction entropy is {float(row.entropy[0]):.2f} nats."
+    target = float(row.target_logprob[0])
     if not math.isnan(target) and t + 1 < trace.num_tokens:
         text += f" The actual next token {code_token(trace.tokens[t + 1])} got {pct(math.exp(target))}."
     return View("predictions", "Next-token predictions after the selected token", text, figure=finish(fig))
