@@ -8,6 +8,7 @@ prompt; only the new row of a KV-cache decode step; the real tokens of a padded 
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,9 +38,26 @@ class Part:
     sequence: int = 0  # which sequence of the forward (for its capacity)
 
 
+_TOKEN_TEXTS: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
+
+
 def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
-    """Each token as the text it contributes (byte-level BPE markers turned into spaces)."""
-    if hasattr(tokenizer, "batch_decode"):  # one call into the fast tokenizer instead of T
+    """Each token as the text it contributes (byte-level BPE markers turned into spaces).
+
+    A token's text depends on its id alone (each is decoded on its own), so each tokenizer keeps
+    the texts it has decoded: a page rebuilt for a new prompt decodes only the ids it has not seen."""
+    try:
+        known = _TOKEN_TEXTS.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced: decode every time
+        known = {}
+    new = sorted(set(ids) - known.keys())
+    if new:
+        known.update(zip(new, _decode_each(tokenizer, new), strict=True))
+    return [known[i] for i in ids]
+
+
+def _decode_each(tokenizer: Any, ids: list[int]) -> list[str]:
+    if hasattr(tokenizer, "batch_decode"):  # one call into the fast tokenizer instead of len(ids)
         return list(
             tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
         )

@@ -250,6 +250,8 @@ def test_figures_carry_a_compact_copy_of_the_users_default_template(native: Trac
         assert "geo" not in template["layout"] and "scatter3d" not in template["data"], name
         assert template["layout"]["xaxis"] == full["layout"]["xaxis"], name  # what our charts use is kept
         assert set(template) == {"data", "layout"}, name  # Streamlit's theme writes into both
+        for trace in fig.data:  # the template's colour scale was cut: every heatmap names its own
+            assert trace.type != "heatmap" or trace.colorscale is not None, name
     previous = pio.templates.default
     try:
         pio.templates.default = "plotly_white"

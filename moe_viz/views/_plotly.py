@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -65,6 +66,7 @@ def rgb_to_hex(rgb: str) -> str:
     return "#{:02X}{:02X}{:02X}".format(*parts)
 
 
+@functools.lru_cache(maxsize=1024)  # a handful of expert colours, asked for once per token
 def text_color(background: str) -> str:
     """Black or white, whichever reads better on ``background`` (#RRGGBB)."""
     r, g, b = (int(background[i : i + 2], 16) / 255 for i in (1, 3, 5))
@@ -78,6 +80,10 @@ VALIDATE = False  # plotly property validation: off for speed (about 2x); tests 
 CHART_TYPES = ("bar", "heatmap", "sankey", "scatter", "scattergl", "table")
 OTHER_LAYOUT_KINDS = ("geo", "mapbox", "map", "polar", "scene", "ternary", "smith")
 _compact_templates: dict[str, dict[str, Any]] = {}
+
+
+def _without_colorscale(trace_defaults: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in trace_defaults.items() if k != "colorscale"}
 
 
 def compact_template() -> dict[str, Any]:
@@ -97,7 +103,8 @@ def compact_template() -> dict[str, Any]:
     full = full.to_plotly_json() if full is not None else {}
     layout = {k: v for k, v in full.get("layout", {}).items() if k not in OTHER_LAYOUT_KINDS}
     layout.pop("colorscale", None)  # sequential/diverging defaults: every chart names its own scale
-    data = {k: v for k, v in full.get("data", {}).items() if k in CHART_TYPES}
+    # every heatmap names its own colour scale: the template's (a 10-stop list) is never used
+    data = {k: [_without_colorscale(t) for t in v] for k, v in full.get("data", {}).items() if k in CHART_TYPES}
     template = {"data": data, "layout": layout}  # both keys: Streamlit's theme writes into them
     if name is not None:
         _compact_templates[name] = template
