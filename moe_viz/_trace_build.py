@@ -17,6 +17,7 @@ import torch
 
 from ._hooks import Forward, LayerCall
 from ._router_math import router_scores
+from ._routers import RouterSite
 from .models import MoEModel
 from .policies import Policy, policy_spec
 from .trace import LayerTrace, OutputTrace, Trace
@@ -64,26 +65,32 @@ def _decode_each(tokenizer: Any, ids: list[int]) -> list[str]:
     return [tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False) for i in ids]
 
 
-def _take(t: torch.Tensor | None, rows: Rows) -> torch.Tensor | None:
-    return None if t is None else t[rows]
+def _rows(parts: list[tuple[LayerCall, Rows, int]], name: str) -> torch.Tensor:
+    """The sequence's rows of one recorded field, concatenated over the forwards that hold them.
+
+    One forward (a prompt) gives a view of the recorded tensor, no copy: the router's outputs are
+    fresh tensors that nothing writes after the router hook has read them."""
+    if len(parts) == 1:
+        call, rows, _ = parts[0]
+        return getattr(call, name)[rows]
+    return torch.cat([getattr(c, name)[rows] for c, rows, _ in parts])
 
 
-def _layer_trace(model: MoEModel, layer: int, parts: list[tuple[LayerCall, Rows, int]]) -> LayerTrace:
-    site = next(s for s in model.sites if s.layer == layer)
+def _layer_trace(
+    site: RouterSite, parts: list[tuple[LayerCall, Rows, int]], logits: torch.Tensor, probs: torch.Tensor
+) -> LayerTrace:
     spec = site.spec
-    logits = torch.cat([c.logits[rows].float().cpu() for c, rows, _ in parts])  # (T, E)
-    probs = router_scores(spec, logits) if spec.substitutable else logits.softmax(dim=-1)  # (T, E)
     first = parts[0][0]
     if first.native_index is not None:
-        native_index = torch.cat([_take(c.native_index, r).cpu() for c, r, _ in parts]).long()  # (T, k)
-        native_weights = torch.cat([_take(c.native_weights, r).float().cpu() for c, r, _ in parts])  # (T, k)
+        native_index = _rows(parts, "native_index").cpu().long()  # (T, k)
+        native_weights = _rows(parts, "native_weights").float().cpu()  # (T, k)
     else:  # layouts that expose only logits: the native choice is the top-k of the logits
         native_index = logits.topk(spec.top_k, dim=-1).indices
         native_weights = probs.gather(1, native_index)
     if first.index is not None:
-        index = torch.cat([_take(c.index, r).cpu() for c, r, _ in parts]).long()  # (T, k')
-        weights = torch.cat([_take(c.weights, r).float().cpu() for c, r, _ in parts])  # (T, k')
-        dropped = torch.cat([_take(c.dropped, r).cpu() for c, r, _ in parts])  # (T, k')
+        index = _rows(parts, "index").cpu().long()  # (T, k')
+        weights = _rows(parts, "weights").float().cpu()  # (T, k')
+        dropped = _rows(parts, "dropped").cpu()  # (T, k')
     else:
         index, weights = native_index, native_weights
         dropped = torch.zeros_like(index, dtype=torch.bool)
@@ -109,50 +116,78 @@ def _layer_trace(model: MoEModel, layer: int, parts: list[tuple[LayerCall, Rows,
     )
 
 
+def _scores(sites: dict[int, RouterSite], logits: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Each layer's router scores (T, E), one stacked call per kind of score function: the same
+    numbers as layer by layer, at a fraction of the per-call cost of a short prompt."""
+    groups: dict[tuple[str | None, tuple[int, ...]], list[int]] = {}
+    for layer, x in logits.items():
+        spec = sites[layer].spec
+        family = spec.family if spec.substitutable else None  # capture-only routers: a plain softmax
+        groups.setdefault((family, tuple(x.shape)), []).append(layer)
+    probs: dict[int, torch.Tensor] = {}
+    for layers in groups.values():
+        spec = sites[layers[0]].spec
+        stacked = torch.stack([logits[layer] for layer in layers])  # (L', T, E)
+        scores = router_scores(spec, stacked) if spec.substitutable else stacked.softmax(dim=-1)  # (L', T, E)
+        probs.update(zip(layers, scores.unbind(0), strict=True))
+    return probs
+
+
 def build_layers(model: MoEModel, parts: Sequence[Part]) -> list[LayerTrace]:
     """Per-layer traces of one sequence from the given rows of the recorded forwards."""
     by_layer: dict[int, list[tuple[LayerCall, Rows, int]]] = {}
     for part in parts:
         for call in part.forward.layers:
             by_layer.setdefault(call.layer, []).append((call, part.rows, part.sequence))
-    return [_layer_trace(model, layer, calls) for layer, calls in sorted(by_layer.items())]
+    sites = {s.layer: s for s in model.sites}
+    logits = {layer: _rows(calls, "logits").float().cpu() for layer, calls in by_layer.items()}  # (T, E) each
+    probs = _scores(sites, logits)
+    return [_layer_trace(sites[layer], calls, logits[layer], probs[layer]) for layer, calls in sorted(by_layer.items())]
 
 
-OUTPUT_FIELDS = ("top_ids", "top_logprobs", "top_tokens", "target_logprob", "entropy", "vocab_logprobs")
+SUMMARY_FIELDS = ("top_ids", "top_logprobs", "top_tokens", "target_logprob", "entropy")
 
 
 class LazyOutputTrace(OutputTrace):
-    """An ``OutputTrace`` computed from the model's (T, V) logits when one of its fields is first
-    read (all fields at once, exactly as ``output_trace`` computes them); until then it holds the
-    logits in the model's dtype. A run nobody reads predictions from costs the forward alone."""
+    """An ``OutputTrace`` that keeps the model's (T, V) logits, in the model's dtype, as its one
+    copy of the full next-token distribution.
+
+    * The summaries (top-K, entropy, log-prob of the actual next token) are computed from them when
+      one is first read, all positions at once, exactly as ``output_trace`` computes them; ``at``
+      computes one position alone.
+    * ``vocab_logprobs`` is their float32 log-softmax, computed at each read and not kept: what a
+      comparison needs (KL between modes) is computed once from it and cached with the statistics.
+
+    So a run nobody reads predictions from costs the forward alone, and a kept distribution costs
+    the model's dtype per entry (bf16: half the float32 log-probabilities it replaces)."""
 
     def __init__(self, tokenizer: Any, logits: torch.Tensor, ids: list[int]) -> None:  # noqa: D107
-        object.__setattr__(self, "_pending", (tokenizer, logits.detach().cpu(), list(ids)))
+        object.__setattr__(self, "_source", (tokenizer, logits.detach().cpu(), list(ids)))
+        object.__setattr__(self, "_ready", False)
 
-    def __getattr__(self, name: str) -> Any:  # only called for fields not computed yet
-        if name not in OUTPUT_FIELDS or self.__dict__.get("_pending") is None:
+    def __getattr__(self, name: str) -> Any:  # only called for summaries not computed yet
+        if name not in SUMMARY_FIELDS or self.__dict__.get("_source") is None:
             raise AttributeError(name)
         self._materialise()
         return self.__dict__[name]
 
     @property
-    def vocab_logprobs(self) -> torch.Tensor | None:  # OutputTrace gives it a class default: no __getattr__
-        self._materialise()
-        return self.__dict__["vocab_logprobs"]
+    def vocab_logprobs(self) -> torch.Tensor:  # OutputTrace gives it a class default: no __getattr__
+        logits = self.__dict__["_source"][1]
+        return logits.log_softmax(dim=-1, dtype=torch.float32)  # (T, V), the same numbers at every read
 
     def _materialise(self) -> None:
-        pending = self.__dict__.get("_pending")
-        if pending is None:
+        if self.__dict__["_ready"]:
             return
-        full = output_trace(*pending)
-        self.__dict__.update({name: getattr(full, name) for name in OUTPUT_FIELDS})
-        self.__dict__["_pending"] = None  # the logits go: the fields hold what is kept
+        tokenizer, logits, ids = self.__dict__["_source"]
+        full = predict(tokenizer, logits, [*ids[1:], None], keep_vocab=False)
+        self.__dict__.update({name: getattr(full, name) for name in SUMMARY_FIELDS})
+        self.__dict__["_ready"] = True
 
     def at(self, position: int) -> OutputTrace:
-        pending = self.__dict__.get("_pending")
-        if pending is None:
+        if self.__dict__["_ready"]:
             return super().at(position)
-        tokenizer, logits, ids = pending
+        tokenizer, logits, ids = self.__dict__["_source"]
         position = range(len(ids))[position]  # negative counts from the end; IndexError outside
         rows = self.__dict__.setdefault("_rows", {})
         if position not in rows:  # one row of logits, through the same maths as every row
@@ -165,11 +200,13 @@ class LazyOutputTrace(OutputTrace):
         return True
 
     def held_tensors(self) -> list[torch.Tensor]:
-        pending = self.__dict__.get("_pending")
-        return [pending[1]] if pending is not None else super().held_tensors()
+        logits = self.__dict__["_source"][1]
+        if not self.__dict__["_ready"]:
+            return [logits]
+        return [logits, self.top_ids, self.top_logprobs, self.target_logprob, self.entropy]
 
     def held_text_chars(self) -> int:
-        return 0 if self.__dict__.get("_pending") is not None else super().held_text_chars()
+        return super().held_text_chars() if self.__dict__["_ready"] else 0
 
 
 def output_trace(tokenizer: Any, logits: torch.Tensor, ids: list[int]) -> OutputTrace:
