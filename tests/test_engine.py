@@ -317,26 +317,49 @@ def test_next_token_predictions_are_built_when_first_read_and_equal_the_eager_on
 
     trace = run_prompt(mixtral, "Predictions cost a pass over the vocabulary per token.")
     out = trace.output
-    assert isinstance(out, LazyOutputTrace) and out.__dict__["_pending"] is not None  # nothing computed yet
+    assert isinstance(out, LazyOutputTrace) and not out.__dict__["_ready"]  # nothing computed yet
     held_before = trace.nbytes()  # counting memory does not compute them either
-    assert out.__dict__["_pending"] is not None and trace.has_predictions
+    assert not out.__dict__["_ready"] and trace.has_predictions
     with torch.inference_mode():
         logits = mixtral.model(input_ids=torch.tensor([trace.token_ids]), use_cache=False).logits[0]
     eager = output_trace(mixtral.tokenizer, logits, trace.token_ids)
-    assert out.top_ids.equal(eager.top_ids) and out.__dict__["_pending"] is None  # one read computes all
+    assert out.top_ids.equal(eager.top_ids) and out.__dict__["_ready"]  # one read computes all
     assert out.top_tokens == eager.top_tokens and out.vocab_logprobs.equal(eager.vocab_logprobs)
     assert torch.allclose(out.entropy, eager.entropy) and torch.equal(
         out.target_logprob.isnan(), eager.target_logprob.isnan()
     )
-    assert trace.nbytes() > held_before  # the float32 distribution replaced the logits
+    T = trace.num_tokens
+    V = mixtral.model.config.vocab_size
+    assert trace.nbytes() - held_before < T * 256 < T * V * 4  # small summaries, no float32 (T, V) copy
+
+
+def test_the_full_distribution_is_kept_once_in_the_models_dtype(mixtral):
+    import copy
+
+    from moe_viz._trace_build import LazyOutputTrace
+
+    model16 = moe_viz.wrap_model(copy.deepcopy(mixtral.model).to(torch.bfloat16), mixtral.tokenizer, "bf16 copy")
+    trace = run_prompt(model16, "A bf16 model keeps its distribution in bf16.")
+    out = trace.output
+    assert isinstance(out, LazyOutputTrace)
+    T, V = len(trace.token_ids), model16.model.config.vocab_size
+    logits = out.held_tensors()[0]
+    assert logits.dtype == torch.bfloat16 and logits.shape == (T, V)
+    first, second = out.vocab_logprobs, out.vocab_logprobs
+    assert first.dtype == torch.float32 and first.equal(second)  # computed at each read, the same numbers
+    assert torch.allclose(first.exp().sum(dim=-1), torch.ones(T), atol=1e-4)
+    assert out.top_ids.shape == (T, 10)  # the summaries, then the bytes held: bf16 logits plus the small summaries
+    held = sum(t.numel() * t.element_size() for t in out.held_tensors())
+    assert T * V * 2 <= held <= T * V * 2 + T * 128
+    assert held < T * V * 4  # less than the float32 log-probabilities alone
 
 
 def test_one_tokens_predictions_are_computed_alone_and_equal_the_full_ones(mixtral):
     trace = run_prompt(mixtral, "A page that shows one token's predictions reads one row.")
     out = trace.output
     last = out.at(-1)
-    assert out.__dict__["_pending"] is not None  # the other rows were not computed
-    assert trace.predictions(2, 3) and out.__dict__["_pending"] is not None
+    assert not out.__dict__["_ready"]  # the other rows were not computed
+    assert trace.predictions(2, 3) and not out.__dict__["_ready"]
     assert last.top_ids.shape == (1, 10) and len(last.top_tokens) == 1 and last.vocab_logprobs is None
     rows = {t: out.at(t) for t in range(trace.num_tokens)}
     assert out.top_ids[-1].equal(last.top_ids[0])  # reading a field computes them all, as before

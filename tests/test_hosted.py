@@ -159,15 +159,43 @@ def test_a_sessions_byte_budget_drops_its_oldest_trace_and_the_page_says_so(host
 
     assert _config().session_mb == 64  # the hosted default
     assert ("memory per session", "64 MiB of traces (oldest dropped first)") in _config().limit_rows()
-    hosted.setenv("MOE_VIZ_SESSION_MB", "1")  # one default-model trace of ~25 tokens holds ~0.8 MiB
+    # the default model's traces hold their bf16 logits: ~0.42 MiB at 26 tokens, ~0.88 MiB at 55
+    hosted.setenv("MOE_VIZ_SESSION_MB", "1")
     at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
     at = at.switch_page("app_pages/load_balance.py").run()  # a page that holds one trace per run
     [old_key] = list(at.session_state["traces"])
     assert not [i for i in at.info if "older trace" in i.value]
-    at.text_area(key="prompt_input_balance").set_value("A second prompt, so that the session holds two traces.")
+    second = (
+        "A second prompt, long enough that the session cannot hold it beside the first one: the router sends "
+        "every token of it to two of the eight experts, layer after layer, and the page must drop the older trace."
+    )
+    at.text_area(key="prompt_input_balance").set_value(second)
     at = next(b for b in at.button if b.label == "Run").click().run()
     assert not at.exception
     traces = at.session_state["traces"]
     assert old_key not in traces and len(traces) == 1  # the newest stays, the oldest went
     assert sum(t.nbytes() for t in traces.values()) <= 1 * 2**20
     assert any("To keep this session within 1 MiB, 1 older trace was dropped" in i.value for i in at.info)
+
+
+def test_a_session_that_leaves_frees_its_traces_and_their_statistics(hosted):
+    import gc
+    import weakref
+
+    from streamlit.testing.v1 import AppTest
+
+    from moe_viz._cache import STATS
+
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    for page in ("app_pages/explore.py", "app_pages/load_balance.py", "app_pages/compare.py"):
+        at = at.switch_page(page).run()
+        assert not at.exception, page
+    traces = list(at.session_state["traces"].values())
+    assert len(traces) >= 3  # native and the compared modes
+    assert traces[0].output.top_ids is not None  # predictions were computed
+    with_session = len(STATS)  # traces with cached statistics (balance table, mode effects ...)
+    alive = [weakref.ref(t) for t in traces]
+    del at, traces
+    gc.collect()
+    assert [r for r in alive if r() is not None] == []  # nothing outside the session kept a trace
+    assert len(STATS) < with_session  # and their cached statistics went with them

@@ -243,8 +243,14 @@ def test_figures_carry_a_compact_copy_of_the_users_default_template(native: Trac
 
     import plotly.io as pio
 
-    full = pio.templates["plotly"].to_plotly_json()
-    for name, fig in all_figures(native, capped, native.layer_ids[0]).items():
+    previous = pio.templates.default  # Streamlit, once imported by another test, sets its own
+    pio.templates.default = "plotly"
+    try:
+        full = pio.templates["plotly"].to_plotly_json()
+        figures = all_figures(native, capped, native.layer_ids[0])
+    finally:
+        pio.templates.default = previous
+    for name, fig in figures.items():
         template = fig.to_plotly_json()["layout"]["template"]
         assert len(json.dumps(template)) < len(json.dumps(full)) / 3, name  # a fraction of the bytes
         assert "geo" not in template["layout"] and "scatter3d" not in template["data"], name
@@ -252,7 +258,6 @@ def test_figures_carry_a_compact_copy_of_the_users_default_template(native: Trac
         assert set(template) == {"data", "layout"}, name  # Streamlit's theme writes into both
         for trace in fig.data:  # the template's colour scale was cut: every heatmap names its own
             assert trace.type != "heatmap" or trace.colorscale is not None, name
-    previous = pio.templates.default
     try:
         pio.templates.default = "plotly_white"
         fig = views.routing_heatmap(native, native.layer_ids[0]).figure
