@@ -77,6 +77,7 @@ def test_local_mode_limits_nothing_beyond_sanity(monkeypatch):
             monkeypatch.delenv(name)
     cfg = _config()
     assert not cfg.hosted and cfg.compute_slots is None and cfg.time_budget_s is None
+    assert cfg.torch_threads == max(1, (os.cpu_count() or 1) - 2)  # two cores left to the browser and server
     cfg.check_model_request("/any/local/folder", trust_remote_code=True)
 
 
