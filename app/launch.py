@@ -7,7 +7,8 @@ Plain ``streamlit run`` loads a model when the first visitor arrives, so that vi
 the load (seconds on the default model, minutes on a large checkpoint). This launcher loads the
 default model (and every id in ``MOE_VIZ_PRELOAD_MODELS``, comma-separated, each checked against
 the server's allow-list) into the process-wide model cache *before* it starts the server in the
-same process; the first session then finds the model loaded. Once the server answers its health
+same process, then runs the default prompt and builds the first pages' views once (``warm_up``);
+the first session then finds the model loaded and the code paths warm. Once the server answers its health
 check, the launcher writes a ready file (``MOE_VIZ_READY_FILE``, default
 ``$TMPDIR/moe-viz-ready-<port>``); ``--check`` reports ready only when that file names a live
 process and the server answers. Streamlit's own ``/_stcore/health`` turns OK as soon as the server
@@ -83,6 +84,33 @@ def preload() -> list[str]:
     return names
 
 
+def warm_up(name: str) -> float:
+    """Run the default prompt through model ``name`` and build the first pages' views and figure
+    JSON once, so that the first visitor does not pay for what a process does only once (plotly's
+    figure classes and validators, pandas and torch code paths: about 0.1 s on the default model).
+    Returns the seconds it took."""
+    import plotly.io
+    import plotly.tools
+
+    from app.config import load_config
+    from app.resources import _cached_model
+    from moe_viz import run_prompt, views
+
+    start = time.perf_counter()
+    cfg = load_config()
+    model = _cached_model(name, False)
+    trace = run_prompt(model, cfg.default_prompt, None, max_tokens=cfg.max_prompt_tokens)
+    layer = trace.layer_ids[0]
+    shown = [*views.iter_explore_views(trace, layer), *views.token_views(trace, layer, trace.num_tokens - 1)]
+    shown += views.balance_views(trace, layer)
+    views.metric_cards(trace, layer)
+    views.run_summary(trace)
+    for view in shown:  # as st.plotly_chart serialises a figure
+        if view.figure is not None:
+            plotly.io.to_json(plotly.tools.return_figure_from_figure_or_data(view.figure, True), validate=False)
+    return time.perf_counter() - start
+
+
 def _announce_when_healthy(port: int, path: Path) -> None:
     while not healthy(port, timeout_s=1.0):
         time.sleep(0.2)
@@ -98,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(message)s")
     path = ready_file(port)
     path.unlink(missing_ok=True)  # a file left by an earlier server must not announce this one
-    preload()
+    names = preload()
+    log.warning("moe-viz: warmed up in %.2f s", warm_up(names[0]))
     threading.Thread(target=_announce_when_healthy, args=(port, path), daemon=True).start()
     from streamlit.web import cli
 

@@ -47,6 +47,7 @@ def test_readiness_waits_for_the_model_and_the_first_session_finds_it_loaded(tmp
         text = (tmp_path / "server.log").read_text()
         assert seen_not_ready
         assert text.count("moe-viz: loading model") == 1 and "loaded in" in text  # loaded before ready
+        assert text.index("warmed up in") < text.index("ready on port")  # the first pages ran once before ready
         result = asyncio.run(run_sessions(port, ["prompt=hello%20experts"]))[0]
         assert result.finished and not result.exceptions, result.exceptions
         assert result.find("Run summary:") is not None
