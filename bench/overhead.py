@@ -1,22 +1,28 @@
 """What does tracing cost? Side by side, in one run, on tiny Mixtral, OLMoE and DeepSeek-V3 models.
 
-For each model and prompt length (64, 256, 1024 tokens), timed round-robin so machine noise hits
-every variant alike (median ms over rounds):
+For each model and prompt length (64, 256, 1024 tokens), every variant once per round, in a fresh
+random order each round, so machine noise and warm caches favour no variant (median ms over rounds):
 
 * ``plain``: the model's forward on a never-instrumented copy with the same weights;
+* ``twin``: the same on a second never-instrumented copy: ``twin / plain`` is how much two
+  identical copies differ on this machine (the noise floor of any ratio against ``plain``);
+* ``idle``: the instrumented model's own forward outside any call (its hooks installed, idle);
 * ``traced``: moe-viz's native-routing forward with every router recorded, plus building the
-  per-layer routing trace (``active_call(None)`` + ``build_layers``) — what the app needs;
+  per-layer routing trace (``active_call(None)`` + ``build_layers``) — what the app needs.
+  ``traced / idle`` is what tracing adds on the very same weights;
 * ``run_prompt``: the whole ``run_prompt`` (also tokenises and builds next-token predictions);
 * ``router_logits``: the plain model with ``output_router_logits=True``;
 * ``nnsight``: nnsight tracing that saves every router's output (optional; ``pip install nnsight``).
 
-Prints ratios against ``plain`` (target: traced <= 1.03x). Run: ``python bench/overhead.py``.
+Prints ratios against ``plain`` and ``traced / idle`` (target: traced <= 1.02x, even at 64 tokens).
+Run: ``python bench/overhead.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import random
 import statistics
 import sys
 import time
@@ -77,6 +83,7 @@ def _module(root: object, path: str) -> object:
 
 def bench(model_type: str, tokens: int, rounds: int) -> dict[str, float]:
     plain = _model(model_type)
+    twin = copy.deepcopy(plain)
     traced_model = wrap_model(copy.deepcopy(plain), ByteTokenizer(), model_type)
     ids = torch.randint(32, 127, (1, tokens))
     prompt = bytes(ids[0].tolist()).decode()
@@ -88,6 +95,8 @@ def bench(model_type: str, tokens: int, rounds: int) -> dict[str, float]:
 
     variants: dict[str, Callable[[], object]] = {
         "plain": lambda: plain(input_ids=ids, use_cache=False),
+        "twin": lambda: twin(input_ids=ids, use_cache=False),
+        "idle": lambda: traced_model.model(input_ids=ids, use_cache=False),
         "traced": traced,
         "run_prompt": lambda: run_prompt(traced_model, prompt, None),
         "router_logits": lambda: plain(input_ids=ids, use_cache=False, output_router_logits=True),
@@ -99,10 +108,15 @@ def bench(model_type: str, tokens: int, rounds: int) -> dict[str, float]:
     with torch.inference_mode():
         for fn in variants.values():  # warm up
             fn()
+        names = list(variants)
+        order = random.Random(0)
         for _ in range(rounds):
-            for name, fn in variants.items():
+            # A fresh order every round: the tiny models fit in the CPU caches, so a variant that
+            # always ran right after another one on the same weights would always find them warm.
+            order.shuffle(names)
+            for name in names:
                 t0 = time.perf_counter()
-                fn()
+                variants[name]()
                 times[name].append((time.perf_counter() - t0) * 1e3)
     return {name: statistics.median(values) for name, values in times.items()}
 
@@ -120,17 +134,18 @@ def main() -> None:
             med = bench(model_type, tokens, args.rounds)
             rows.append((model_type, tokens, med))
             print(f"done {model_type} @ {tokens} tokens", file=sys.stderr, flush=True)
-    names = ["traced", "run_prompt", "router_logits", "nnsight"]
+    names = ["twin", "traced", "run_prompt", "router_logits", "nnsight"]
     print(
         f"\n{'model':<12} {'tokens':>6} {'plain ms':>9} "
         + " ".join(f"{n + '/plain':>19}" for n in names)
-        + f" {'traced/router_logits':>21} {'traced/nnsight':>15}"
+        + f" {'traced/idle':>12} {'traced/router_logits':>21} {'traced/nnsight':>15}"
     )
     for model_type, tokens, med in rows:
         ratios = " ".join(f"{med[n] / med['plain']:>19.3f}" if n in med else f"{'n/a':>19}" for n in names)
+        vs_idle = med["traced"] / med["idle"]
         vs_rl = med["traced"] / med["router_logits"]
         vs_nn = f"{med['traced'] / med['nnsight']:>15.3f}" if "nnsight" in med else f"{'n/a':>15}"
-        print(f"{model_type:<12} {tokens:>6} {med['plain']:>9.2f} {ratios} {vs_rl:>21.3f} {vs_nn}")
+        print(f"{model_type:<12} {tokens:>6} {med['plain']:>9.2f} {ratios} {vs_idle:>12.3f} {vs_rl:>21.3f} {vs_nn}")
 
 
 if __name__ == "__main__":
