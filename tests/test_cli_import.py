@@ -60,7 +60,10 @@ def test_import_writes_a_count_dump_as_corpus_aggregates(tmp_path, capsys):
         (["import", "vllm", "r.npy", "--out", "t.txt"], "--out must end in .parquet or .json"),
         (["import", "vllm", "r.npy", "--compare"], "--compare needs --model"),
         (["import", "vllm", "r.npy"], "say what to do with the import"),
-        (["import", "vllm", "r.npy", "--token-ids", "1,x", "--out", "t.json"], "--token-ids must be integers"),
+        (
+            ["import", "vllm", "r.npy", "--token-ids", "1,x", "--out", "t.json"],
+            "--token-ids must be non-negative integers",
+        ),
     ],
 )
 def test_import_with_bad_arguments_exits_2_with_one_line(tmp_path, monkeypatch, capsys, argv, message):

@@ -7,7 +7,6 @@ page only takes the file and lays the views out.
 
 from __future__ import annotations
 
-import re
 import tempfile
 from pathlib import Path
 
@@ -74,16 +73,6 @@ with st.form("import_form"):
     submitted = st.form_submit_button("Import", type="primary")
 
 
-def _token_ids(text: str) -> list[int] | None:
-    parts = [p for p in re.split(r"[\s,\[\]]+", text) if p]
-    if not parts:
-        return None
-    if not all(re.fullmatch(r"\d+", p) for p in parts):
-        bad = next(p for p in parts if not re.fullmatch(r"\d+", p))
-        raise ValueError(f"token ids must be non-negative integers; got {bad[:20]!r}")
-    return [int(p) for p in parts]
-
-
 def _import(folder: Path) -> tuple[str, engines.Imported]:
     """Read the uploads (written into ``folder``: readers take paths, a folder holds per-rank
     files) or the typed path. Readers read everything at once, so the files can go afterwards."""
@@ -98,7 +87,7 @@ def _import(folder: Path) -> tuple[str, engines.Imported]:
         raise ValueError("choose a file to upload first" + ("" if cfg.hosted else ", or type a path"))
     shape = engines.ModelShape.of(model) if use_model and model is not None else None
     with st.spinner("Reading and checking the file …"):
-        return label, engines.import_routing(name, path, shape, _token_ids(ids_text))
+        return label, engines.import_routing(name, path, shape, engines.parse_token_ids(ids_text) or None)
 
 
 if submitted:

@@ -24,6 +24,7 @@ anything is returned: nothing half-imported reaches a view.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,18 @@ def import_routing(
     return known[format].read(path, shape or ModelShape(), token_ids)
 
 
+def parse_token_ids(text: str, name: str = "token ids") -> list[int]:
+    """The token ids in ``text`` ('1,2,3', '1 2 3' or '[1, 2, 3]'), in order; [] when it holds none.
+
+    ValueError naming ``name`` (how the caller's user typed them) for anything but non-negative
+    integers."""
+    parts = [p for p in re.split(r"[\s,\[\]]+", text) if p]
+    bad = next((p for p in parts if not re.fullmatch(r"\d+", p)), None)
+    if bad is not None:
+        raise ValueError(f"{name} must be non-negative integers separated by commas or spaces; got {bad[:20]!r}")
+    return [int(p) for p in parts]
+
+
 def recompute(trace: Trace, model: Any, **run_options: Any) -> Trace:
     """moe-viz's own native routing of the imported trace's tokens on ``model`` (a ``MoEModel``),
     to compare with the engine's (``moe_viz.agreement.agreement(imported, recomputed)``): the
@@ -128,6 +141,7 @@ __all__ = [
     "counts_to_aggregates",
     "formats",
     "import_routing",
+    "parse_token_ids",
     "recompute",
     "to_trace",
     "with_tokens",

@@ -11,7 +11,7 @@ from pathlib import Path
 from .. import trace_io
 from ..agreement import agreement
 from ..corpus import aggregates
-from . import ModelShape, formats, import_routing, recompute
+from . import ModelShape, formats, import_routing, parse_token_ids, recompute
 
 
 def add_parser(sub: argparse._SubParsersAction, model_help: str, device_help: str, remote_code_help: str) -> None:
@@ -45,8 +45,8 @@ def add_parser(sub: argparse._SubParsersAction, model_help: str, device_help: st
     )
 
 
-def parse_token_ids(text: str | None) -> list[int] | None:
-    """Token ids from '1,2,3' (or '1 2 3'), or from the file named after an '@'."""
+def token_ids_argument(text: str | None) -> list[int] | None:
+    """``--token-ids``: ids from '1,2,3' (or '1 2 3'), or from the file named after an '@'."""
     if text is None:
         return None
     if text.startswith("@"):
@@ -54,13 +54,9 @@ def parse_token_ids(text: str | None) -> list[int] | None:
         if not path.is_file():
             raise ValueError(f"--token-ids file {str(path)!r} does not exist")
         text = path.read_text(encoding="utf-8")
-    parts = [p for p in text.replace(",", " ").replace("[", " ").replace("]", " ").split() if p]
-    try:
-        ids = [int(p) for p in parts]
-    except ValueError:
-        raise ValueError("--token-ids must be integers separated by commas or spaces") from None
-    if not ids or min(ids) < 0:
-        raise ValueError("--token-ids must hold at least one id, none negative")
+    ids = parse_token_ids(text, "--token-ids")
+    if not ids:
+        raise ValueError("--token-ids must hold at least one id")
     return ids
 
 
@@ -79,7 +75,7 @@ def command(args: argparse.Namespace, load_model) -> int:  # noqa: ANN001 - the 
         if args.top_k < 1:
             raise ValueError(f"--top-k must be at least 1; got {args.top_k}")
         shape = replace(shape, top_k=args.top_k)
-    imported = import_routing(args.format, args.file, shape, parse_token_ids(args.token_ids))
+    imported = import_routing(args.format, args.file, shape, token_ids_argument(args.token_ids))
     for note in imported.notes:
         print(f"note: {note}")
     for i, (label, trace) in enumerate(imported.traces):
