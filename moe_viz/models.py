@@ -152,6 +152,15 @@ def default_dtype(device: torch.device, checkpoint_dtype: torch.dtype | None) ->
     return torch.float32
 
 
+def model_source(name_or_path: str) -> str:
+    """What transformers should load for ``name_or_path``: the folder (``~`` expanded) when it is
+    one, else the hub id. ValueError for a local-looking path that is not a folder."""
+    expanded = os.path.expanduser(name_or_path)
+    if looks_like_local_path(name_or_path) and not Path(expanded).is_dir():
+        raise ValueError(f"model folder {name_or_path!r} does not exist (expected a folder with config.json)")
+    return expanded if Path(expanded).is_dir() else name_or_path
+
+
 def looks_like_local_path(name: str) -> bool:
     """A folder rather than a hub id ("org/name"): absolute, relative, home, more than one slash,
     a drive or scheme colon, or something that exists on disk."""
@@ -182,10 +191,7 @@ def load_model(
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise ValueError(f"model must be a hub id or a local folder; got {name_or_path!r}")
     name_or_path = name_or_path.strip()
-    expanded = os.path.expanduser(name_or_path)
-    if looks_like_local_path(name_or_path) and not Path(expanded).is_dir():
-        raise ValueError(f"model folder {name_or_path!r} does not exist (expected a folder with config.json)")
-    source = expanded if Path(expanded).is_dir() else name_or_path
+    source = model_source(name_or_path)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as err:  # transformers raises OSError / ValueError / KeyError variants

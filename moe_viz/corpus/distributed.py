@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pickle
 import time
 from collections import Counter
@@ -125,12 +124,9 @@ def load_tokenizer(model_id: str, trust_remote_code: bool = False) -> tuple[Any,
     (None when its config gives none), without loading the weights."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from ..models import looks_like_local_path
+    from ..models import model_source
 
-    expanded = os.path.expanduser(model_id)
-    if looks_like_local_path(model_id) and not Path(expanded).is_dir():
-        raise ValueError(f"model folder {model_id!r} does not exist (expected a folder with config.json)")
-    source = expanded if Path(expanded).is_dir() else model_id
+    source = model_source(model_id)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
