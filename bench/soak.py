@@ -11,11 +11,18 @@ mode-effect explanations and drop counts. Errors: exceptions, unfinished runs, e
 alerts, client failures.
 
 The server's RSS is sampled every 10 s; a line fitted to the samples after the warm-up gives the
-slope in % per minute (of the window's mean RSS). At the end, ``--held`` sessions are opened and
-kept connected: (RSS with them live - RSS just before) / held is the RSS per live session.
-Streamlit keeps up to 128 disconnected sessions, each for ``server.disconnectedSessionTTL`` (120 s),
-before it may free them (``MemorySessionStorage``), so the soak's RSS includes up to 128 recently
-closed sessions, as in production; the warm-up covers their filling up.
+slope in % per minute (of the window's mean RSS). Streamlit keeps up to 128 disconnected sessions,
+each for ``server.disconnectedSessionTTL`` (120 s), before it may free them
+(``MemorySessionStorage``), so the soak's RSS includes up to 128 recently closed sessions, as in
+production; the warm-up covers their filling up.
+
+RSS per live session is measured afterwards on a fresh server of the same settings: after the
+soak the allocator holds hundreds of MiB of freed memory that new sessions reuse without growing
+the RSS (it swings by that much between samples), which hides a few MiB per session. The fresh
+server serves two sessions (imports and first-run caches), then ``--held`` sessions are opened and
+kept connected: (RSS with them live - RSS just before, each the median of 5 samples 1 s apart) /
+held. Beside it, the bytes one such session's trace holds (``Trace.nbytes``, what the session
+budget counts), computed in this process.
 
     python bench/soak.py --minutes 10
 """
@@ -37,8 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from load_scenarios import HOSTED_ENV, MODEL, SUBJECTS, query  # noqa: E402
-from page_client import held_sessions, run_page_sessions  # noqa: E402
-from streamlit_client import Server, SessionResult  # noqa: E402
+from streamlit_client import Server, SessionResult, held_sessions, run_sessions  # noqa: E402
 
 from moe_viz import MoEModel, load_model, parse_policy, run_prompt, views  # noqa: E402
 
@@ -166,6 +172,16 @@ class RssSampler(threading.Thread):
             self.stop.wait(self.every)
 
 
+def steady_rss(sampler: RssSampler, samples: int = 5) -> float:
+    """The median of ``samples`` RSS readings 1 s apart (MiB)."""
+    readings = []
+    for i in range(samples):
+        readings.append(sampler.rss())
+        if i < samples - 1:
+            time.sleep(1.0)
+    return statistics.median(readings)
+
+
 def slope(points: list[tuple[float, float]]) -> float:
     """Least-squares slope of y over x."""
     xs, ys = [p[0] for p in points], [p[1] for p in points]
@@ -180,7 +196,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0, help="minutes left out of the RSS fit")
     parser.add_argument("--sessions", type=int, default=4, help="concurrent sessions per round")
     parser.add_argument("--sample", type=float, default=10.0, help="seconds between RSS samples")
-    parser.add_argument("--held", type=int, default=8, help="sessions kept live at the end for RSS per session")
+    parser.add_argument("--held", type=int, default=32, help="sessions kept live on a fresh server for RSS per session")
     args = parser.parse_args()
 
     print("building prompts and single-session references ...", file=sys.stderr, flush=True)
@@ -189,6 +205,7 @@ def main() -> None:
     expected = references(model, jobs)
     held = [Job(prompt_of(model, 1000 + i, 256), 256, EXPLORE_POLICIES[i % 9], "") for i in range(args.held)]
     held_expected = references(model, held)
+    trace_mib = run_prompt(model, held[0].prompt, parse_policy(held[0].policy)).nbytes() / 2**20
 
     errors: list[str] = []
     wrong_results: list[str] = []
@@ -202,7 +219,9 @@ def main() -> None:
         print(f"soaking for {args.minutes:g} min, {args.sessions} sessions a round ...", file=sys.stderr, flush=True)
         while time.perf_counter() < deadline:
             batch = [(i % len(jobs)) for i in range(sessions, sessions + args.sessions)]
-            results = asyncio.run(run_page_sessions(server.port, [(jobs[i].query, jobs[i].page) for i in batch]))
+            results = asyncio.run(
+                run_sessions(server.port, [jobs[i].query for i in batch], pages=[jobs[i].page for i in batch])
+            )
             for i, result in zip(batch, results):
                 job = jobs[i]
                 what = f"{job.page or 'explore'} {job.policy} {job.tokens} tokens"
@@ -227,18 +246,21 @@ def main() -> None:
         sampler.stop.set()
         sampler.join()
 
-        # RSS per live session: open ``held`` sessions, keep them connected, measure, close.
+    print(f"RSS per live session: a fresh server, {len(held)} sessions held ...", file=sys.stderr, flush=True)
+    with Server(env=HOSTED_ENV) as fresh:
+        assert fresh.proc is not None
+        probe = RssSampler(fresh.proc.pid, args.sample)
+        warm = asyncio.run(run_sessions(fresh.port, [job.query for job in held[:2]]))
+        errors += [f"warm-up session: {'; '.join(failed(r))[:300]}" for r in warm if failed(r)]
         time.sleep(2)
-        before = sampler.rss()
+        before = steady_rss(probe)
 
         async def measure_held() -> tuple[float, list[SessionResult]]:
-            async with held_sessions(server.port, [(job.query, job.page) for job in held]) as results:
+            async with held_sessions(fresh.port, [(job.query, job.page) for job in held]) as results:
                 await asyncio.sleep(2)
-                return sampler.rss(), results
+                return await asyncio.to_thread(steady_rss, probe), results
 
         with_held, held_results = asyncio.run(measure_held())
-        time.sleep(2)
-        after_close = sampler.rss()
     for job, result, want in zip(held, held_results, held_expected):
         reasons = failed(result)
         if reasons:
@@ -276,9 +298,9 @@ def main() -> None:
         f"{len(window)} samples, slope {mib_per_min:+.2f} MiB/min = {pct_per_min:+.3f} % per minute"
     )
     print(
-        f"RSS per live session: ({with_held:.1f} MiB with {len(held)} sessions connected - {before:.1f} MiB just "
-        f"before) / {len(held)} = {per_session:.2f} MiB  (each one Explore run of a 256-token prompt; "
-        f"{after_close:.1f} MiB 2 s after closing them: Streamlit keeps up to 128 disconnected sessions for 120 s)"
+        f"RSS per live session (a fresh server): ({with_held:.1f} MiB with {len(held)} sessions connected - "
+        f"{before:.1f} MiB just before) / {len(held)} = {per_session:.2f} MiB  (each one Explore run of a "
+        f"256-token prompt; its trace holds {trace_mib:.2f} MiB)"
     )
     ok = not errors and not wrong_results and pct_per_min < 1.0
     print(f"goal: 0 errors, 0 wrong results, slope < 1 % per minute: {'met' if ok else 'NOT met'}")

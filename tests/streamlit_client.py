@@ -1,9 +1,12 @@
 """A headless Streamlit session speaking the server's own websocket protocol.
 
-Used by the load test and ``bench/load.py``: each ``run_session`` opens a websocket to a running
-``streamlit run`` server, asks for one script run with a query string (the app reads its prompt
-and routing settings from the URL), and returns every text element the page sent, whether the run
+Used by the load test, ``bench/load.py`` and ``bench/soak.py``: each ``run_session`` opens a
+websocket to a running ``streamlit run`` server, asks for one script run of a page (its URL path,
+such as ``compare``; empty for the default page) with a query string (the app reads its prompt and
+routing settings from the URL), and returns every text element the page sent, whether the run
 raised, and how long it took. Far lighter than a browser, so 32 sessions fit on two cores.
+``held_sessions`` keeps the websockets open after their runs, so that a server's memory per live
+session can be measured.
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import websockets
+from streamlit.proto.Alert_pb2 import Alert
 from streamlit.proto.BackMsg_pb2 import BackMsg
 from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 
@@ -41,47 +47,92 @@ class SessionResult:
 
 
 def _text_of(fm: ForwardMsg) -> tuple[str, str] | None:
+    """``(kind, text)`` of a text element: markdown, heading, ``metric`` ("label: value"), an
+    exception, and alerts as ``error``, ``warning`` or ``alert`` (info, success) by their format."""
     if fm.WhichOneof("type") != "delta" or fm.delta.WhichOneof("type") != "new_element":
         return None
     element = fm.delta.new_element
     kind = element.WhichOneof("type")
-    if kind in ("markdown", "alert", "heading"):
+    if kind in ("markdown", "heading"):
         return kind, getattr(element, kind).body
+    if kind == "alert":
+        name = {Alert.ERROR: "error", Alert.WARNING: "warning"}.get(element.alert.format, "alert")
+        return name, element.alert.body
     if kind == "exception":
         return kind, f"{element.exception.type}: {element.exception.message}"
+    if kind == "metric":
+        return kind, f"{element.metric.label}: {element.metric.body}"
     return None
 
 
-async def run_session(port: int, query: str, timeout_s: float = 300.0) -> SessionResult:
-    """One browser-less session: connect, run the script once with ``query``, collect its output."""
+def _connect(port: int) -> websockets.connect:
+    return websockets.connect(
+        f"ws://127.0.0.1:{port}/_stcore/stream", subprotocols=["streamlit"], max_size=None, open_timeout=60
+    )
+
+
+async def _run(ws: websockets.ClientConnection, result: SessionResult, page: str, timeout_s: float) -> None:
+    """Ask for one run of ``page`` with the result's query and collect its output until it finishes."""
+    start = time.perf_counter()
+    msg = BackMsg()
+    msg.rerun_script.query_string = result.query
+    msg.rerun_script.page_script_hash = ""
+    msg.rerun_script.page_name = page  # resolved against each page's url_pathname; "" = the default page
+    await ws.send(msg.SerializeToString())
+    while time.perf_counter() - start < timeout_s:
+        raw = await asyncio.wait_for(ws.recv(), timeout=timeout_s)
+        fm = ForwardMsg()
+        fm.ParseFromString(raw)
+        text = _text_of(fm)
+        if text is not None:
+            result.texts.append(text)
+            if text[0] == "exception":
+                result.exceptions.append(text[1])
+        if fm.WhichOneof("type") == "page_not_found":
+            result.exceptions.append(f"page not found: {page!r}")
+        if fm.WhichOneof("type") == "script_finished":
+            result.finished = True
+            break
+
+
+async def run_session(port: int, query: str, timeout_s: float = 300.0, page: str = "") -> SessionResult:
+    """One browser-less session: connect, run ``page`` once with ``query``, collect its output.
+    A failed connection or a timeout is recorded among the exceptions."""
     result = SessionResult(query=query)
     start = time.perf_counter()
-    async with websockets.connect(
-        f"ws://127.0.0.1:{port}/_stcore/stream", subprotocols=["streamlit"], max_size=None, open_timeout=60
-    ) as ws:
-        msg = BackMsg()
-        msg.rerun_script.query_string = query
-        msg.rerun_script.page_script_hash = ""
-        await ws.send(msg.SerializeToString())
-        while time.perf_counter() - start < timeout_s:
-            raw = await asyncio.wait_for(ws.recv(), timeout=timeout_s)
-            fm = ForwardMsg()
-            fm.ParseFromString(raw)
-            text = _text_of(fm)
-            if text is not None:
-                result.texts.append(text)
-                if text[0] == "exception":
-                    result.exceptions.append(text[1])
-            if fm.WhichOneof("type") == "script_finished":
-                result.finished = True
-                break
+    try:
+        async with _connect(port) as ws:
+            await _run(ws, result, page, timeout_s)
+    except (OSError, TimeoutError, websockets.WebSocketException) as err:
+        result.exceptions.append(f"client: {type(err).__name__}: {err}")
     result.seconds = time.perf_counter() - start
     return result
 
 
-async def run_sessions(port: int, queries: list[str], timeout_s: float = 300.0) -> list[SessionResult]:
-    """Run all ``queries`` as concurrent sessions."""
-    return list(await asyncio.gather(*(run_session(port, q, timeout_s) for q in queries)))
+async def run_sessions(
+    port: int, queries: list[str], timeout_s: float = 300.0, pages: list[str] | None = None
+) -> list[SessionResult]:
+    """Run all ``queries`` as concurrent sessions (on ``pages``, one per query; default page otherwise)."""
+    pages = pages or [""] * len(queries)
+    return list(
+        await asyncio.gather(*(run_session(port, q, timeout_s, p) for q, p in zip(queries, pages, strict=True)))
+    )
+
+
+@asynccontextmanager
+async def held_sessions(
+    port: int, jobs: list[tuple[str, str]], timeout_s: float = 300.0
+) -> AsyncIterator[list[SessionResult]]:
+    """Open one session per ``(query, page)``, run each script once, and keep every websocket
+    open (the sessions stay live on the server) until the block ends."""
+    sockets = [await _connect(port) for _ in jobs]
+    try:
+        results = [SessionResult(query=q) for q, _ in jobs]
+        await asyncio.gather(*(_run(ws, r, p, timeout_s) for ws, r, (_, p) in zip(sockets, results, jobs, strict=True)))
+        yield results
+    finally:
+        for ws in sockets:
+            await ws.close()
 
 
 def free_port() -> int:
