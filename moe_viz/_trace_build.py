@@ -68,11 +68,12 @@ def _decode_each(tokenizer: Any, ids: list[int]) -> list[str]:
 def _rows(parts: list[tuple[LayerCall, Rows, int]], name: str) -> torch.Tensor:
     """The sequence's rows of one recorded field, concatenated over the forwards that hold them.
 
-    One forward (a prompt) gives a view of the recorded tensor, no copy: the router's outputs are
-    fresh tensors that nothing writes after the router hook has read them."""
-    if len(parts) == 1:
-        call, rows, _ = parts[0]
-        return getattr(call, name)[rows]
+    When the sequence is all of one forward's rows (a prompt) the recorded tensor itself is
+    returned, not a copy: the router's outputs are fresh tensors that nothing writes after the
+    router hook has read them. Part of a forward (one sequence of a batch) is copied, so that a
+    trace kept on its own does not keep the whole batch's tensors alive."""
+    if len(parts) == 1 and isinstance(parts[0][1], slice) and parts[0][1] == slice(None):
+        return getattr(parts[0][0], name)
     return torch.cat([getattr(c, name)[rows] for c, rows, _ in parts])
 
 
