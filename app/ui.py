@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
@@ -131,12 +132,13 @@ def show(view: View, key: str | None = None, ratio: tuple[int, int] = (3, 2), he
 
 
 def draw_table(table: pd.DataFrame) -> None:
-    """A small table as a static table (numbers to 4 decimals), a bigger one in the data grid."""
+    """A small table as a static table (floats to 4 significant digits, so that 3e-11 and 1.3e+09
+    stay readable), a bigger one in the data grid."""
     plain_index = isinstance(table.index, pd.RangeIndex)
     if len(table) > STATIC_TABLE_ROWS or len(table.columns) > STATIC_TABLE_COLUMNS:
         st.dataframe(table, hide_index=plain_index, width="stretch")
         return
-    styler = table.style.format(precision=4, na_rep="—")
+    styler = table.style.format(lambda v: f"{v:.4g}" if isinstance(v, float | np.floating) else v, na_rep="—")
     st.table(styler.hide(axis="index") if plain_index else styler)
 
 
