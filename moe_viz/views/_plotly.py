@@ -41,6 +41,7 @@ SEQUENTIAL = "Cividis"
 DROPPED_COLOR = "#D55E00"  # vermillion
 KEPT_MARK_COLOR = "#FFFFFF"
 FLIP_COLOR = "#D55E00"
+LABEL_BACKGROUND = "rgba(255,255,255,0.8)"  # behind a reference line's label
 
 
 def expert_colors(num_experts: int) -> list[str]:
@@ -181,6 +182,7 @@ class FigureBuilder:
                     "yref": "y",
                     "y": y,
                     "yanchor": "bottom",
+                    "bgcolor": LABEL_BACKGROUND,  # readable where the line crosses a bar
                 }
             )
 
@@ -199,6 +201,7 @@ class FigureBuilder:
                     "yref": "y domain",
                     "y": 1,
                     "yanchor": "bottom",
+                    "bgcolor": LABEL_BACKGROUND,
                 }
             )
 
