@@ -162,8 +162,12 @@ class LazyOutputTrace(OutputTrace):
     So a run nobody reads predictions from costs the forward alone, and a kept distribution costs
     the model's dtype per entry (bf16: half the float32 log-probabilities it replaces)."""
 
-    def __init__(self, tokenizer: Any, logits: torch.Tensor, ids: list[int]) -> None:  # noqa: D107
+    def __init__(  # noqa: D107
+        self, tokenizer: Any, logits: torch.Tensor, ids: list[int], next_after: int | None = None
+    ) -> None:
+        # next_after: the token that followed the last row (a window of a longer run), None at the end
         object.__setattr__(self, "_source", (tokenizer, logits.detach().cpu(), list(ids)))
+        object.__setattr__(self, "_next_after", next_after)
         object.__setattr__(self, "_ready", False)
 
     def __getattr__(self, name: str) -> Any:  # only called for summaries not computed yet
@@ -181,7 +185,7 @@ class LazyOutputTrace(OutputTrace):
         if self.__dict__["_ready"]:
             return
         tokenizer, logits, ids = self.__dict__["_source"]
-        full = predict(tokenizer, logits, [*ids[1:], None], keep_vocab=False)
+        full = predict(tokenizer, logits, [*ids[1:], self.__dict__["_next_after"]], keep_vocab=False)
         self.__dict__.update({name: getattr(full, name) for name in SUMMARY_FIELDS})
         self.__dict__["_ready"] = True
 
@@ -192,9 +196,16 @@ class LazyOutputTrace(OutputTrace):
         position = range(len(ids))[position]  # negative counts from the end; IndexError outside
         rows = self.__dict__.setdefault("_rows", {})
         if position not in rows:  # one row of logits, through the same maths as every row
-            next_id = ids[position + 1] if position + 1 < len(ids) else None
+            next_id = ids[position + 1] if position + 1 < len(ids) else self.__dict__["_next_after"]
             rows[position] = predict(tokenizer, logits[position : position + 1], [next_id], keep_vocab=False)
         return rows[position]
+
+    def window(self, start: int, stop: int) -> OutputTrace:
+        """The rows ``start`` to ``stop - 1``, still lazy: a zoom into a long prompt computes the
+        predictions of the rows it shows, not of every row (nor the full log-softmax)."""
+        tokenizer, logits, ids = self.__dict__["_source"]
+        after = ids[stop] if stop < len(ids) else self.__dict__["_next_after"]
+        return LazyOutputTrace(tokenizer, logits[start:stop], ids[start:stop], next_after=after)
 
     @property
     def has_predictions(self) -> bool:

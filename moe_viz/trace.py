@@ -113,6 +113,18 @@ class OutputTrace:
     def held_text_chars(self) -> int:
         return sum(len(t) for row in self.top_tokens for t in row)
 
+    def window(self, start: int, stop: int) -> OutputTrace:
+        """The predictions at positions ``start`` to ``stop - 1`` (``Trace.window`` checks the range)."""
+        rows = slice(start, stop)
+        return OutputTrace(
+            top_ids=self.top_ids[rows],
+            top_logprobs=self.top_logprobs[rows],
+            top_tokens=self.top_tokens[rows],
+            target_logprob=self.target_logprob[rows],
+            entropy=self.entropy[rows],
+            vocab_logprobs=None if self.vocab_logprobs is None else self.vocab_logprobs[rows],
+        )
+
     def at(self, position: int) -> OutputTrace:
         """The predictions at one position, as a one-row ``OutputTrace`` (no full distribution).
 
@@ -222,15 +234,7 @@ class Trace:
             )
             for lt in self.layers
         ]
-        out = self.output
-        output = OutputTrace(
-            top_ids=out.top_ids[rows],
-            top_logprobs=out.top_logprobs[rows],
-            top_tokens=out.top_tokens[rows],
-            target_logprob=out.target_logprob[rows],
-            entropy=out.entropy[rows],
-            vocab_logprobs=None if out.vocab_logprobs is None else out.vocab_logprobs[rows],
-        )
+        output = self.output.window(start, stop)
         return replace(
             self,
             token_ids=self.token_ids[rows],

@@ -370,3 +370,20 @@ def test_one_tokens_predictions_are_computed_alone_and_equal_the_full_ones(mixtr
         assert torch.allclose(row.target_logprob, out.target_logprob[t : t + 1], atol=1e-6, equal_nan=True)
     assert math.isnan(float(last.target_logprob[0])) and not math.isnan(float(rows[0].target_logprob[0]))
     assert out.at(3).top_ids.equal(rows[3].top_ids)  # after materialising, rows come from the fields
+
+
+def test_a_window_of_a_run_predicts_its_rows_lazily_and_like_the_whole_run(mixtral):
+    from moe_viz._trace_build import LazyOutputTrace
+
+    trace = run_prompt(mixtral, "A zoom into a long prompt computes only the rows it shows, the same numbers.")
+    T = trace.num_tokens
+    for start, stop in ((0, 5), (3, T - 2), (T - 4, T)):
+        part = trace.window(start, stop).output
+        assert isinstance(part, LazyOutputTrace) and not part.__dict__["_ready"]  # nothing computed yet
+        assert part.top_ids.equal(trace.output.top_ids[start:stop])
+        assert part.top_tokens == trace.output.top_tokens[start:stop]
+        assert torch.allclose(part.entropy, trace.output.entropy[start:stop], atol=1e-5)
+        # the last row's actual next token is the one after the window (none at the very end)
+        assert torch.allclose(part.target_logprob, trace.output.target_logprob[start:stop], atol=1e-6, equal_nan=True)
+        assert part.vocab_logprobs.equal(trace.output.vocab_logprobs[start:stop])
+        assert part.at(-1).top_ids.equal(trace.output.at(stop - 1).top_ids)
