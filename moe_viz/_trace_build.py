@@ -211,6 +211,10 @@ class LazyOutputTrace(OutputTrace):
     def has_predictions(self) -> bool:
         return True
 
+    @property
+    def has_distribution(self) -> bool:  # the logits are kept: vocab_logprobs is computed when read
+        return True
+
     def held_tensors(self) -> list[torch.Tensor]:
         logits = self.__dict__["_source"][1]
         if not self.__dict__["_ready"]:

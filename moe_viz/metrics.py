@@ -629,7 +629,7 @@ def mode_effect(reference: Trace, other: Trace) -> ModeEffect:
 def _mode_effect(reference: Trace, other: Trace) -> ModeEffect:
     _same_tokens(reference, other)
     for name, tr in (("reference", reference), ("other", other)):
-        if tr.output.vocab_logprobs is None:
+        if not tr.output.has_distribution:
             raise ValueError(
                 f"{name} has no vocab_logprobs (the full next-token distribution was not kept; "
                 f"T * V must be <= the runner's VOCAB_KEEP_LIMIT); got None for policy {tr.policy!r}"

@@ -105,6 +105,12 @@ class OutputTrace:
         """False for an engine import (no next-token distribution was recorded)."""
         return int(self.top_ids.shape[1]) > 0
 
+    @property
+    def has_distribution(self) -> bool:
+        """Whether the full next-token distribution was kept (``vocab_logprobs``), without
+        computing it."""
+        return self.vocab_logprobs is not None
+
     def held_tensors(self) -> list[torch.Tensor]:
         """The tensors this output holds in memory now (what a byte budget counts)."""
         held = [self.top_ids, self.top_logprobs, self.target_logprob, self.entropy]

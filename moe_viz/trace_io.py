@@ -119,7 +119,7 @@ def to_dict(trace: Trace, include_vocab: bool = False) -> dict[str, Any]:
             "top_tokens": out.top_tokens,
             "target_logprob": [None if math.isnan(v) else v for v in out.target_logprob.tolist()],
             "entropy": [None if math.isnan(v) else v for v in out.entropy.tolist()],
-            "vocab_logprobs": out.vocab_logprobs.tolist() if include_vocab and out.vocab_logprobs is not None else None,
+            "vocab_logprobs": out.vocab_logprobs.tolist() if include_vocab and out.has_distribution else None,
         },
     }
 

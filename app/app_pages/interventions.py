@@ -71,7 +71,7 @@ except ValueError as err:
     intervened = None
 
 if intervened is not None:
-    effect = metrics.mode_effect(base, intervened) if base.output.vocab_logprobs is not None else None
+    effect = metrics.mode_effect(base, intervened) if base.output.has_distribution else None
     cols = st.columns(4)
     cols[0].metric("Tokens routed differently (this layer)", metrics.routing_diff(base, intervened, layer).num_changed)
     if effect is not None:

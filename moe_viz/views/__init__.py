@@ -93,7 +93,7 @@ def compare_views(reference: Trace, other: Trace, layer: int) -> list[View]:
     """Compare modes, for one policy against the reference: routing diff and prediction effect
     (the effect needs both traces' full next-token distributions)."""
     views = [routing_diff(reference, other, layer)]
-    if reference.output.vocab_logprobs is not None and other.output.vocab_logprobs is not None:
+    if reference.output.has_distribution and other.output.has_distribution:
         views.append(mode_effect(reference, other))
     return views
 
