@@ -121,15 +121,7 @@ class OutputTrace:
 
     def window(self, start: int, stop: int) -> OutputTrace:
         """The predictions at positions ``start`` to ``stop - 1`` (``Trace.window`` checks the range)."""
-        rows = slice(start, stop)
-        return OutputTrace(
-            top_ids=self.top_ids[rows],
-            top_logprobs=self.top_logprobs[rows],
-            top_tokens=self.top_tokens[rows],
-            target_logprob=self.target_logprob[rows],
-            entropy=self.entropy[rows],
-            vocab_logprobs=None if self.vocab_logprobs is None else self.vocab_logprobs[rows],
-        )
+        return self._slice_rows(slice(start, stop), with_distribution=True)
 
     def at(self, position: int) -> OutputTrace:
         """The predictions at one position, as a one-row ``OutputTrace`` (no full distribution).
@@ -137,13 +129,17 @@ class OutputTrace:
         A run's lazy output computes just that row from its logits, so a page that shows one
         token's predictions does not pay for the whole vocabulary at every position."""
         position = range(len(self.entropy))[position]  # negative counts from the end; IndexError outside
-        t = slice(position, position + 1)
+        return self._slice_rows(slice(position, position + 1), with_distribution=False)
+
+    def _slice_rows(self, rows: slice, with_distribution: bool) -> OutputTrace:
+        vocab = self.vocab_logprobs if with_distribution else None
         return OutputTrace(
-            top_ids=self.top_ids[t],
-            top_logprobs=self.top_logprobs[t],
-            top_tokens=self.top_tokens[t],
-            target_logprob=self.target_logprob[t],
-            entropy=self.entropy[t],
+            top_ids=self.top_ids[rows],
+            top_logprobs=self.top_logprobs[rows],
+            top_tokens=self.top_tokens[rows],
+            target_logprob=self.target_logprob[rows],
+            entropy=self.entropy[rows],
+            vocab_logprobs=None if vocab is None else vocab[rows],
         )
 
 
