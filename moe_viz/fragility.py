@@ -50,28 +50,30 @@ def margin_reason(lt: LayerTrace) -> str | None:
     return None
 
 
-def margin_ranking(trace: Trace, layer: int) -> pd.DataFrame:
-    """Tokens of ``layer`` ranked by top-k margin at the run's k, smallest (most fragile) first:
-    position, token, margin, chosen (the k best experts), runner_up (the first left out).
-
-    ValueError when the margin does not decide the choice (see ``margin_reason``)."""
+def _layer_margins(trace: Trace, layer: int) -> tuple[LayerTrace, int, torch.Tensor]:
+    """Layer ``layer``, its applied k and each token's top-k margin (T,); ValueError when the
+    margin does not decide the choice (see ``margin_reason``)."""
     lt = trace.layer(layer)
     reason = margin_reason(lt)
     if reason is not None:
         raise ValueError(f"layer has no top-k margin: {reason}")
     k = lt.applied_k
-    margin = metrics.topk_margin(lt, k)  # (T,)
-    order = lt.router_probs.float().argsort(dim=-1, descending=True)  # (T, E)
-    rows = [
-        {
-            "position": t,
-            "token": trace.tokens[t],
-            "margin": float(margin[t]),
-            "chosen": ", ".join(f"e{e}" for e in order[t, :k].tolist()),
-            "runner_up": f"e{int(order[t, k])}",
-        }
-        for t in range(lt.num_tokens)
-    ]
+    return lt, k, metrics.topk_margin(lt, k)
+
+
+def _choice(order: list[int], k: int) -> tuple[str, str]:
+    """(the k best experts, the first left out) of a token's experts in score order, as labels."""
+    return ", ".join(f"e{e}" for e in order[:k]), f"e{order[k]}"
+
+
+def margin_ranking(trace: Trace, layer: int) -> pd.DataFrame:
+    """Tokens of ``layer`` ranked by top-k margin at the run's k, smallest (most fragile) first:
+    position, token, margin, chosen (the k best experts), runner_up (the first left out).
+
+    ValueError when the margin does not decide the choice (see ``margin_reason``)."""
+    lt, k, margin = _layer_margins(trace, layer)  # margin (T,)
+    order = lt.router_probs.float().argsort(dim=-1, descending=True).tolist()  # (T, E)
+    rows = [(t, trace.tokens[t], float(margin[t]), *_choice(order[t], k)) for t in range(lt.num_tokens)]
     frame = pd.DataFrame(rows, columns=["position", "token", "margin", "chosen", "runner_up"])
     return frame.sort_values(["margin", "position"], kind="stable").reset_index(drop=True)
 
@@ -91,24 +93,13 @@ def token_margin(trace: Trace, layer: int, position: int) -> TokenMargin:
     """The row of ``position`` in ``margin_ranking(trace, layer)`` (the same margin, rank, chosen
     and runner-up), at the cost of one vectorised margin: per-token views over dozens of layers
     stay fast. ValueError as ``margin_ranking``."""
-    lt = trace.layer(layer)
-    reason = margin_reason(lt)
-    if reason is not None:
-        raise ValueError(f"layer has no top-k margin: {reason}")
+    lt, k, margin = _layer_margins(trace, layer)  # margin (T,)
     t = trace.check_position(position)
-    k = lt.applied_k
-    margin = metrics.topk_margin(lt, k)  # (T,)
     m = margin[t]
     earlier = torch.arange(lt.num_tokens) < t  # (T,) the ranking breaks ties by position
     rank = int(((margin < m) | ((margin == m) & earlier)).sum()) + 1
-    order = lt.router_probs[t].float().argsort(descending=True)  # (E,)
-    return TokenMargin(
-        float(m),
-        rank,
-        lt.num_tokens,
-        ", ".join(f"e{e}" for e in order[:k].tolist()),
-        f"e{int(order[k])}",
-    )
+    order = lt.router_probs[t].float().argsort(descending=True).tolist()  # (E,)
+    return TokenMargin(float(m), rank, lt.num_tokens, *_choice(order, k))
 
 
 # ----------------------------------------------------------------------------- noise
