@@ -89,12 +89,10 @@ def warm_up(name: str) -> float:
     JSON once, so that the first visitor does not pay for what a process does only once (plotly's
     figure classes and validators, pandas and torch code paths: about 0.1 s on the default model).
     Returns the seconds it took."""
-    import plotly.io
-    import plotly.tools
-
     from app.config import load_config
     from app.resources import _cached_model
     from moe_viz import run_prompt, views
+    from moe_viz.views._plotly import wire_json
 
     start = time.perf_counter()
     cfg = load_config()
@@ -105,9 +103,9 @@ def warm_up(name: str) -> float:
     shown += views.balance_views(trace, layer)
     views.metric_cards(trace, layer)
     views.run_summary(trace)
-    for view in shown:  # as st.plotly_chart serialises a figure
+    for view in shown:
         if view.figure is not None:
-            plotly.io.to_json(plotly.tools.return_figure_from_figure_or_data(view.figure, True), validate=False)
+            wire_json(view.figure)
     return time.perf_counter() - start
 
 

@@ -39,14 +39,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import plotly.io
-import plotly.tools
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's moe_viz, installed or not
 import moe_viz  # noqa: E402
 from moe_viz import views  # noqa: E402
+from moe_viz.views._plotly import wire_json  # noqa: E402
 
 STAGES = ("run", "views", "json")
 WIDE_SHAPE = "deepseek-v3-like"  # tests/wide_models.py: 256 experts, 61 layers, top-8
@@ -126,8 +125,7 @@ def browser_json(view: views.View) -> str:
     """What the browser receives for ``view``: a figure as ``st.plotly_chart`` serialises it (its
     two plotly calls), a table as JSON, HTML as is."""
     if view.figure is not None:
-        figure = plotly.tools.return_figure_from_figure_or_data(view.figure, validate_figure=True)
-        return plotly.io.to_json(figure, validate=False)
+        return wire_json(view.figure)
     return view.html or view.table.to_json()
 
 
@@ -230,8 +228,9 @@ def main() -> None:
     # (model, length) cases in run order: the extra models right after the benched one at their length
     cases = [("model", n) for n in args.lengths]
     extra = [m for m in ("wide", "large") if m in models]
-    at = cases.index(("model", WIDE_TOKENS)) + 1
-    cases[at:at] = [(m, WIDE_TOKENS) for m in extra]
+    if extra:
+        at = cases.index(("model", WIDE_TOKENS)) + 1
+        cases[at:at] = [(m, WIDE_TOKENS) for m in extra]
     prompts = {(m, n): make_prompt(models[m], n) for m, n in cases}
     for m, n in cases:  # warm-up
         prompt, ids = prompts[m, n]

@@ -240,6 +240,15 @@ def finish(fig: FigureBuilder | go.Figure, width: int = 72) -> go.Figure:
     return go.Figure({"data": fig.data, "layout": layout}, _validate=VALIDATE)
 
 
+def wire_json(figure: go.Figure) -> str:
+    """The JSON a browser receives for ``figure`` from ``st.plotly_chart``: the two plotly calls
+    Streamlit makes (a dict copy of the figure, then unvalidated serialisation). What the page
+    bench times and the launcher's warm-up runs once."""
+    import plotly.tools
+
+    return pio.to_json(plotly.tools.return_figure_from_figure_or_data(figure, validate_figure=True), validate=False)
+
+
 def plotly_trace(cls: type, **kwargs: object) -> dict[str, Any]:
     """A plotly trace as a dict (``go.Heatmap`` -> ``{"type": "heatmap", ...}``); ``go.Figure``
     validates it when ``VALIDATE`` is on."""
