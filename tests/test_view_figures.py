@@ -238,7 +238,7 @@ def test_token_labels_escape_markup_but_keep_quotes_readable() -> None:
     assert views.display_token('<b>"x"</b> & y') == '&lt;b&gt;"x"&lt;/b&gt;␣&amp;␣y'
 
 
-def test_figures_carry_a_compact_copy_of_the_users_default_template(native: Trace, capped: Trace) -> None:
+def test_figures_carry_a_compact_copy_of_the_users_default_template_cut_to_their_trace_types(native: Trace, capped: Trace) -> None:
     import json
 
     import plotly.io as pio
@@ -254,6 +254,9 @@ def test_figures_carry_a_compact_copy_of_the_users_default_template(native: Trac
         template = fig.to_plotly_json()["layout"]["template"]
         assert len(json.dumps(template)) < len(json.dumps(full)) / 3, name  # a fraction of the bytes
         assert "geo" not in template["layout"] and "scatter3d" not in template["data"], name
+        # a template's trace defaults apply to traces of their own type: each figure keeps its own types' only
+        assert set(template["data"]) <= {trace.type for trace in fig.data}, name
+        assert "coloraxis" not in template["layout"], name  # no chart of ours uses a shared colour axis
         assert template["layout"]["xaxis"] == full["layout"]["xaxis"], name  # what our charts use is kept
         assert set(template) == {"data", "layout"}, name  # Streamlit's theme writes into both
         for trace in fig.data:  # the template's colour scale was cut: every heatmap names its own

@@ -80,36 +80,45 @@ VALIDATE = False  # plotly property validation: off for speed (about 2x); tests 
 # (maps, polar, ternary and 3-D scenes, pies, contours...) only add weight.
 CHART_TYPES = ("bar", "heatmap", "sankey", "scatter", "scattergl", "table")
 OTHER_LAYOUT_KINDS = ("geo", "mapbox", "map", "polar", "scene", "ternary", "smith")
-_compact_templates: dict[str, dict[str, Any]] = {}
+_compact_templates: dict[tuple[str | None, tuple[str, ...]], dict[str, Any]] = {}
 
 
 def _without_colorscale(trace_defaults: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in trace_defaults.items() if k != "colorscale"}
 
 
-def compact_template() -> dict[str, Any]:
+def compact_template(trace_types: tuple[str, ...] = CHART_TYPES) -> dict[str, Any]:
     """Plotly's default template (``plotly.io.templates.default``, "plotly" unless the user set
-    another) cut to the parts our charts use.
+    another) cut to the parts a chart of ``trace_types`` uses.
 
     The full "plotly" template is about 7 KB of nested lists that plotly deep-copies when it builds
     a figure and walks again when it writes the JSON: nine tenths of a small chart's build and
     serialise time, and of the bytes the browser receives. The cut keeps the page layout, the axes
-    and the defaults of the trace types in ``CHART_TYPES``, so a chart looks the same in a notebook;
-    in the app Streamlit's theme is drawn over it as before."""
+    and the defaults of the chart's own trace types (a template's defaults for a trace type apply
+    to traces of that type only), so a chart looks the same in a notebook; in the app Streamlit's
+    theme is drawn over it as before. The layout's colour axis goes too: no chart of ours uses one
+    (every heatmap names its own colour scale)."""
     default = pio.templates.default
     name = default if isinstance(default, str) else None
-    if name is not None and name in _compact_templates:
-        return _compact_templates[name]
+    key = (name, trace_types)
+    if name is not None and key in _compact_templates:
+        return _compact_templates[key]
     full = pio.templates[default] if name is not None else default
     full = full.to_plotly_json() if full is not None else {}
     layout = {k: v for k, v in full.get("layout", {}).items() if k not in OTHER_LAYOUT_KINDS}
     layout.pop("colorscale", None)  # sequential/diverging defaults: every chart names its own scale
+    layout.pop("coloraxis", None)  # a shared colour axis (plotly express's): our heatmaps carry their own
     # every heatmap names its own colour scale: the template's (a 10-stop list) is never used
-    data = {k: [_without_colorscale(t) for t in v] for k, v in full.get("data", {}).items() if k in CHART_TYPES}
+    data = {k: [_without_colorscale(t) for t in v] for k, v in full.get("data", {}).items() if k in trace_types}
     template = {"data": data, "layout": layout}  # both keys: Streamlit's theme writes into them
     if name is not None:
-        _compact_templates[name] = template
+        _compact_templates[key] = template
     return template
+
+
+def _trace_types(data: list[Any]) -> tuple[str, ...]:
+    """The sorted trace types of a figure's traces (dicts or plotly trace objects)."""
+    return tuple(sorted({t["type"] if isinstance(t, dict) else t.type for t in data}))
 
 
 def merge(target: dict[str, Any], updates: dict[str, Any]) -> None:
@@ -227,7 +236,7 @@ def finish(fig: FigureBuilder | go.Figure, width: int = 72) -> go.Figure:
             fig.update_layout(
                 title={"text": "<br>".join(lines), "font": {"size": 13}}, margin={"t": 40 + 18 * len(lines)}
             )
-        fig.layout.template = compact_template()  # subplots were built with the full one
+        fig.layout.template = compact_template(_trace_types(fig.data))  # subplots were built with the full one
         return fig
     text = fig.layout.get("title", {}).get("text")
     if text and len(text) > width and "<br>" not in text:
@@ -236,7 +245,7 @@ def finish(fig: FigureBuilder | go.Figure, width: int = 72) -> go.Figure:
             fig.layout,
             {"title": {"text": "<br>".join(lines), "font": {"size": 13}}, "margin": {"t": 40 + 18 * len(lines)}},
         )
-    layout = {"template": compact_template(), **fig.layout}
+    layout = {"template": compact_template(_trace_types(fig.data)), **fig.layout}
     return go.Figure({"data": fig.data, "layout": layout}, _validate=VALIDATE)
 
 
