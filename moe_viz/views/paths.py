@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pandas as pd
 import plotly.graph_objects as go
+import torch
 
 from .. import metrics
 from ..trace import Trace
@@ -33,28 +34,33 @@ def expert_paths(trace: Trace, top: int = 5, positions: list[int] | None = None)
     p = metrics.expert_paths(sampled_layers(trace), top=top, positions=positions)
     L = len(p.layers)
     E = p.marginals.shape[1]
-    columns = list(range(L))
     many = E > MANY_EXPERTS
     colors = expert_colors(E) if not many else [NEUTRAL] * E  # many experts: identity in the labels only
     # Each column's nodes: every expert (up to 16), else its PATH_EXPERTS commonest first choices and one
     # "other" node; node id = (column, expert) with expert E standing for "other".
-    kept = [_column_experts(p.paths[:, i].tolist(), E) for i in columns]
+    paths = p.paths  # (T, L) first choices
+    if many:  # an expert without a node of its own joins its column's "other" node (E)
+        kept = [_column_experts(paths[:, c], E) for c in range(L)]
+        node_of = torch.full((L, E + 1), E, dtype=torch.long)  # (L, E+1): expert -> the node's expert
+        for c, experts in enumerate(kept):
+            node_of[c, experts] = torch.tensor(experts, dtype=torch.long)
+        paths = node_of.gather(1, paths.T).T  # (T, L)
+    column_nodes = [[*experts, E] for experts in kept] if many else [list(range(E))] * L
     nodes: dict[tuple[int, int], int] = {}
     labels, node_colors = [], []
-    for c, (i, experts) in enumerate(zip(columns, kept, strict=True)):
-        for e in [*experts, E] if many else range(E):
+    for c, experts in enumerate(column_nodes):
+        layer = p.layers[c]
+        for e in experts:
             nodes[(c, e)] = len(labels)
-            layer = p.layers[i]
             labels.append(f"L{layer} · e{e}" if e < E else f"L{layer} · other")
             node_colors.append(colors[e] if e < E else NEUTRAL)
     source, target, value = [], [], []
-    for c in range(len(columns) - 1):
-        pairs: dict[tuple[int, int], int] = {}
-        for a, b in p.paths[:, [columns[c], columns[c + 1]]].tolist():
-            a = a if (c, a) in nodes else E
-            b = b if (c + 1, b) in nodes else E
-            pairs[(a, b)] = pairs.get((a, b), 0) + 1
-        for (a, b), n in sorted(pairs.items()):
+    for c in range(L - 1):
+        # tokens per (a, b) node pair, in (a, b) order: one bincount over pair ids a * (E + 1) + b
+        pairs = torch.bincount(paths[:, c] * (E + 1) + paths[:, c + 1], minlength=(E + 1) ** 2)  # ((E+1)^2,)
+        present = pairs.nonzero().squeeze(1)  # (P,) pair ids with tokens, ascending
+        for pair, n in zip(present.tolist(), pairs[present].tolist(), strict=True):
+            a, b = divmod(pair, E + 1)
             source.append(nodes[(c, a)])
             target.append(nodes[(c + 1, b)])
             value.append(n)
@@ -122,12 +128,10 @@ def sampled_layers(trace: Trace) -> Trace:
     return replace(trace, layers=[trace.layers[i] for i in keep])
 
 
-def _column_experts(first_choices: list[int], E: int) -> list[int]:
-    """The experts of one column that get their own node: the commonest first choices."""
-    counts: dict[int, int] = {}
-    for e in first_choices:
-        counts[e] = counts.get(e, 0) + 1
-    return sorted(counts, key=lambda e: (-counts[e], e))[:PATH_EXPERTS]
+def _column_experts(first_choices: torch.Tensor, E: int) -> list[int]:
+    """The experts of one column that get their own node: the commonest first choices (ties: lower id)."""
+    counts = torch.bincount(first_choices, minlength=E).tolist()  # (E,)
+    return [e for e in sorted(range(E), key=lambda e: -counts[e]) if counts[e] > 0][:PATH_EXPERTS]
 
 
 def paths_table(trace: Trace, top: int = 10, positions: list[int] | None = None) -> View:
