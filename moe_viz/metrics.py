@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -79,17 +80,48 @@ METRICS: tuple[MetricDefinition, ...] = (
 )
 METRIC_BY_NAME = {m.name: m for m in METRICS}
 
-CONVENTIONS: dict[str, str] = {
-    "assignments": "(token, expert) pairs the policy routed, kept + dropped (T * k')",
-    "fair_share": "assignments / E",
-    "load": "kept assignments per expert (what each expert processed)",
-    "imbalance": "cv, max_vio, load entropy, gini, dead_fraction, max_share, busiest_expert use the load each "
-    "expert processed under the run's policy (kept assignments; dropped ones were never processed)",
-    "aux_loss": "aux_loss_hf / aux_loss_norm are the training-time definition: always on the router's own softmax "
-    "top-k at the native k, whatever the run's policy",
-    **{m.name: f"{m.definition}; perfect balance: {m.balanced}" for m in METRICS},
-    "all_row": "the 'all' row: sums for counts, pooled aux loss, mean over layers for the other ratios",
-}
+
+class Conventions(Mapping[str, str]):
+    """A read-only table of conventions (metric -> how it is computed), shared and never copied.
+
+    pandas deep-copies a frame's ``attrs`` at every operation on it (a slice, a column, ``copy``):
+    a plain dict of some thirty sentences there cost a balance table a millisecond of copies."""
+
+    def __init__(self, items: dict[str, str]) -> None:
+        self._items = dict(items)
+
+    def __getitem__(self, key: str) -> str:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"Conventions({self._items!r})"
+
+    def __copy__(self) -> Conventions:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Conventions:
+        return self  # read-only: a copy would be the same table
+
+
+CONVENTIONS = Conventions(
+    {
+        "assignments": "(token, expert) pairs the policy routed, kept + dropped (T * k')",
+        "fair_share": "assignments / E",
+        "load": "kept assignments per expert (what each expert processed)",
+        "imbalance": "cv, max_vio, load entropy, gini, dead_fraction, max_share, busiest_expert use the load each "
+        "expert processed under the run's policy (kept assignments; dropped ones were never processed)",
+        "aux_loss": "aux_loss_hf / aux_loss_norm are the training-time definition: always on the router's own softmax "
+        "top-k at the native k, whatever the run's policy",
+        **{m.name: f"{m.definition}; perfect balance: {m.balanced}" for m in METRICS},
+        "all_row": "the 'all' row: sums for counts, pooled aux loss, mean over layers for the other ratios",
+    }
+)
 
 
 def metrics_markdown_table() -> str:
@@ -275,8 +307,15 @@ class Balance:
 
 
 def balance(layer: LayerTrace) -> Balance:
-    """All load-balance metrics of ``layer`` (see the module docstring for conventions)."""
+    """All load-balance metrics of ``layer`` (see the module docstring for conventions).
+
+    Computed once per layer trace (pages ask for a layer's balance from several views) and shared:
+    its ``load`` and ``routed`` tensors are read-only by contract, like the layer's own."""
     _check_layer(layer)
+    return STATS.get(layer, "balance", lambda: _balance(layer))
+
+
+def _balance(layer: LayerTrace) -> Balance:
     E, T = layer.num_experts, layer.num_tokens
     kk = int(layer.index.shape[1]) if layer.index.dim() == 2 else 0
     routed = expert_load(layer, "routed")  # (E,)
@@ -422,7 +461,7 @@ def _balance_table(trace: Trace) -> pd.DataFrame:
         rows.append(all_row)
     df = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     df["layer"] = df["layer"].astype(object)
-    df.attrs["conventions"] = dict(CONVENTIONS)
+    df.attrs["conventions"] = CONVENTIONS
     df.attrs["policy"] = trace.policy
     return df
 
