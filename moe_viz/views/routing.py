@@ -246,32 +246,36 @@ def coloured_text(trace: Trace, layer: int) -> View:
     first = metrics.first_choice(lt)  # (T,)
     top1 = first.tolist()
     scores = lt.scores_recorded
-    probs = lt.router_probs.float()
-    order = probs.argsort(dim=-1, descending=True)[:, :TITLE_EXPERTS].tolist()
-    probs_l = probs.tolist()
-    slots = lt.index.tolist()
     n_dropped = lt.dropped.sum(dim=1).tolist()
     kk = lt.index.shape[1]
+    if scores:  # each title lists the token's TITLE_EXPERTS highest scores ("e3 0.41, e0 0.22, ..."), then the rest
+        probs = lt.router_probs.double()  # (T, E)
+        n = min(E, TITLE_EXPERTS)
+        top_p, top_e = probs.sort(dim=-1, descending=True, stable=True)  # (T, E): ties keep the lower id first
+        top_p, top_e = top_p[:, :n], top_e[:, :n]  # (T, n)
+        pairs = torch.stack([top_e.double(), top_p], dim=2).reshape(len(top1), 2 * n).tolist()  # (T, 2n)
+        listing = ", ".join(["e%d %.2f"] * n)
+        shown_all = [listing % tuple(row) for row in pairs]
+        if E > TITLE_EXPERTS:
+            rest = (probs.sum(dim=-1) - top_p.sum(dim=-1)).tolist()  # (T,)
+            shown_all = [f"{shown}, others {r:.2f}" for shown, r in zip(shown_all, rest, strict=True)]
+    else:  # an engine import: the experts in the engine's order, no scores
+        shown_all = ["experts " + " ".join(f"e{j}" for j in row) for row in lt.index.tolist()]
+    styles = [f"background:{c};color:{text_color(c)}" for c in colors]
+    escaped: dict[str, tuple[str, str]] = {}  # token -> (its text, its repr for the title), escaped once
     spans = []
     for t, tok in enumerate(trace.tokens):
+        if tok not in escaped:
+            text = html.escape(tok, quote=True).replace("\n", "↵<br>") or "∅"
+            escaped[tok] = (text, html.escape(repr(tok), quote=True))
+        text, tok_repr = escaped[tok]
         e = top1[t]
-        if scores:
-            shown = ", ".join(f"e{j} {probs_l[t][j]:.2f}" for j in order[t])
-            if E > TITLE_EXPERTS:
-                rest = sum(probs_l[t]) - sum(probs_l[t][j] for j in order[t])
-                shown += f", others {rest:.2f}"
-        else:  # an engine import: the experts in the engine's order, no scores
-            shown = "experts " + " ".join(f"e{j}" for j in slots[t])
-        title = f"#{t} {tok!r} → expert {e}; {shown}"
+        title = f"#{t} {tok_repr} → expert {e}; {shown_all[t]}"  # the listing holds no markup characters
+        style = styles[e]
         if n_dropped[t]:
             title += f"; {n_dropped[t]} of {kk} assignments dropped"
-        style = f"background:{colors[e]};color:{text_color(colors[e])}"
-        if n_dropped[t] == kk:
-            style += ";text-decoration:line-through"
-        elif n_dropped[t]:
-            style += ";text-decoration:underline dotted"
-        text = html.escape(tok, quote=True).replace("\n", "↵<br>") or "∅"
-        spans.append(f'<span class="moe-tok" style="{style}" title="{html.escape(title, quote=True)}">{text}</span>')
+            style += ";text-decoration:line-through" if n_dropped[t] == kk else ";text-decoration:underline dotted"
+        spans.append(f'<span class="moe-tok" style="{style}" title="{title}">{text}</span>')
     chip = '<span style="background:{c};color:{t};padding:0 4px;border-radius:3px;white-space:nowrap">{label}</span>'
     legend = " ".join(
         chip.format(c=focus.color(e), t=text_color(focus.color(e)), label=f"expert {e}") for e in focus.coloured
