@@ -116,12 +116,12 @@ def token_fragility(trace: Trace, position: int, ns: frag.NoiseSensitivity | Non
     if table.empty:
         text = f"No layer has a top-k margin for {token}: " + "; ".join(dict.fromkeys(notes)) + "."
         return View("token_fragility", "How fragile this token's routing is", text, table=pd.DataFrame({"note": notes}))
-    tightest = table.loc[table["margin"].idxmin()]
+    tightest = min(rows, key=lambda row: row["margin"])  # the first layer with the smallest margin
     text = (
         f"Token {token} (position {position}) in each layer: its top-k margin and its rank among the "
         f"{plural(trace.num_tokens, 'token')} (1 = the most fragile). Its closest call is in layer "
-        f"{int(tightest.layer)}: margin {num(float(tightest.margin))}, where {tightest.runner_up} would replace one "
-        f"of {tightest.chosen}."
+        f"{tightest['layer']}: margin {num(tightest['margin'])}, where {tightest['runner_up']} would replace one "
+        f"of {tightest['chosen']}."
     )
     if noise is not None:
         hit = {layer: level for layer, level in noise.items() if level is not None}
