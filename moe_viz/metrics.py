@@ -253,15 +253,31 @@ def aux_loss_hf(logits: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, 
     E = parts[0].shape[1]
     if not 1 <= top_k <= E:
         raise ValueError(f"top_k must satisfy 1 <= top_k <= {E}; got {top_k}")
+    return _aux_from_parts([_aux_parts(z, top_k) for z in parts], E)
+
+
+def _aux_parts(z: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One layer's share of the aux loss: (E,) float64 top-k counts, (E,) float64 summed softmax
+    probabilities, and its rows."""
+    p = z.float().softmax(dim=-1)  # (T, E)
+    chosen = p.topk(top_k, dim=-1).indices  # (T, k)
+    return torch.bincount(chosen.reshape(-1), minlength=z.shape[1]).double(), p.double().sum(dim=0), z.shape[0]
+
+
+def _layer_aux_parts(layer: LayerTrace, top_k: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``_aux_parts`` of a layer's router logits, once per layer trace: the layer's own aux loss
+    and the pooled one of the balance table's "all" row add up the same parts."""
+    return STATS.get(layer, ("aux_parts", top_k), lambda: _aux_parts(layer.router_logits, top_k))
+
+
+def _aux_from_parts(parts: list[tuple[torch.Tensor, torch.Tensor, int]], E: int) -> float:
     counts = torch.zeros(E, dtype=torch.float64)
     prob_sum = torch.zeros(E, dtype=torch.float64)
     rows = 0
-    for z in parts:
-        p = z.float().softmax(dim=-1)  # (T, E)
-        chosen = p.topk(top_k, dim=-1).indices  # (T, k)
-        counts += torch.bincount(chosen.reshape(-1), minlength=E).double()
-        prob_sum += p.double().sum(dim=0)
-        rows += z.shape[0]
+    for layer_counts, layer_probs, layer_rows in parts:
+        counts += layer_counts
+        prob_sum += layer_probs
+        rows += layer_rows
     if rows == 0:
         return float("nan")
     return float(E * ((counts / rows) * (prob_sum / rows)).sum())
@@ -328,7 +344,7 @@ def _balance(layer: LayerTrace) -> Balance:
     per_token_dropped = layer.dropped.sum(dim=1)  # (T,)
     dropped = int(per_token_dropped.sum())
     # The HF auxiliary loss and the z-loss need the router's logits: NaN for an import of ids only.
-    aux = aux_loss_hf(layer.router_logits, layer.top_k) if T and layer.scores_recorded else float("nan")
+    aux = _aux_from_parts([_layer_aux_parts(layer, layer.top_k)], E) if T and layer.scores_recorded else float("nan")
     return Balance(
         layer=layer.layer,
         num_experts=E,
@@ -395,6 +411,12 @@ def balance_table(trace: Trace) -> pd.DataFrame:
     return STATS.get(trace, "balance_table", lambda: _balance_table(trace)).copy()
 
 
+def balance_records(trace: Trace) -> list[dict[str, object]]:
+    """The rows of ``balance_table(trace)`` as plain dicts, the "all" row last (copies): for code
+    that reads a few numbers, which cost more to look up in a frame than to compute."""
+    return [dict(row) for row in STATS.get(trace, "balance_records", lambda: _balance_records(trace))]
+
+
 def _mean_skipping_nan(values: list[float]) -> float:
     """The mean of the values that are not NaN (NaN when none is), as pandas' ``Series.mean``."""
     kept = [float(v) for v in values if not math.isnan(float(v))]
@@ -403,7 +425,17 @@ def _mean_skipping_nan(values: list[float]) -> float:
 
 def _balance_table(trace: Trace) -> pd.DataFrame:
     _check_trace(trace)
-    rows = []
+    df = pd.DataFrame(balance_records(trace), columns=TABLE_COLUMNS)
+    if not trace.layers:  # with the "all" row the layer column is mixed, so already of object dtype
+        df["layer"] = df["layer"].astype(object)
+    df.attrs["conventions"] = CONVENTIONS
+    df.attrs["policy"] = trace.policy
+    return df
+
+
+def _balance_records(trace: Trace) -> list[dict[str, object]]:
+    _check_trace(trace)
+    rows: list[dict[str, object]] = []
     stats = [balance(lt) for lt in trace.layers]
     for b in stats:
         cap = None if b.capacity is None else (b.capacity[0] if len(b.capacity) == 1 else max(b.capacity))
@@ -438,7 +470,10 @@ def _balance_table(trace: Trace) -> pd.DataFrame:
         column = {c: [row[c] for row in rows] for c in TABLE_COLUMNS}  # plain lists: pandas per column costs ms
         top_k = trace.layers[0].top_k
         same_shape = len({lt.router_logits.shape[1] for lt in trace.layers}) == 1
-        pooled = aux_loss_hf([lt.router_logits for lt in trace.layers], top_k) if same_shape else float("nan")
+        E = trace.layers[0].router_logits.shape[1]
+        pooled = (
+            _aux_from_parts([_layer_aux_parts(lt, top_k) for lt in trace.layers], E) if same_shape else float("nan")
+        )
         total_assign = int(sum(column["assignments"]))
         dropped = int(sum(column["dropped"]))
         all_row: dict[str, object] = {
@@ -459,11 +494,7 @@ def _balance_table(trace: Trace) -> pd.DataFrame:
             partially_dropped_tokens=int(sum(column["partially_dropped_tokens"])),
         )
         rows.append(all_row)
-    df = pd.DataFrame(rows, columns=TABLE_COLUMNS)
-    df["layer"] = df["layer"].astype(object)
-    df.attrs["conventions"] = CONVENTIONS
-    df.attrs["policy"] = trace.policy
-    return df
+    return rows
 
 
 def layer_loads(trace: Trace, which: SetKind = "kept") -> torch.Tensor:

@@ -307,13 +307,13 @@ def balance_table(trace: Trace) -> View:
     """Every balance metric per layer plus an 'all' row, with the most and least balanced layers
     and the aux loss against its uniform value named in the text."""
     table = metrics.balance_table(trace)
-    shown = table.assign(layer=table["layer"].astype(str))  # the 'all' row: keep the column one type for Arrow
-    shown.attrs = dict(table.attrs)
+    shown = table.assign(layer=[str(layer) for layer in table["layer"]])  # the 'all' row: one type for Arrow
     if not trace.layers:
         return View("balance_table", "All layers", "This trace has no MoE layers.", table=shown)
-    rows, all_row = table.iloc[:-1], table.iloc[-1]
-    worst = rows.loc[rows["cv"].idxmax()]
-    best = rows.loc[rows["cv"].idxmin()]
+    records = metrics.balance_records(trace)  # the table's rows as plain values, cheaper to read than the frame
+    rows, all_row = records[:-1], records[-1]
+    worst = max(rows, key=lambda row: row["cv"])  # the first layer with the largest CV, as idxmax
+    best = min(rows, key=lambda row: row["cv"])
     k = trace.layers[0].top_k
     text = (
         f"Imbalance is measured on the load each expert processed under `{trace.policy}`. Load CV ranges from "
