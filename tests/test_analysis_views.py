@@ -33,14 +33,16 @@ def test_importance_views_cite_the_most_important_expert_and_the_rank_correlatio
     heat = views.importance_heatmap(imp)
     best = imp.table.loc[imp.table.importance.idxmax()]
     assert f"expert {int(best.expert)} in layer {int(best.layer)}: Δ loss {best.delta_loss:+.4f}" in heat.explanation
-    z = np.asarray(heat.figure.data[0].z, dtype=float)
+    z = views.array_values(heat.figure.data[0].z, dtype=float)
     assert np.nanmax(np.abs(z)) == pytest.approx(abs(best.delta_loss))
     assert "one prompt" in heat.explanation
     layer = int(best.layer)
     scatter = views.importance_vs_load(imp, layer)
     rho = imp.rank_correlation[layer]
     assert (f"ρ = {rho:.2f}" in scatter.explanation) or (math.isnan(rho) and "undefined" in scatter.explanation)
-    assert list(scatter.figure.data[0].x) == pytest.approx(imp.table[imp.table.layer == layer].load_share.tolist())
+    assert views.array_values(scatter.figure.data[0].x).tolist() == pytest.approx(
+        imp.table[imp.table.layer == layer].load_share.tolist()
+    )
     with pytest.raises(ValueError, match="ablated layers"):
         views.importance_vs_load(imp, 99)
 
@@ -82,7 +84,7 @@ def test_fragility_views_cite_the_most_fragile_token_and_the_most_sensitive_laye
     top = share[share.level == 0.5]
     worst = top.loc[top.changed_share.idxmax()]
     assert f"most sensitive layer is {int(worst.layer)}: {int(worst.changed_tokens)} of" in view.explanation
-    assert [list(bar.y) for bar in view.figure.data] == [
+    assert [views.array_values(bar.y).tolist() for bar in view.figure.data] == [
         share[share.level == lv].changed_share.tolist() for lv in ns.levels
     ]
     token = views.token_fragility(native, 3, ns)

@@ -22,6 +22,7 @@ from moe_viz.corpus import aggregates, report, stats
 from moe_viz.corpus.aggregates import CorpusAggregates, CorpusMeta, empty
 from moe_viz.corpus.report import corpus_report, write_report
 from moe_viz.metrics import reuse_baselines
+from moe_viz.views import array_values
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -690,4 +691,4 @@ def test_domain_heatmap_of_hundreds_of_experts_shows_the_most_domain_dependent_o
     agg.tokens[:] = agg.assigned[:, 0].sum(axis=2) // 8
     heat = domain_shares(report.corpus_report(agg, replicates=20), 0).figure.data[0]
     assert len(heat.x) == 24 and heat.x[0] == "e200"  # furthest from the balanced share first
-    assert np.asarray(heat.z).shape == (2, 24)
+    assert array_values(heat.z).shape == (2, 24)

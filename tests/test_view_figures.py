@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import plotly.graph_objects as go
 import pytest
 import tiny_models
@@ -12,7 +13,7 @@ from hand_traces import synthetic_trace
 import moe_viz
 from moe_viz import metrics, views
 from moe_viz.trace import Trace
-from moe_viz.views import _plotly
+from moe_viz.views import _plotly, array_values
 
 PROMPT = "Hi <script>alert('x')</script> & the quick brown fox."
 
@@ -88,9 +89,9 @@ def test_heatmap_dropped_markers_count_equals_the_trace_dropped_count(capped: Tr
         fig = views.routing_heatmap(capped, layer).figure
         lt = capped.layer(layer)
         assert lt.dropped_count > 0
-        assert len(_trace_named(fig, "dropped").x) == lt.dropped_count
-        assert len(_trace_named(fig, "chosen").x) == lt.index.numel() - lt.dropped_count
-        assert fig.data[0].z.shape == (8, capped.num_tokens)
+        assert len(array_values(_trace_named(fig, "dropped").x)) == lt.dropped_count
+        assert len(array_values(_trace_named(fig, "chosen").x)) == lt.index.numel() - lt.dropped_count
+        assert array_values(fig.data[0].z).shape == (8, capped.num_tokens)
 
 
 def test_heatmap_of_a_native_run_has_no_dropped_markers(native: Trace) -> None:
@@ -102,8 +103,8 @@ def test_load_bars_stack_dropped_on_kept_with_a_fair_share_line(capped: Trace) -
     fig = views.expert_load(capped, 0).figure
     lt = capped.layer(0)
     kept, dropped = _trace_named(fig, "kept"), _trace_named(fig, "dropped")
-    assert list(kept.y) == lt.load().tolist()
-    assert sum(dropped.y) == lt.dropped_count
+    assert array_values(kept.y).tolist() == lt.load().tolist()
+    assert array_values(dropped.y).sum() == lt.dropped_count
     fair = lt.index.numel() / 8
     assert any(abs(s.y0 - fair) < 1e-9 for s in fig.layout.shapes)
     assert any(abs(s.y0 - lt.capacity[0]) < 1e-9 for s in fig.layout.shapes)
@@ -111,10 +112,10 @@ def test_load_bars_stack_dropped_on_kept_with_a_fair_share_line(capped: Trace) -
 
 def test_layer_load_heatmap_is_relative_to_fair_share(capped: Trace) -> None:
     fig = views.layer_load(capped).figure
-    z = fig.data[0].z
+    z = array_values(fig.data[0].z)
     assert z.shape == (2, 8)
     assert z.mean() == pytest.approx(1.0, rel=1e-5)
-    assert (fig.data[0].customdata == metrics.layer_loads(capped, "kept").numpy()).all()
+    assert (array_values(fig.data[0].customdata) == metrics.layer_loads(capped, "kept").numpy()).all()
 
 
 def test_router_distribution_marks_chosen_experts(native: Trace) -> None:
@@ -122,7 +123,7 @@ def test_router_distribution_marks_chosen_experts(native: Trace) -> None:
     widths = list(fig.data[0].marker.line.width)
     chosen = set(native.layer(0).index[2].tolist())
     assert {e for e, w in enumerate(widths) if w == 3} == chosen
-    assert list(fig.data[0].y) == pytest.approx(native.layer(0).router_probs[2].tolist())
+    assert array_values(fig.data[0].y).tolist() == pytest.approx(native.layer(0).router_probs[2].tolist())
     with pytest.raises(ValueError, match="position must be an integer with"):
         views.router_distribution(native, 0, 999)
 
@@ -136,7 +137,7 @@ def test_predictions_bar_shows_the_top_ten_escaped(native: Trace) -> None:
 def test_coactivation_heatmap_states_the_baseline(native: Trace) -> None:
     fig = views.coactivation(native, 0).figure
     assert "0.14" in fig.layout.title.text  # (2 - 1) / (8 - 1)
-    assert fig.data[0].z.shape == (8, 8)
+    assert array_values(fig.data[0].z).shape == (8, 8)
 
 
 def test_mode_effect_figure_marks_every_flip(native: Trace, tiny_model: moe_viz.MoEModel) -> None:
@@ -144,16 +145,16 @@ def test_mode_effect_figure_marks_every_flip(native: Trace, tiny_model: moe_viz.
     fig = views.mode_effect(native, top1).figure
     flips = metrics.mode_effect(native, top1).flipped_positions
     assert list(_trace_named(fig, "top-1 flip").x) == flips
-    assert len(_trace_named(fig, "KL").y) == native.num_tokens
+    assert len(array_values(_trace_named(fig, "KL").y)) == native.num_tokens
 
 
 def test_routing_diff_heatmap_codes_each_cell(native: Trace, capped: Trace) -> None:
     fig = views.routing_diff(native, capped, 0).figure
-    z = fig.data[0].z  # (E, T): 0 neither, 1 both, 2 reference only, 3 other only
+    z = array_values(fig.data[0].z)  # (E, T): 0 neither, 1 both, 2 reference only, 3 other only
     d = metrics.routing_diff(native, capped, 0)
     assert int((z == 1).sum()) == int((d.reference_sets & d.other_sets).sum())
     assert int((z == 2).sum()) == int(d.removed.sum())
-    assert len(_trace_named(fig, "dropped in capacity:1:position").x) == capped.layer(0).dropped_count
+    assert len(array_values(_trace_named(fig, "dropped in capacity:1:position").x)) == capped.layer(0).dropped_count
 
 
 # ----------------------------------------------------------------------------- untrusted text
@@ -200,9 +201,9 @@ def test_long_prompt_figures_are_binned_webgl_and_small() -> None:
     assert all(size < LONG_JSON_LIMIT for size in sizes.values()), sizes
     heat = figs["heatmap"]
     assert "aggregated into 250 bins of 8" in heat.layout.title.text
-    assert heat.data[0].z.shape == (25, 250)  # 64 experts: the 24 busiest and one row for the other 40
+    assert array_values(heat.data[0].z).shape == (25, 250)  # 64 experts: the 24 busiest and one row for the other 40
     dropped = _trace_named(heat, "dropped")
-    assert int(sum(dropped.customdata)) == long.layer(5).dropped_count
+    assert int(array_values(dropped.customdata).sum()) == long.layer(5).dropped_count
     assert isinstance(figs["mode_effect"].data[0], go.Scattergl)
     assert figs["layer_load"].data[0].text is None
     assert "bins of 8" in figs["diff"].layout.title.text
@@ -238,7 +239,9 @@ def test_token_labels_escape_markup_but_keep_quotes_readable() -> None:
     assert views.display_token('<b>"x"</b> & y') == '&lt;b&gt;"x"&lt;/b&gt;␣&amp;␣y'
 
 
-def test_figures_carry_a_compact_copy_of_the_users_default_template_cut_to_their_trace_types(native: Trace, capped: Trace) -> None:
+def test_figures_carry_a_compact_copy_of_the_users_default_template_cut_to_their_trace_types(
+    native: Trace, capped: Trace
+) -> None:
     import json
 
     import plotly.io as pio
@@ -267,3 +270,26 @@ def test_figures_carry_a_compact_copy_of_the_users_default_template_cut_to_their
         assert fig.layout.template.layout.plot_bgcolor == "white"  # a user's choice is followed
     finally:
         pio.templates.default = previous
+
+
+def test_figure_arrays_are_typed_arrays_exactly_as_plotly_writes_them_and_read_back() -> None:
+    from _plotly_utils.utils import to_typed_array_spec  # what plotly itself writes into the JSON
+
+    arrays = [
+        np.arange(300, dtype=np.int64),  # shrinks to int16
+        np.array([-5, 100], dtype=np.int64),  # int8
+        np.array([0, 2**40], dtype=np.int64),  # too wide for plotly.js: left as it is
+        np.array([1, 70000], dtype=np.uint64),  # uint32
+        np.linspace(0, 1, 7, dtype=np.float32).reshape(7, 1),  # 2-D keeps its shape
+        np.random.default_rng(0).normal(size=(3, 4)),  # float64
+        np.array([True, False]),  # no plotly.js type: left as it is
+        np.array(["a", "b"], dtype=object),
+        np.zeros(0),
+    ]
+    for a in arrays:
+        ours, plotlys = _plotly.typed_array(a), to_typed_array_spec(a)
+        if isinstance(plotlys, dict):
+            assert ours == plotlys, a
+            assert (array_values(ours) == a).all() and array_values(ours).shape == a.shape
+        else:
+            assert ours is a, a

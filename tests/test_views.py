@@ -15,7 +15,7 @@ import torch
 
 import moe_viz
 from moe_viz import Capacity, Ensemble, TopK, views
-from moe_viz.views import View
+from moe_viz.views import View, array_values
 
 PROMPT = "def add(a, b):\n    return a + b\n\nprint(add(2, 3))"
 POLICIES = {
@@ -65,7 +65,7 @@ def test_every_view_holds_one_picture_and_an_explanation(trace, native):
 
 def test_expert_load_text_names_the_tallest_bar(trace):
     view = views.expert_load(trace, LAYER)
-    stacked = sum(np.asarray(bar["y"], dtype=float) for bar in view.figure.data)  # kept + dropped per expert
+    stacked = sum(array_values(bar["y"], dtype=float) for bar in view.figure.data)  # kept + dropped per expert
     if trace.layer(LAYER).every_expert_runs:
         (each,) = _ints(r"carries exactly (\d+) assignments", view.explanation)
         assert set(stacked.tolist()) == {each}
@@ -80,23 +80,23 @@ def test_expert_load_text_names_the_tallest_bar(trace):
 def test_layer_load_text_names_the_hottest_cell_of_the_map(trace):
     view = views.layer_load(trace)
     if "Every cell is at its fair share" in view.explanation:
-        assert np.allclose(np.asarray(view.figure.data[0]["z"], dtype=float), 1.0)
+        assert np.allclose(array_values(view.figure.data[0]["z"], dtype=float), 1.0)
         return
     expert, layer, count, total = _ints(
         r"hottest cell is expert (\d+) in layer (\d+): (\d+) of (\d+) assignments", view.explanation
     )
     heat = view.figure.data[0]
-    z = np.asarray(heat["z"], dtype=float)
+    z = array_values(heat["z"], dtype=float)
     row, col = np.unravel_index(z.argmax(), z.shape)
     assert (col, int(heat["y"][row])) == (expert, layer)
-    counts = np.asarray(heat["customdata"])
+    counts = array_values(heat["customdata"])
     assert counts[row, col] == count and counts[row].sum() == total
 
 
 def test_routing_heatmap_text_counts_the_marks_it_draws(trace):
     view = views.routing_heatmap(trace, LAYER)
     lt = trace.layer(LAYER)
-    marks = {d["name"]: len(d["x"]) for d in view.figure.data[1:]}
+    marks = {d["name"]: len(array_values(d["x"])) for d in view.figure.data[1:]}
     if lt.index.shape[1] < lt.num_experts:
         match = re.search(r"dots mark (?:the (\d+) experts|the expert) each token", view.explanation)
         k = int(match.group(1) or 1)
@@ -109,7 +109,7 @@ def test_routing_heatmap_text_counts_the_marks_it_draws(trace):
         assert n == marks["dropped"] == lt.dropped_count
     (position,) = _ints(r"\(position (\d+)\), giving", view.explanation)
     p, expert = re.search(r"giving (\d\.\d\d) to expert (\d+)", view.explanation).groups()
-    z = np.asarray(view.figure.data[0]["z"], dtype=float)  # (E, T)
+    z = array_values(view.figure.data[0]["z"], dtype=float)  # (E, T)
     assert int(z[:, position].argmax()) == int(expert) and f"{z[:, position].max():.2f}" == p
 
 
@@ -135,14 +135,14 @@ def test_router_distribution_names_exactly_the_outlined_experts(trace):
         else:
             assert named == outlined == set(lt.index[position].tolist())
             for e in named:
-                assert f"expert {e} ({float(bars['y'][e]):.2f})" in view.explanation
+                assert f"expert {e} ({float(array_values(bars['y'])[e]):.2f})" in view.explanation
 
 
 def test_predictions_text_names_the_first_bar(trace):
     view = views.predictions(trace, 4)
     bars = view.figure.data[0]
     share = re.search(r"predicts `[^`]*` with (\S+?)(,|;)", view.explanation).group(1)
-    assert share == views.pct(float(bars["x"][0]))
+    assert share == views.pct(float(array_values(bars["x"])[0]))
 
 
 def test_balance_table_text_cites_the_table(trace):
@@ -161,20 +161,20 @@ def test_router_confidence_text_names_the_lowest_point_of_the_margin_line(trace)
         assert len(view.figure.data) == 1 and "no routing choice can flip" in view.explanation
         return
     (position,) = _ints(r"the smallest is token (\d+)", view.explanation)
-    margin = np.asarray(view.figure.data[1]["y"], dtype=float)
+    margin = array_values(view.figure.data[1]["y"], dtype=float)
     assert int(margin.argmin()) == position
 
 
 def test_coactivation_text_names_the_brightest_cell_among_well_used_experts(trace):
     view = views.coactivation(trace, LAYER)
     heat = view.figure.data[0]
-    z = np.asarray(heat["z"], dtype=float)
+    z = array_values(heat["z"], dtype=float)
     if "no pairs" in view.explanation or "every pair" in view.explanation:
         assert trace.layer(LAYER).applied_k in (1, trace.layer(LAYER).num_experts)
         return
     a, b = _ints(r"when expert (\d+) is chosen, expert (\d+) is chosen too", view.explanation)
     support = re.search(r"fewer than (\d+) tokens are not cited", view.explanation)
-    tokens = np.diagonal(np.asarray(heat["customdata"]))  # tokens per expert a
+    tokens = np.diagonal(array_values(heat["customdata"]))  # tokens per expert a
     eligible = tokens >= (int(support.group(1)) if support else 1)
     assert eligible[a] and np.nanmax(z[eligible]) == z[a, b]
     share = re.search(r"chosen too (\S+) of the time", view.explanation).group(1)
@@ -192,14 +192,14 @@ def test_reuse_text_cites_the_table_cells(trace):
 def test_routing_diff_text_counts_the_columns_that_changed(trace, native):
     view = views.routing_diff(native, trace, LAYER)
     changed, total = _ints(r"\*\*(\d+) of (\d+)\*\* tokens", view.explanation)
-    code = np.asarray(view.figure.data[0]["z"])  # (E, T): 2 = reference only, 3 = other only
+    code = array_values(view.figure.data[0]["z"])  # (E, T): 2 = reference only, 3 = other only
     assert int(((code == 2) | (code == 3)).any(axis=0).sum()) == changed and code.shape[1] == total
 
 
 def test_mode_effect_text_counts_the_flip_marks(trace, native):
     view = views.mode_effect(native, trace)
     flips, total = _ints(r"prediction at (\d+) of (\d+) positions", view.explanation)
-    assert len(view.figure.data[1]["x"]) == flips and len(view.figure.data[0]["y"]) == total
+    assert len(array_values(view.figure.data[1]["x"])) == flips and len(array_values(view.figure.data[0]["y"])) == total
 
 
 def test_metric_cards_take_their_help_from_the_metric_definitions(trace):

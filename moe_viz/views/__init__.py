@@ -18,7 +18,7 @@ from ..fragility import NoiseSensitivity
 from ..trace import Trace
 from ._display import BIN_THRESHOLD, code_token, display_token, pct, per_layer_counts, token_bins
 from ._experts import MANY_EXPERTS, SHOWN_EXPERTS, ExpertFocus, expert_focus
-from ._plotly import expert_colors
+from ._plotly import array_values, expert_colors
 from ._view import View
 from .agreement import agreement_by_layer, agreement_tokens
 from .balance import (
@@ -124,6 +124,7 @@ __all__ = [
     "View",
     "agreement_by_layer",
     "agreement_tokens",
+    "array_values",
     "balance_table",
     "balance_views",
     "capacity_sweep",
