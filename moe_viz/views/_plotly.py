@@ -299,15 +299,17 @@ def typed_array(values: np.ndarray) -> dict[str, str] | np.ndarray:
     return spec
 
 
-def _typed_arrays(props: Any) -> Any:
-    """``props`` (a trace's dict, nested) with every numpy array made a ``typed_array``."""
-    if isinstance(props, np.ndarray):
-        return typed_array(props)
-    if isinstance(props, dict):
-        return {key: _typed_arrays(value) for key, value in props.items()}
-    if isinstance(props, list):
-        return [_typed_arrays(value) for value in props]
-    return props
+def _typed_arrays(props: dict[str, Any]) -> dict[str, Any]:
+    """``props`` (a trace's dict, nested dicts included) with every numpy array value made a
+    ``typed_array``; lists (of labels, colours) are left as they are."""
+    out = {}
+    for key, value in props.items():
+        if isinstance(value, np.ndarray):
+            value = typed_array(value)
+        elif isinstance(value, dict):
+            value = _typed_arrays(value)
+        out[key] = value
+    return out
 
 
 def array_values(value: Any, dtype: Any = None) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
@@ -69,7 +70,7 @@ def expert_paths(trace: Trace, top: int = 5, positions: list[int] | None = None)
             go.Sankey,
             arrangement="snap",
             node={"label": labels, "color": node_colors, "pad": 8, "thickness": 12},
-            link={"source": source, "target": target, "value": value},
+            link={"source": np.array(source), "target": np.array(target), "value": np.array(value)},
         )
     )
     shown = "" if L == all_layers else f" ({L} evenly spaced of {all_layers})"
