@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import time
@@ -48,6 +49,8 @@ def test_readiness_waits_for_the_model_and_the_first_session_finds_it_loaded(tmp
         assert seen_not_ready
         assert text.count("moe-viz: loading model") == 1 and "loaded in" in text  # loaded before ready
         assert text.index("warmed up in") < text.index("ready on port")  # the first pages ran once before ready
+        frozen = int(re.search(r"(\d+) objects set aside from garbage collection", text).group(1))
+        assert frozen > 100_000  # the libraries and the model: full collections no longer walk them
         result = asyncio.run(run_sessions(port, ["prompt=hello%20experts"]))[0]
         assert result.finished and not result.exceptions, result.exceptions
         assert result.find("Run summary:") is not None
