@@ -15,7 +15,8 @@ For each prompt length (32, 256, 2,048 tokens) and repeat, interleaved, it times
   receives, by the two calls ``st.plotly_chart`` makes). Pages: Explore and Load balance;
 
 and prints medians: page / forward (target <= 1.3 at 256 tokens), each stage's share of the page
-and the figures' JSON size.
+and the figures' JSON size. Like the app's launcher (``moe-viz app``), it sets the objects alive
+after loading and warming up aside from garbage collection before it measures.
 
 The fixed costs of a page (views, JSON) weigh more the faster the forward, so ``--large`` adds a
 random Mixtral-style model of a larger shape (hidden 512, 8 layers of 16 experts, top-2,
@@ -44,6 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's moe_viz, installed or not
 import moe_viz  # noqa: E402
+from app.launch import freeze_loaded_objects  # noqa: E402
 from moe_viz import views  # noqa: E402
 from moe_viz.views._plotly import wire_json  # noqa: E402
 
@@ -237,6 +239,8 @@ def main() -> None:
         bare_forward(models[m], ids)
         for name in PAGES:
             page(models[m], prompt, policy, name)
+    frozen = freeze_loaded_objects()  # as the app's launcher does once its models are loaded and warm
+    print(f"{frozen} objects set aside from garbage collection, as in the app's server", flush=True)
     fwd: dict[tuple[str, int], list[float]] = {case: [] for case in cases}
     stage = {(m, n, p): {s: [] for s in STAGES} for m, n in cases for p in PAGES}
     total: dict[tuple[str, int, str], list[float]] = {key: [] for key in stage}
