@@ -24,17 +24,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from streamlit_client import Server, streamlit_command  # noqa: E402
+from streamlit_client import Server  # noqa: E402
 from test_browser import CHROMIUM, CHROMIUM_ARGS, wait_ready  # noqa: E402
 
 from moe_viz import DEFAULT_MODEL  # noqa: E402
@@ -67,52 +65,6 @@ def write_bare_page(folder: Path) -> Path:
     script = folder / "bare_page.py"
     script.write_text(BARE_PAGE.format(figure=str(figure)))
     return script
-
-
-class PageServer(Server):
-    """``Server`` for any script (the bare page or the app); records seconds from start to health OK."""
-
-    def __init__(self, script: Path, env: dict[str, str]) -> None:
-        super().__init__(env=env)
-        self.script = script
-        self.startup_s = float("nan")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> PageServer:
-        cmd = streamlit_command(self.port)
-        app = self.script == ROOT / "app" / "streamlit_app.py"
-        if app:  # the app as it is served: the launcher loads the model first and says when it is ready
-            self.env["MOE_VIZ_READY_FILE"] = str(Path(tempfile.gettempdir()) / f"moe-viz-first-paint-{self.port}")
-            cmd = [sys.executable, str(ROOT / "app" / "launch.py"), *cmd[5:]]
-        else:
-            cmd[cmd.index(str(ROOT / "app" / "streamlit_app.py"))] = str(self.script)
-        t0 = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while time.perf_counter() - t0 < 60:
-            if self._ready(app):
-                self.startup_s = time.perf_counter() - t0
-                return self
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        self.__exit__()
-        raise RuntimeError(f"streamlit did not become healthy within 60 s: {self.script}")
-
-    def _ready(self, app: bool) -> bool:
-        """The app: the launcher's readiness check (model loaded, server up); the bare page: health OK."""
-        if app:
-            os.environ["MOE_VIZ_READY_FILE"] = self.env["MOE_VIZ_READY_FILE"]
-            from app.launch import is_ready
-
-            return is_ready(self.port)
-        try:
-            with urllib.request.urlopen(f"{self.url}/_stcore/health", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
 
 
 def visit(browser, url: str, charts: int, timeout_ms: int) -> tuple[float, float]:
@@ -149,6 +101,12 @@ def count_charts(browser, url: str, timeout_ms: int) -> int:
         context.close()
 
 
+def server(scripts: dict[str, Path], kind: str, env: dict[str, str]) -> Server:
+    """The bare page under ``streamlit run``, ready at its health check; the app as it is served
+    (``moe-viz app``: ready once its model is loaded and warm)."""
+    return Server(env=env, script=scripts[kind], launcher=kind == "explore")
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -178,7 +136,7 @@ def main() -> None:
         startup: dict[str, list[float]] = {k: [] for k in KINDS}
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            with PageServer(scripts["bare"], env) as warm_bare, PageServer(scripts["explore"], env) as warm_explore:
+            with server(scripts, "bare", env) as warm_bare, server(scripts, "explore", env) as warm_explore:
                 warm = {"bare": warm_bare, "explore": warm_explore}
                 charts = {k: count_charts(browser, s.url, timeout_ms) for k, s in warm.items()}
                 print(f"charts per page: {charts}", file=sys.stderr, flush=True)
@@ -186,7 +144,7 @@ def main() -> None:
                     order = KINDS if i % 2 == 0 else KINDS[::-1]
                     for kind in order:
                         if i < args.cold:
-                            with PageServer(scripts[kind], env) as fresh:
+                            with server(scripts, kind, env) as fresh:
                                 startup[kind].append(fresh.startup_s)
                                 samples[kind, "cold"].append(visit(browser, fresh.url, charts[kind], timeout_ms))
                             print(f"  cold {kind:8s} {samples[kind, 'cold'][-1]}", file=sys.stderr, flush=True)

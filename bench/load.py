@@ -1,6 +1,7 @@
 """Many concurrent sessions on one hosted-mode server: latency, throughput, correctness.
 
-Starts ``streamlit run`` on loopback in hosted mode, runs one session alone (the baseline), then
+Starts the app as it is served (``moe-viz app``: model loaded and warm before the server is
+ready) on loopback in hosted mode, runs one session alone (the baseline), then
 N sessions at once over Streamlit's own websocket protocol, each with its own prompt and policy,
 and checks every session's run summary against a single-session reference. Prints p50/p95
 latency, throughput and throughput relative to one session. Bounded: one round of N sessions.
@@ -58,8 +59,8 @@ def main() -> None:
     print(f"computing {len(pairs)} single-session references ...", file=sys.stderr, flush=True)
     expected = references(pairs)
     env = {**HOSTED_ENV, "MOE_VIZ_COMPUTE_SLOTS": str(args.slots)}
-    with Server(env=env) as server:
-        print("warming the server (model load) ...", file=sys.stderr, flush=True)
+    with Server(env=env, launcher=True) as server:
+        print("warming the server (one session) ...", file=sys.stderr, flush=True)
         asyncio.run(run_sessions(server.port, [query(*pairs[0])]))
         alone = [asyncio.run(run_sessions(server.port, [query(*pairs[i % 4])]))[0].seconds for i in range(4)]
         print(f"running {len(pairs)} sessions at once ...", file=sys.stderr, flush=True)

@@ -1,7 +1,7 @@
 """Soak: continuous sessions on one hosted-mode server for minutes; errors, wrong results, memory.
 
-Starts ``streamlit run`` on loopback in hosted mode (``HOSTED_ENV``: 512-token prompts, 2 compute
-slots, 1 torch thread) and runs rounds of concurrent sessions over Streamlit's websocket protocol
+Starts the app as it is served (``moe-viz app``: model loaded and warm before the server is ready)
+on loopback in hosted mode (``HOSTED_ENV``: 512-token prompts, 2 compute slots, 1 torch thread) and runs rounds of concurrent sessions over Streamlit's websocket protocol
 until the time is up. The sessions cycle through prompts from a few tokens up to the 512-token limit,
 every sidebar mode on the Explore page (``native`` there is the sidebar's default, top-k at the
 model's k) and the Compare page (native routing against its three default policies). Every
@@ -211,7 +211,7 @@ def main() -> None:
     wrong_results: list[str] = []
     latencies: dict[str, list[float]] = {"explore": [], "compare": []}
     sessions = rounds = 0
-    with Server(env=HOSTED_ENV) as server:
+    with Server(env=HOSTED_ENV, launcher=True) as server:
         assert server.proc is not None
         sampler = RssSampler(server.proc.pid, args.sample)
         sampler.start()
@@ -247,7 +247,7 @@ def main() -> None:
         sampler.join()
 
     print(f"RSS per live session: a fresh server, {len(held)} sessions held ...", file=sys.stderr, flush=True)
-    with Server(env=HOSTED_ENV) as fresh:
+    with Server(env=HOSTED_ENV, launcher=True) as fresh:
         assert fresh.proc is not None
         probe = RssSampler(fresh.proc.pid, args.sample)
         warm = asyncio.run(run_sessions(fresh.port, [job.query for job in held[:2]]))

@@ -29,6 +29,9 @@ from streamlit.proto.BackMsg_pb2 import BackMsg
 from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 
 ROOT = Path(__file__).resolve().parent.parent
+APP = ROOT / "app" / "streamlit_app.py"
+if str(ROOT) not in sys.path:  # the launcher's readiness check (app.launch)
+    sys.path.insert(0, str(ROOT))
 
 
 @dataclass
@@ -141,14 +144,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def streamlit_command(port: int) -> list[str]:
-    """``streamlit run`` of the app on loopback ``port``, headless, no usage stats, no file watcher."""
+def streamlit_command(port: int, script: Path = APP) -> list[str]:
+    """``streamlit run`` of ``script`` (the app) on loopback ``port``, headless, no usage stats, no file watcher."""
+    return [sys.executable, "-m", "streamlit", "run", str(script), *server_options(port)]
+
+
+def server_options(port: int) -> list[str]:
     return [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        str(ROOT / "app" / "streamlit_app.py"),
         "--server.headless",
         "true",
         "--server.port",
@@ -163,26 +165,52 @@ def streamlit_command(port: int) -> list[str]:
 
 
 class Server:
-    """``streamlit run app/streamlit_app.py`` on loopback, with extra environment; a context manager."""
+    """A Streamlit server on loopback with extra environment; a context manager.
 
-    def __init__(self, env: dict[str, str] | None = None, port: int | None = None) -> None:
+    ``script`` (default: the app) under ``streamlit run``, ready when its health check answers; or,
+    with ``launcher``, the app as it is served (``moe-viz app``, the Docker image: ``app/launch.py``
+    loads and warms the models before the server starts), ready when the launcher says so.
+    ``startup_s``: seconds from process start to ready."""
+
+    def __init__(
+        self, env: dict[str, str] | None = None, port: int | None = None, script: Path = APP, launcher: bool = False
+    ) -> None:
         self.port = port or free_port()
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.script = script
+        self.launcher = launcher
         self.proc: subprocess.Popen[bytes] | None = None
+        self.startup_s = float("nan")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> Server:
-        cmd = streamlit_command(self.port)
+        if self.launcher:
+            cmd = [sys.executable, str(ROOT / "app" / "launch.py"), *server_options(self.port)]
+        else:
+            cmd = streamlit_command(self.port, self.script)
+        t0 = time.perf_counter()
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.3)
+        while time.perf_counter() - t0 < 60 and self.proc.poll() is None:
+            if self._ready():
+                self.startup_s = time.perf_counter() - t0
+                return self
+            time.sleep(0.02)
         self.__exit__()
-        raise RuntimeError("streamlit server did not become healthy within 60 s")
+        raise RuntimeError(f"streamlit server ({' '.join(cmd[1:3])}) did not become ready within 60 s")
+
+    def _ready(self) -> bool:
+        if self.launcher:  # the launcher's own check: ready file written (models loaded), server answering
+            from app.launch import is_ready
+
+            return is_ready(self.port)
+        try:
+            with urllib.request.urlopen(f"{self.url}/_stcore/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:
