@@ -4,6 +4,8 @@
   experts, then Paul Tol's muted palette, then spread samples of viridis).
 * Continuous scales are colour-blind safe (cividis); dropped assignments are vermillion crosses.
 * Long line charts use WebGL (``Scattergl``); big heatmaps carry no per-cell text.
+* Numeric arrays go into a figure as plotly.js typed arrays, the form its JSON takes anyway
+  (``array_values`` reads one back).
 """
 
 from __future__ import annotations
