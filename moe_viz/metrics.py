@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -81,26 +80,17 @@ METRICS: tuple[MetricDefinition, ...] = (
 METRIC_BY_NAME = {m.name: m for m in METRICS}
 
 
-class Conventions(Mapping[str, str]):
+class Conventions(dict[str, str]):
     """A read-only table of conventions (metric -> how it is computed), shared and never copied.
 
     pandas deep-copies a frame's ``attrs`` at every operation on it (a slice, a column, ``copy``):
-    a plain dict of some thirty sentences there cost a balance table a millisecond of copies."""
+    a plain dict of some thirty sentences there cost a balance table a millisecond of copies. A
+    dict still, so that it serialises as one (Streamlit writes a frame's ``attrs`` as JSON)."""
 
-    def __init__(self, items: dict[str, str]) -> None:
-        self._items = dict(items)
+    def _read_only(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("the conventions table is read-only; copy it with dict(...) to change it")
 
-    def __getitem__(self, key: str) -> str:
-        return self._items[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __repr__(self) -> str:
-        return f"Conventions({self._items!r})"
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = __ior__ = _read_only  # type: ignore[assignment]
 
     def __copy__(self) -> Conventions:
         return self

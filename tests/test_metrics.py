@@ -277,3 +277,16 @@ def test_readme_table_of_metrics_is_the_one_the_code_defines() -> None:
     assert metrics.metrics_markdown_table() in readme
     assert set(metrics.CONVENTIONS) >= {m.name for m in metrics.METRICS}
     assert all(m.name in metrics.TABLE_COLUMNS for m in metrics.METRICS)
+
+
+def test_balance_table_conventions_serialise_as_json_and_are_shared_read_only(tiny_model) -> None:
+    import copy
+    import json
+
+    table = metrics.balance_table(moe_viz.run_prompt(tiny_model, "conventions"))
+    conventions = table.attrs["conventions"]
+    # Streamlit writes a frame's attrs into the Arrow schema as JSON: it must serialise as a dict
+    assert json.loads(json.dumps(table.attrs))["conventions"] == dict(metrics.CONVENTIONS)
+    assert copy.deepcopy(table).attrs["conventions"] is conventions  # pandas' copies share it
+    with pytest.raises(TypeError, match="read-only"):
+        conventions["cv"] = "something else"
