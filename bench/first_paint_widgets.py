@@ -98,7 +98,7 @@ def main() -> None:
     print(f"\nfirst chart, medians of {args.samples} warm samples (seconds from page.goto)")
     for name, values in first.items():
         median = statistics.median(values)
-        print(f"{name:16s} {median:6.2f} s  {median / bare:5.2f}x bare")
+        print(f"{name:18s} {median:6.2f} s  {median / bare:5.2f}x bare")
 
 
 if __name__ == "__main__":
