@@ -117,16 +117,8 @@ def show(view: View, key: str | None = None, ratio: tuple[int, int] = (3, 2), he
             with st.container(height=320 if view.html.count("moe-tok") > 200 else "content", border=False):
                 st.html(view.html)  # long texts scroll
         else:
-            table = view.table
-            draw_table(table)
-            st.download_button(
-                "Table (CSV)",
-                data=lambda: table.to_csv(index=False),
-                file_name=f"moe-viz-{slug(view.name)}.csv",
-                mime="text/csv",
-                key=f"csv_{key or view.name}",
-                on_click="ignore",
-            )
+            draw_table(view.table)
+            csv_download("Table (CSV)", view.table, slug(view.name), key=f"csv_{key or view.name}")
     with right:
         st.markdown(view.explanation)
 
