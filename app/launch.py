@@ -7,9 +7,9 @@ Plain ``streamlit run`` loads a model when the first visitor arrives, so that vi
 the load (seconds on the default model, minutes on a large checkpoint). This launcher loads the
 default model (and every id in ``MOE_VIZ_PRELOAD_MODELS``, comma-separated, each checked against
 the server's allow-list) into the process-wide model cache *before* it starts the server in the
-same process, then runs the default prompt and builds the first pages' views once (``warm_up``) and sets what
-is loaded aside from garbage collection (``freeze_loaded_objects``); the first session then finds
-the model loaded and the code paths warm. Once the server answers its health
+same process, then runs the default prompt and builds the first pages' views once (``warm_up``)
+and sets what is loaded aside from garbage collection (``freeze_loaded_objects``); the first
+session then finds the model loaded and the code paths warm. Once the server answers its health
 check, the launcher writes a ready file (``MOE_VIZ_READY_FILE``, default
 ``$TMPDIR/moe-viz-ready-<port>``); ``--check`` reports ready only when that file names a live
 process and the server answers. Streamlit's own ``/_stcore/health`` turns OK as soon as the server

@@ -1,10 +1,11 @@
 """Soak: continuous sessions on one hosted-mode server for minutes; errors, wrong results, memory.
 
 Starts the app as it is served (``moe-viz app``: model loaded and warm before the server is ready)
-on loopback in hosted mode (``HOSTED_ENV``: 512-token prompts, 2 compute slots, 1 torch thread) and runs rounds of concurrent sessions over Streamlit's websocket protocol
-until the time is up. The sessions cycle through prompts from a few tokens up to the 512-token limit,
-every sidebar mode on the Explore page (``native`` there is the sidebar's default, top-k at the
-model's k) and the Compare page (native routing against its three default policies). Every
+on loopback in hosted mode (``HOSTED_ENV``: 512-token prompts, 2 compute slots, 1 torch thread)
+and runs rounds of concurrent sessions over Streamlit's websocket protocol until the time is up.
+The sessions cycle through prompts from a few tokens up to the 512-token limit, every sidebar
+mode on the Explore page (``native`` there is the sidebar's default, top-k at the model's k) and
+the Compare page (native routing against its three default policies). Every
 Explore session's "Run summary:" line must equal a single-session reference computed in this
 process; every Compare session must show the reference's per-policy headings, routing-diff and
 mode-effect explanations and drop counts. Errors: exceptions, unfinished runs, error or warning
