@@ -98,6 +98,11 @@ class Conventions(dict[str, str]):
     def __deepcopy__(self, memo: dict[int, object]) -> Conventions:
         return self  # read-only: a copy would be the same table
 
+    def __reduce__(self) -> tuple[type[Conventions], tuple[dict[str, str]]]:
+        # pickle would rebuild a dict subclass item by item through the refused __setitem__:
+        # built from a plain dict instead (a pickled table, Streamlit's cache_data)
+        return (Conventions, (dict(self),))
+
 
 CONVENTIONS = Conventions(
     {

@@ -290,3 +290,15 @@ def test_balance_table_conventions_serialise_as_json_and_are_shared_read_only(ti
     assert copy.deepcopy(table).attrs["conventions"] is conventions  # pandas' copies share it
     with pytest.raises(TypeError, match="read-only"):
         conventions["cv"] = "something else"
+
+
+def test_balance_table_with_its_conventions_survives_pickling(tiny_model, tmp_path) -> None:
+    """A table saved with pandas' to_pickle (or kept by Streamlit's cache_data, which pickles) reads
+    back with the same conventions, still read-only."""
+    table = metrics.balance_table(moe_viz.run_prompt(tiny_model, "conventions"))
+    table.to_pickle(tmp_path / "table.pkl")
+    back = pd.read_pickle(tmp_path / "table.pkl")
+    pd.testing.assert_frame_equal(back, table)
+    assert back.attrs["conventions"] == dict(metrics.CONVENTIONS)
+    with pytest.raises(TypeError, match="read-only"):
+        back.attrs["conventions"]["cv"] = "something else"
