@@ -175,6 +175,30 @@ def test_token_text_html_escapes_tokens_inside_titles() -> None:
     assert 'title="#0 &#x27;&quot;&gt;' in out
 
 
+def _listings_one_by_one(experts, scores) -> list[str]:
+    return [
+        ", ".join(f"e{e} {p:.2f}" for e, p in zip(row_e, row_p, strict=True))
+        for row_e, row_p in zip(experts.tolist(), scores.tolist(), strict=True)
+    ]
+
+
+def test_hover_listings_write_scores_as_two_decimal_format_does() -> None:
+    """The text's hover titles list scores with two decimals; the fast writer must print the very
+    digits Python's two-decimal format prints, half-way cases and scores above 1 (sqrt-softplus
+    routers) included."""
+    torch = pytest.importorskip("torch")
+    generator = torch.Generator().manual_seed(0)
+    stretch = torch.tensor([1.0, 1.0, 3.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    scores = torch.rand(500, 8, generator=generator) * stretch
+    halfway = torch.tensor([0.125, 0.375, 0.625, 0.875, 0.005, 0.015, 0.045, 1.005])  # float32 ties and near-ties
+    scores = torch.cat([scores, halfway.unsqueeze(0)]).float().double()  # (501, 8) float32 values
+    experts = torch.randint(0, 300, scores.shape, generator=generator)
+    listings = views.routing.score_listings(experts, scores, exact_in_float32=True)
+    assert listings == _listings_one_by_one(experts, scores)
+    wide = scores + 1e-9  # no longer float32 values: written one by one, the same way
+    assert views.routing.score_listings(experts, wide, exact_in_float32=False) == _listings_one_by_one(experts, wide)
+
+
 def test_axis_labels_escape_tokens(native: Trace) -> None:
     fig = views.routing_heatmap(native, 0).figure
     assert not any("<script" in t for t in fig.layout.xaxis.ticktext)
