@@ -152,7 +152,12 @@ def active_call(
 def check_deadline() -> None:
     """Raise ``TimeBudgetExceeded`` if the current call's time budget is spent."""
     active = _ACTIVE.get()
-    if active is not None and active.deadline is not None and time.monotonic() > active.deadline:
+    if active is not None:
+        _check_deadline(active)
+
+
+def _check_deadline(active: _Active) -> None:
+    if active.deadline is not None and time.monotonic() > active.deadline:
         raise TimeBudgetExceeded(f"the request ran past its time budget of {active.budget_s:g} s and was stopped")
 
 
@@ -202,7 +207,7 @@ class _RouterHook:
         active = _ACTIVE.get()
         if active is None:
             return None
-        check_deadline()
+        _check_deadline(active)
         spec = self.site.spec
         logits, native_w, native_idx = read_router_output(spec.layout, output, spec.top_k)
         logits = logits.detach().reshape(-1, spec.num_experts)  # (N, E)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,9 @@ class MoEModel:
     def sites(self) -> tuple[RouterSite, ...]:
         return self.instrumentation.sites
 
-    @property
+    # The config does not change once loaded: its values are read once (transformers' config
+    # attribute lookups cost microseconds each, and every run asks for these).
+    @cached_property
     def architecture(self) -> str:
         return str(getattr(self.model.config, "model_type", type(self.model).__name__))
 
@@ -132,7 +135,7 @@ class MoEModel:
         others (DeepSeek-V4's hash-routed layers) is not capture-only: policies run where they can."""
         return not any(site.spec.substitutable for site in self.sites)
 
-    @property
+    @cached_property
     def max_positions(self) -> int | None:
         value = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
         return int(value) if isinstance(value, int) else None
