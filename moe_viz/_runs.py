@@ -62,7 +62,9 @@ def encode(model: MoEModel, prompt: Prompt, max_tokens: int | None = None) -> to
     if isinstance(prompt, str):
         if not prompt.strip():
             raise ValueError("prompt must be a non-empty string (it was empty or whitespace only)")
-        ids = model.tokenizer(prompt, return_tensors="pt")["input_ids"]  # (1, T)
+        # Token ids as Python values, made a tensor here: transformers' own tensor conversion
+        # (return_tensors="pt") costs more than the tokenising of a short prompt.
+        ids = torch.as_tensor(model.tokenizer(prompt)["input_ids"], dtype=torch.long).reshape(1, -1)  # (1, T)
     else:
         ids = _token_ids(model, prompt)  # (1, T)
     T = ids.shape[1]

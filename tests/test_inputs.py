@@ -58,6 +58,20 @@ def test_token_ids_run_like_the_text_they_encode():
     assert run_batch(model, [ids, "x"], None)[0].fingerprint() == run_prompt(model, ids).fingerprint()
 
 
+def test_a_text_prompt_runs_on_exactly_the_ids_the_tokenizer_gives():
+    """The shipped model's Hugging Face tokenizer: special tokens, digits, CJK, emoji, spaces and a
+    long text run on the ids ``tokenizer(text, return_tensors="pt")`` returns."""
+    from moe_viz._runs import encode
+
+    model = moe_viz.load_model(moe_viz.DEFAULT_MODEL, device="cpu")
+    texts = ["<|endoftext|>def f(x):\n\treturn 12345", "双倍 🙂  two  spaces ", " leading space", "a" * 3000]
+    for text in texts:
+        want = model.tokenizer(text, return_tensors="pt")["input_ids"]  # (1, T)
+        got = encode(model, text)
+        assert got.dtype == torch.long and got.shape == want.shape and torch.equal(got, want)
+    assert run_prompt(model, texts[0]).token_ids == model.tokenizer(texts[0])["input_ids"]
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [
