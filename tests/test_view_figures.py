@@ -246,6 +246,59 @@ def test_unvalidated_figures_serialise_like_validated_ones(capped: Trace, monkey
     assert len(fast.data) == len(checked.data)
 
 
+def test_a_chart_sends_the_browser_the_same_json_before_and_after_plotly_builds_its_objects(
+    capped: Trace, native: Trace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page's chart reaches the browser through ``to_dict`` alone, from the dict the view built
+    (no plotly objects); it must be exactly what plotly's own figure of that dict would send."""
+    import json
+
+    from moe_viz.views._plotly import wire_json
+
+    monkeypatch.setattr(_plotly, "VALIDATE", False)
+    figures = all_figures(capped, native, 0)
+    figures |= {
+        "confidence": views.router_confidence(capped, 0).figure,
+        "paths": views.expert_paths(capped).figure,
+        "sankey": views.expert_paths(capped, positions=[0, 2, 3]).figure,
+    }
+    lazy = [name for name, fig in figures.items() if isinstance(fig, _plotly.LazyFigure)]
+    assert len(lazy) >= 9, lazy  # every single-panel chart
+    for name, fig in figures.items():
+        sent = json.loads(wire_json(fig))
+        assert fig.layout.title.text  # any use beyond to_dict builds plotly's figure from the dict
+        assert json.loads(wire_json(fig)) == sent, name
+
+
+def test_a_chart_can_be_edited_copied_and_pickled_like_any_plotly_figure(capped: Trace, monkeypatch) -> None:
+    import copy
+    import json
+    import pickle
+    import threading
+
+    monkeypatch.setattr(_plotly, "VALIDATE", False)
+    shown = json.loads(views.expert_load(capped, 0).figure.to_json())
+    for clone in (
+        copy.deepcopy(views.expert_load(capped, 0).figure),
+        pickle.loads(pickle.dumps(views.expert_load(capped, 0).figure)),
+    ):
+        assert json.loads(clone.to_json()) == shown
+    edited = views.expert_load(capped, 0).figure
+    edited.update_layout(height=321)
+    assert edited.to_dict()["layout"]["height"] == 321
+    assert edited.layout.height == 321
+    # threads that first touch one chart together all see the one figure, built once
+    shared = views.expert_load(capped, 0).figure
+    seen: list[int] = []
+    threads = [threading.Thread(target=lambda: seen.append(len(shared.data))) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen == [len(shared.data)] * 8
+    assert json.loads(shared.to_json()) == shown
+
+
 def test_long_titles_wrap_instead_of_being_cut_off(tiny_model) -> None:
     reference = moe_viz.run_prompt(tiny_model, "a fairly long prompt for a title", None)
     other = moe_viz.run_prompt(tiny_model, "a fairly long prompt for a title", moe_viz.Capacity(0.5, priority="probs"))

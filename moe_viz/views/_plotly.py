@@ -13,12 +13,15 @@ from __future__ import annotations
 import base64
 import functools
 import math
+import threading
 from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
 import plotly.io as pio
 import torch
+from _plotly_utils.basevalidators import is_homogeneous_array
+from _plotly_utils.utils import to_typed_array_spec
 
 from ..trace import Trace
 from ._display import display_token
@@ -248,9 +251,69 @@ def finish(fig: FigureBuilder | go.Figure, width: int = 72) -> go.Figure:
             fig.layout,
             {"title": {"text": "<br>".join(lines), "font": {"size": 13}}, "margin": {"t": 40 + 18 * len(lines)}},
         )
-    layout = {"template": compact_template(_trace_types(fig.data)), **fig.layout}
-    data = [_typed_arrays(trace) for trace in fig.data]  # serialised once, here
-    return go.Figure({"data": data, "layout": layout}, _validate=VALIDATE)
+    # the template is plotly's own JSON (no None, no arrays): only the layout needs ``_plain``
+    layout = {"template": compact_template(_trace_types(fig.data)), **_plain(fig.layout)}
+    data = [_plain(trace) for trace in fig.data]  # arrays serialised once, here
+    if VALIDATE:  # tests: plotly checks every property name and value
+        return go.Figure({"data": data, "layout": layout})
+    return LazyFigure({"data": data, "layout": layout})
+
+
+class LazyFigure(go.Figure):
+    """A ``go.Figure`` kept as its finished dict until something asks for more than the dict.
+
+    A page needs only the dict: ``st.plotly_chart`` calls ``to_dict`` and writes the result as
+    JSON. Building plotly's object tree (about 0.3 ms a chart here) and walking it back in
+    ``to_dict`` (0.17 ms) is most of a small chart's cost, so ``to_dict`` here copies the dict. Any
+    other use (``fig.data``, ``fig.layout``, ``update_layout``, ``to_html``...) first builds the
+    figure from the dict, unvalidated, exactly as ``go.Figure(spec, _validate=False)`` would, and
+    from then on it is that figure.
+    """
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        # no go.Figure.__init__ yet: plotly's state is built on first use (``__getattr__``); ``spec``
+        # is already what plotly's ``to_dict`` would return (``finish`` made it ``_plain``)
+        object.__setattr__(self, "_spec", spec)
+        object.__setattr__(self, "_builder", None)  # the thread building the figure, while it does
+
+    def __getattr__(self, name: str) -> Any:
+        # Reached only for attributes the object lacks: before the build, all of plotly's state.
+        state = self.__dict__
+        if name.startswith("__") or "_spec" not in state or state["_builder"] == threading.get_ident():
+            raise AttributeError(name)  # not plotly state, or asked for by the build itself
+        with _BUILD_LOCK:
+            if "_spec" in state:  # not built by another thread while this one waited
+                state["_builder"] = threading.get_ident()
+                try:
+                    go.Figure.__init__(self, state["_spec"], _validate=False)
+                finally:
+                    state["_builder"] = None
+                del state["_spec"]
+        return object.__getattribute__(self, name)
+
+    def to_dict(self) -> dict[str, Any]:
+        spec = self.__dict__.get("_spec")
+        if spec is None:  # built: changes made through plotly's objects count
+            return super().to_dict()
+        return _copy_json(spec)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if "_spec" in self.__dict__:  # copy or pickle without building
+            return (LazyFigure, (self.to_dict(),))
+        return super().__reduce__()
+
+
+def _copy_json(value: Any) -> Any:
+    """A copy of a figure dict's dicts and lists; what they hold (strings, numbers, read-only
+    arrays) is shared. A third of ``copy.deepcopy``'s time, which checks every string it meets."""
+    if isinstance(value, dict):
+        return {key: _copy_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copy_json(item) for item in value]
+    return value
+
+
+_BUILD_LOCK = threading.Lock()  # one build at a time, so two threads never build one figure twice
 
 
 def wire_json(figure: go.Figure) -> str:
@@ -301,17 +364,42 @@ def typed_array(values: np.ndarray) -> dict[str, str] | np.ndarray:
     return spec
 
 
-def _typed_arrays(props: dict[str, Any]) -> dict[str, Any]:
-    """``props`` (a trace's dict, nested dicts included) with every numpy array value made a
-    ``typed_array``; lists (of labels, colours) are left as they are."""
+# keys under which plotly's ``to_dict`` leaves arrays as they are (``convert_to_base64``)
+UNCONVERTED_KEYS = frozenset({"geojson", "layer", "layers", "range"})
+_ATOMS = (str, int, float)
+
+
+def _plain(props: dict[str, Any]) -> dict[str, Any]:
+    """``props`` (a trace's or the layout's dict) as plotly's ``to_dict`` would give it back, so that
+    a ``LazyFigure`` sends what a built figure sends: every array value of a dict a typed-array
+    spec (plotly's ``convert_to_base64``, same rules: not under ``UNCONVERTED_KEYS``, dicts inside
+    lists too), and no property set to None (plotly takes None as "not set" and leaves it out)."""
     out = {}
     for key, value in props.items():
-        if isinstance(value, np.ndarray):
-            value = typed_array(value)
+        if value is None:
+            continue
+        if isinstance(value, _ATOMS) or key in UNCONVERTED_KEYS:
+            pass
         elif isinstance(value, dict):
-            value = _typed_arrays(value)
+            value = _plain(value)
+        elif isinstance(value, (list, tuple)):
+            value = _plain_items(value)
+        elif isinstance(value, np.ndarray):
+            value = typed_array(value)
+        elif is_homogeneous_array(value):  # a pandas Series, a tensor...: as plotly converts it
+            value = to_typed_array_spec(value)
         out[key] = value
     return out
+
+
+def _plain_items(items: list[Any] | tuple[Any, ...]) -> list[Any] | tuple[Any, ...]:
+    """A list's dicts (shapes, annotations), however deep in lists, made ``_plain``; the rest as is."""
+    if all(isinstance(item, _ATOMS) for item in items):  # labels, numbers: most lists
+        return items
+    return [
+        _plain(item) if isinstance(item, dict) else _plain_items(item) if isinstance(item, (list, tuple)) else item
+        for item in items
+    ]
 
 
 def array_values(value: Any, dtype: Any = None) -> np.ndarray:
