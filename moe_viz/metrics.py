@@ -420,9 +420,16 @@ def _mean_skipping_nan(values: list[float]) -> float:
 
 def _balance_table(trace: Trace) -> pd.DataFrame:
     _check_trace(trace)
-    df = pd.DataFrame(balance_records(trace), columns=TABLE_COLUMNS)
+    df = balance_frame(trace, balance_records(trace))
     if not trace.layers:  # with the "all" row the layer column is mixed, so already of object dtype
         df["layer"] = df["layer"].astype(object)
+    return df
+
+
+def balance_frame(trace: Trace, records: list[dict[str, object]]) -> pd.DataFrame:
+    """``records`` (``balance_records(trace)``, as they are or relabelled for display) as a balance
+    table: its columns in order, the conventions and the policy in ``attrs``."""
+    df = pd.DataFrame(records, columns=TABLE_COLUMNS)
     df.attrs["conventions"] = CONVENTIONS
     df.attrs["policy"] = trace.policy
     return df

@@ -306,11 +306,11 @@ def load_map(loads: torch.Tensor, layer_ids: list[int], label: str, policy: str)
 def balance_table(trace: Trace) -> View:
     """Every balance metric per layer plus an 'all' row, with the most and least balanced layers
     and the aux loss against its uniform value named in the text."""
-    table = metrics.balance_table(trace)
-    shown = table.assign(layer=[str(layer) for layer in table["layer"]])  # the 'all' row: one type for Arrow
+    records = metrics.balance_records(trace)  # the table's rows as plain values, cheaper to read than the frame
+    # the table as shown: layer ids as text, so that the 'all' row gives the column one type for Arrow
+    shown = metrics.balance_frame(trace, [{**row, "layer": str(row["layer"])} for row in records])
     if not trace.layers:
         return View("balance_table", "All layers", "This trace has no MoE layers.", table=shown)
-    records = metrics.balance_records(trace)  # the table's rows as plain values, cheaper to read than the frame
     rows, all_row = records[:-1], records[-1]
     worst = max(rows, key=lambda row: row["cv"])  # the first layer with the largest CV, as idxmax
     best = min(rows, key=lambda row: row["cv"])

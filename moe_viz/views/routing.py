@@ -7,6 +7,7 @@ explanation are built from the same numbers.
 
 from __future__ import annotations
 
+import functools
 import html
 import math
 
@@ -252,10 +253,26 @@ def score_listings(experts: torch.Tensor, scores: torch.Tensor, exact_in_float32
         return [listing % tuple(row) for row in pairs]
     k = hundredths.long()  # (T, n)
     span = int(k.max()) + 1
+    if span <= PROBABILITY_SPAN:  # probabilities: every label "e3 0.41" of these experts, written once a process
+        span = PROBABILITY_SPAN
+        label = _probability_labels(int(experts.max()) + 1).__getitem__
+    else:
+        label = None
     codes = experts.long() * span + k  # (T, n) one integer per (expert, score digits)
-    labels = {c: f"e{c // span} {c % span // 100}.{c % span % 100:02d}" for c in codes.unique().tolist()}
-    label = labels.__getitem__
+    if label is None:  # scores above 1: each distinct label written once
+        labels = {c: f"e{c // span} {c % span // 100}.{c % span % 100:02d}" for c in codes.unique().tolist()}
+        label = labels.__getitem__
     return [", ".join(map(label, row)) for row in codes.tolist()]
+
+
+PROBABILITY_SPAN = 101  # hundredths 0 to 100: the digits of a score from 0.00 to 1.00
+
+
+@functools.lru_cache(maxsize=8)
+def _probability_labels(num_experts: int) -> tuple[str, ...]:
+    """``"e{j} {k / 100:.2f}"`` at index ``j * PROBABILITY_SPAN + k``, for experts below ``num_experts``."""
+    digits = [f"{k // 100}.{k % 100:02d}" for k in range(PROBABILITY_SPAN)]
+    return tuple(f"e{j} {d}" for j in range(num_experts) for d in digits)
 
 
 def coloured_text(trace: Trace, layer: int) -> View:
