@@ -176,7 +176,16 @@ def first_choice(layer: LayerTrace, which: SetKind = "routed") -> torch.Tensor:
 
     Without recorded scores (an engine import) it is the first slot of the set: engines write each
     token's experts in descending score order. A token with an empty set gets expert 0 (as argmax
-    of an all-masked row does)."""
+    of an all-masked row does).
+
+    Computed once per layer trace and kind (a page asks for it from several views) and shared:
+    the tensor is read-only by contract, like the layer's own."""
+    _check_layer(layer)
+    _check_kind(which)
+    return STATS.get(layer, ("first_choice", which), lambda: _first_choice(layer, which))
+
+
+def _first_choice(layer: LayerTrace, which: SetKind) -> torch.Tensor:
     sets = membership(layer, which)  # (T, E)
     if not layer.first_choice_known:
         raise ValueError(
