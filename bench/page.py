@@ -38,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -89,16 +90,17 @@ def bare_forward(model: moe_viz.MoEModel, input_ids: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
-def _explore(trace: moe_viz.Trace, layer: int, position: int) -> list[views.View]:
-    """Every view of the Explore page, as the page builds them (the run summary line included)."""
-    views.run_summary(trace)
-    return views.explore_views(trace, layer) + views.token_views(trace, layer, position)
+def _explore(trace: moe_viz.Trace, layer: int, position: int, v: ModuleType = views) -> list[views.View]:
+    """Every view of the Explore page, as the page builds them (the run summary line included);
+    ``v``: the ``moe_viz.views`` module to build them with (``page_ab.py`` passes another checkout's)."""
+    v.run_summary(trace)
+    return v.explore_views(trace, layer) + v.token_views(trace, layer, position)
 
 
-def _load_balance(trace: moe_viz.Trace, layer: int, position: int) -> list[views.View]:
+def _load_balance(trace: moe_viz.Trace, layer: int, position: int, v: ModuleType = views) -> list[views.View]:
     """Every view of the Load balance page, its metric cards included."""
-    views.metric_cards(trace, layer)
-    return views.balance_views(trace, layer)
+    v.metric_cards(trace, layer)
+    return v.balance_views(trace, layer)
 
 
 PAGES = {"explore": _explore, "load balance": _load_balance}
