@@ -178,11 +178,11 @@ def first_choice(layer: LayerTrace, which: SetKind = "routed") -> torch.Tensor:
     token's experts in descending score order. A token with an empty set gets expert 0 (as argmax
     of an all-masked row does).
 
-    Computed once per layer trace and kind (a page asks for it from several views) and shared:
-    the tensor is read-only by contract, like the layer's own."""
+    Computed once per layer trace and kind (a page asks for it from several views); each call
+    gets its own copy, so a caller that changes it cannot change what the next one reads."""
     _check_layer(layer)
     _check_kind(which)
-    return STATS.get(layer, ("first_choice", which), lambda: _first_choice(layer, which))
+    return STATS.get(layer, ("first_choice", which), lambda: _first_choice(layer, which)).clone()
 
 
 def _first_choice(layer: LayerTrace, which: SetKind) -> torch.Tensor:

@@ -183,6 +183,15 @@ def test_reuse_counts_consecutive_overlaps_against_random_baselines() -> None:
     assert (r.first_choice_baseline, r.intersect_baseline, r.overlap_baseline) == pytest.approx((0.25, 5 / 6, 1.0))
 
 
+def test_first_choices_are_computed_once_yet_a_caller_cannot_change_them_for_the_next() -> None:
+    layer = make_layer([[0, 1], [0, 2], [1, 0], [2, 3]], 4)
+    first = metrics.first_choice(layer)
+    expected = first.clone()
+    first += 1  # a caller that writes into what it got
+    assert torch.equal(metrics.first_choice(layer), expected)
+    assert metrics.reuse(layer).first_choice_same == pytest.approx(1 / 3)
+
+
 def test_reuse_baselines_match_the_documented_table() -> None:
     assert metrics.reuse_baselines(8, 2) == pytest.approx((0.125, 0.4643, 0.5), abs=1e-4)
     assert metrics.reuse_baselines(64, 8) == pytest.approx((1 / 64, 0.679, 1.0), abs=1e-3)

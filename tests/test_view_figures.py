@@ -276,6 +276,8 @@ def test_a_chart_can_be_edited_copied_and_pickled_like_any_plotly_figure(capped:
     import pickle
     import threading
 
+    from streamlit import type_util  # first: importing Streamlit makes its plotly template the default
+
     monkeypatch.setattr(_plotly, "VALIDATE", False)
     shown = json.loads(views.expert_load(capped, 0).figure.to_json())
     for clone in (
@@ -287,6 +289,11 @@ def test_a_chart_can_be_edited_copied_and_pickled_like_any_plotly_figure(capped:
     edited.update_layout(height=321)
     assert edited.to_dict()["layout"]["height"] == 321
     assert edited.layout.height == 321
+    for clone in (copy.deepcopy(edited), pickle.loads(pickle.dumps(edited))):  # copies of a changed chart
+        assert json.loads(clone.to_json()) == json.loads(edited.to_json())
+        assert set(clone.to_dict()) == {"data", "layout"}
+    # Streamlit's st.write knows a plotly figure by its type's name
+    assert type_util.is_plotly_chart(views.expert_load(capped, 0).figure)
     # threads that first touch one chart together all see the one figure, built once
     shared = views.expert_load(capped, 0).figure
     seen: list[int] = []

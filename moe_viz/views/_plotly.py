@@ -266,54 +266,85 @@ class LazyFigure(go.Figure):
     JSON. Building plotly's object tree (about 0.3 ms a chart here) and walking it back in
     ``to_dict`` (0.17 ms) is most of a small chart's cost, so ``to_dict`` here copies the dict. Any
     other use (``fig.data``, ``fig.layout``, ``update_layout``, ``to_html``...) first builds the
-    figure from the dict, unvalidated, exactly as ``go.Figure(spec, _validate=False)`` would, and
-    from then on it is that figure.
+    figure from a copy of the dict, unvalidated, exactly as ``go.Figure(spec, _validate=False)``
+    would, and from then on it is that figure.
+
+    * Threads: the build holds the figure's lock, and while it runs the figure is a
+      ``_FigureBeingBuilt``, whose attribute lookups from any other thread wait for the build: no
+      thread sees a half-built figure, and ``to_dict`` never copies a dict plotly is reading.
+    * Streamlit (``st.write``) and other libraries recognise a plotly figure by its type's module
+      and name, so the class answers to plotly's own (``plotly.graph_objs._figure.Figure``).
     """
 
     def __init__(self, spec: dict[str, Any]) -> None:
         # no go.Figure.__init__ yet: plotly's state is built on first use (``__getattr__``); ``spec``
         # is already what plotly's ``to_dict`` would return (``finish`` made it ``_plain``)
         object.__setattr__(self, "_spec", spec)
+        object.__setattr__(self, "_lock", threading.RLock())
         object.__setattr__(self, "_builder", None)  # the thread building the figure, while it does
 
     def __getattr__(self, name: str) -> Any:
         # Reached only for attributes the object lacks: before the build, all of plotly's state.
         state = self.__dict__
-        if name.startswith("__") or "_spec" not in state or state["_builder"] == threading.get_ident():
+        if name.startswith("__") or "_lock" not in state or state["_builder"] == threading.get_ident():
             raise AttributeError(name)  # not plotly state, or asked for by the build itself
-        with _BUILD_LOCK:
+        with state["_lock"]:
             if "_spec" in state:  # not built by another thread while this one waited
-                state["_builder"] = threading.get_ident()
-                try:
-                    go.Figure.__init__(self, state["_spec"], _validate=False)
-                finally:
-                    state["_builder"] = None
-                del state["_spec"]
+                _build(self)
         return object.__getattribute__(self, name)
 
     def to_dict(self) -> dict[str, Any]:
-        spec = self.__dict__.get("_spec")
-        if spec is None:  # built: changes made through plotly's objects count
-            return super().to_dict()
-        return _copy_json(spec)
+        with self.__dict__["_lock"]:
+            spec = self.__dict__.get("_spec")
+            if spec is not None:
+                return _copy_json(spec)
+        return super().to_dict()  # built: changes made through plotly's objects count
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        if "_spec" in self.__dict__:  # copy or pickle without building
-            return (LazyFigure, (self.to_dict(),))
-        return super().__reduce__()
+    def __reduce__(self) -> tuple[Any, ...]:  # copy and pickle: a LazyFigure of the current dict
+        return (lazy_figure, (self.to_dict(),))
+
+
+LazyFigure.__module__, LazyFigure.__qualname__ = "plotly.graph_objs._figure", "Figure"
+
+
+class _FigureBeingBuilt(LazyFigure):
+    """A ``LazyFigure`` while one thread builds it: other threads' lookups wait for the build."""
+
+    def __getattribute__(self, name: str) -> Any:
+        state = object.__getattribute__(self, "__dict__")
+        if state["_builder"] != threading.get_ident():
+            with state["_lock"]:  # held by the builder until the figure is whole
+                pass
+        return object.__getattribute__(self, name)
+
+
+def _build(fig: LazyFigure) -> None:
+    """Turn ``fig`` into the plotly figure of its dict (the caller holds ``fig``'s lock)."""
+    state = fig.__dict__
+    state["_builder"] = threading.get_ident()
+    object.__setattr__(fig, "__class__", _FigureBeingBuilt)
+    try:
+        # from a copy: plotly takes keys out of the dicts it is given while it builds
+        go.Figure.__init__(fig, _copy_json(state["_spec"]), _validate=False)
+    finally:
+        object.__setattr__(fig, "__class__", LazyFigure)
+        state["_builder"] = None
+    del state["_spec"]
+
+
+def lazy_figure(spec: dict[str, Any]) -> LazyFigure:
+    """A ``LazyFigure`` of ``spec`` (how a copied or unpickled one is made again)."""
+    return LazyFigure(spec)
 
 
 def _copy_json(value: Any) -> Any:
-    """A copy of a figure dict's dicts and lists; what they hold (strings, numbers, read-only
-    arrays) is shared. A third of ``copy.deepcopy``'s time, which checks every string it meets."""
+    """A copy of a figure dict's dicts and lists; what they hold (strings, numbers) is shared. A
+    third of ``copy.deepcopy``'s time, which checks every string it meets."""
     if isinstance(value, dict):
         return {key: _copy_json(item) for key, item in value.items()}
     if isinstance(value, list):
         return [_copy_json(item) for item in value]
     return value
-
-
-_BUILD_LOCK = threading.Lock()  # one build at a time, so two threads never build one figure twice
 
 
 def wire_json(figure: go.Figure) -> str:
@@ -369,25 +400,29 @@ UNCONVERTED_KEYS = frozenset({"geojson", "layer", "layers", "range"})
 _ATOMS = (str, int, float)
 
 
-def _plain(props: dict[str, Any]) -> dict[str, Any]:
-    """``props`` (a trace's or the layout's dict) as plotly's ``to_dict`` would give it back, so that
-    a ``LazyFigure`` sends what a built figure sends: every array value of a dict a typed-array
-    spec (plotly's ``convert_to_base64``, same rules: not under ``UNCONVERTED_KEYS``, dicts inside
-    lists too), and no property set to None (plotly takes None as "not set" and leaves it out)."""
+def _plain(props: dict[str, Any], top: bool = True) -> dict[str, Any]:
+    """``props`` (a trace's or the layout's dict) as plotly's unvalidated ``to_dict`` would give it
+    back, so that a ``LazyFigure`` sends what a built figure sends:
+
+    * every array value of a dict a typed-array spec (plotly's ``convert_to_base64``, same rules:
+      not under ``UNCONVERTED_KEYS``, dicts inside lists too); an array plotly.js has no typed
+      array for (text, booleans, empty) a list, the JSON plotly writes for it;
+    * no top-level property set to None: plotly takes None there as "not set" and leaves it out
+      (deeper, it keeps it)."""
     out = {}
     for key, value in props.items():
-        if value is None:
+        if value is None and top:
             continue
-        if isinstance(value, _ATOMS) or key in UNCONVERTED_KEYS:
+        if value is None or isinstance(value, _ATOMS) or key in UNCONVERTED_KEYS:
             pass
         elif isinstance(value, dict):
-            value = _plain(value)
+            value = _plain(value, top=False)
         elif isinstance(value, (list, tuple)):
             value = _plain_items(value)
-        elif isinstance(value, np.ndarray):
-            value = typed_array(value)
-        elif is_homogeneous_array(value):  # a pandas Series, a tensor...: as plotly converts it
-            value = to_typed_array_spec(value)
+        elif isinstance(value, np.ndarray) or is_homogeneous_array(value):  # a pandas Series, a tensor...
+            value = typed_array(value) if isinstance(value, np.ndarray) else to_typed_array_spec(value)
+            if isinstance(value, np.ndarray):
+                value = value.tolist()
         out[key] = value
     return out
 
@@ -397,7 +432,11 @@ def _plain_items(items: list[Any] | tuple[Any, ...]) -> list[Any] | tuple[Any, .
     if all(isinstance(item, _ATOMS) for item in items):  # labels, numbers: most lists
         return items
     return [
-        _plain(item) if isinstance(item, dict) else _plain_items(item) if isinstance(item, (list, tuple)) else item
+        _plain(item, top=False)
+        if isinstance(item, dict)
+        else _plain_items(item)
+        if isinstance(item, (list, tuple))
+        else item
         for item in items
     ]
 
