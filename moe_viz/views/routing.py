@@ -255,7 +255,8 @@ def score_listings(experts: torch.Tensor, scores: torch.Tensor, exact_in_float32
     span = int(k.max()) + 1
     if span <= PROBABILITY_SPAN:  # probabilities: every label "e3 0.41" of these experts, written once a process
         span = PROBABILITY_SPAN
-        label = _probability_labels(int(experts.max()) + 1).__getitem__
+        # for ids up to the next power of two: one table serves every prompt of a model
+        label = _probability_labels(1 << int(experts.max()).bit_length()).__getitem__
     else:
         label = None
     codes = experts.long() * span + k  # (T, n) one integer per (expert, score digits)
