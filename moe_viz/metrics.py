@@ -161,14 +161,12 @@ def membership(layer: LayerTrace, which: SetKind = "routed") -> torch.Tensor:
     _check_layer(layer)
     _check_kind(which)
     T, E = layer.num_tokens, layer.num_experts
-    if which == "native":
-        index, keep = layer.native_index, torch.ones_like(layer.native_index, dtype=torch.bool)
-    else:
-        index = layer.index
-        keep = ~layer.dropped if which == "kept" else torch.ones_like(layer.dropped)
-    sets = torch.zeros(T, E, dtype=torch.bool)  # (T, E)
-    sets[torch.arange(T).unsqueeze(1).expand_as(index)[keep], index[keep]] = True
-    return sets
+    index = layer.native_index if which == "native" else layer.index  # (T, k)
+    if which != "kept":
+        return torch.zeros(T, E, dtype=torch.bool).scatter_(1, index, True)  # (T, E)
+    # dropped assignments are written into a spare column E, then cut off
+    sets = torch.zeros(T, E + 1, dtype=torch.bool).scatter_(1, index.masked_fill(layer.dropped, E), True)
+    return sets[:, :E]  # (T, E)
 
 
 def first_choice(layer: LayerTrace, which: SetKind = "routed") -> torch.Tensor:
