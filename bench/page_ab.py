@@ -4,9 +4,10 @@ tree and by another checkout (the commit before a change), interleaved in one pr
     git worktree add /tmp/before <commit>
     python bench/page_ab.py /tmp/before                # 60 repeats at 256 tokens
     python bench/page_ab.py /tmp/before --tokens 2048 --repeats 20
+    python bench/page_ab.py /tmp/before --model ./my-checkpoint    # any local MoE model, both sides
 
 Each checkout's ``moe_viz`` is imported under a name of its own and loads the default model from
-its own ``assets/``. Every repeat builds each page once per checkout, in alternating order, each on
+its own ``assets/`` (or both load ``--model``). Every repeat builds each page once per checkout, in alternating order, each on
 a fresh trace of the same prompt, and times what ``bench/page.py`` calls ``views`` and ``json``
 (the run is left out: the same forward in both). Machine noise hits both alike, so the saving
 holds even when the machine's speed drifts between runs of ``bench/page.py``. Prints medians.
@@ -51,13 +52,15 @@ def main() -> None:
     ap.add_argument("before", type=Path, help="the other checkout (e.g. a git worktree at an earlier commit)")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=60)
+    ap.add_argument("--model", type=Path, default=None, help="a local model folder for both sides")
     args = ap.parse_args()
     if not (args.before / "moe_viz").is_dir():
         sys.exit(f"{args.before} is not a moe-viz checkout (no moe_viz/ folder)")
     sides = {"before": import_checkout(args.before.resolve(), "moe_viz_before"), "now": moe_viz}
     runs = {}
     for side, package in sides.items():
-        model = package.load_model(package.DEFAULT_MODEL, device="cpu", dtype=torch.float32)
+        folder = str(args.model) if args.model is not None else package.DEFAULT_MODEL
+        model = package.load_model(folder, device="cpu", dtype=torch.float32)
         prompt, _ = page_bench.make_prompt(model, args.tokens)
         runs[side] = (package, model, prompt, importlib.import_module(f"{package.__name__}.views"))
     print(f"before: {args.before}; now: {ROOT}; {args.tokens} tokens; {args.repeats} repeats", flush=True)
