@@ -333,7 +333,8 @@ def _build(fig: LazyFigure) -> None:
 
 
 def lazy_figure(spec: dict[str, Any]) -> LazyFigure:
-    """A ``LazyFigure`` of ``spec`` (how a copied or unpickled one is made again)."""
+    """A ``LazyFigure`` of ``spec``: how a copied or unpickled one is made again (pickle finds a
+    function by its name; the class answers to plotly's name, which is ``go.Figure``'s)."""
     return LazyFigure(spec)
 
 

@@ -252,27 +252,30 @@ def score_listings(experts: torch.Tensor, scores: torch.Tensor, exact_in_float32
         pairs = torch.stack([experts.double(), scores], dim=2).reshape(len(experts), -1).tolist()  # (T, 2n)
         return [listing % tuple(row) for row in pairs]
     k = hundredths.long()  # (T, n)
-    span = int(k.max()) + 1
-    if span <= PROBABILITY_SPAN:  # probabilities: every label "e3 0.41" of these experts, written once a process
-        span = PROBABILITY_SPAN
+    highest = int(k.max())
+    if highest < PROBABILITY_SPAN:  # probabilities: every label "e3 0.41" of these experts, written once a process
+        codes = experts.long() * PROBABILITY_SPAN + k  # (T, n) one integer per (expert, score digits)
         # for ids up to the next power of two: one table serves every prompt of a model
         label = _probability_labels(1 << int(experts.max()).bit_length()).__getitem__
-    else:
-        label = None
-    codes = experts.long() * span + k  # (T, n) one integer per (expert, score digits)
-    if label is None:  # scores above 1: each distinct label written once
-        labels = {c: f"e{c // span} {c % span // 100}.{c % span % 100:02d}" for c in codes.unique().tolist()}
-        label = labels.__getitem__
+    else:  # scores above 1: each distinct label written once
+        span = highest + 1
+        codes = experts.long() * span + k  # (T, n)
+        label = {c: f"e{c // span} {_hundredths_text(c % span)}" for c in codes.unique().tolist()}.__getitem__
     return [", ".join(map(label, row)) for row in codes.tolist()]
 
 
 PROBABILITY_SPAN = 101  # hundredths 0 to 100: the digits of a score from 0.00 to 1.00
 
 
+def _hundredths_text(hundredths: int) -> str:
+    """``"%.2f"`` of ``hundredths / 100``, written from the integer (``7`` -> ``"0.07"``)."""
+    return f"{hundredths // 100}.{hundredths % 100:02d}"
+
+
 @functools.lru_cache(maxsize=8)
 def _probability_labels(num_experts: int) -> tuple[str, ...]:
     """``"e{j} {k / 100:.2f}"`` at index ``j * PROBABILITY_SPAN + k``, for experts below ``num_experts``."""
-    digits = [f"{k // 100}.{k % 100:02d}" for k in range(PROBABILITY_SPAN)]
+    digits = [_hundredths_text(k) for k in range(PROBABILITY_SPAN)]
     return tuple(f"e{j} {d}" for j in range(num_experts) for d in digits)
 
 
