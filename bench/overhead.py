@@ -10,7 +10,8 @@ random order each round, so machine noise and warm caches favour no variant (med
 * ``traced``: moe-viz's native-routing forward with every router recorded, plus building the
   per-layer routing trace (``active_call(None)`` + ``build_layers``) — what the app needs.
   ``traced / idle`` is what tracing adds on the very same weights;
-* ``run_prompt``: the whole ``run_prompt`` (also tokenises and builds next-token predictions);
+* ``run_prompt``: the whole ``run_prompt`` (also tokenises; where the output head is proven plain,
+  the model projects the last row only and the rest are left to be projected when read);
 * ``router_logits``: the plain model with ``output_router_logits=True``;
 * ``nnsight``: nnsight tracing that saves every router's output (optional; ``pip install nnsight``).
 

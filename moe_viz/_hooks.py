@@ -12,6 +12,10 @@ padded batch. Each router hook hands the policy a ``RouterCall`` and returns a r
 ``(logits, weights, index, *rest)`` tuple; the block code after the router (shared experts,
 scaling, norms) runs unchanged. A dropped assignment keeps its index and gets weight 0: a
 sentinel index breaks the ``grouped_mm`` and ``batched_mm`` experts kernels.
+
+Where the model's output head was proven plain at load (``_output_head``), a hook on the base
+model keeps its final hidden states for a call that asks (``keep_hidden``): ``run_prompt`` then
+has the model project only the last row and projects other rows when they are read.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._router_inference import Verification, calibrate, describe, experts_choice, infer
+from ._output_head import OutputHead, find_output_head, last_hidden_state
+from ._router_inference import Verification, calibrate, calibration_ids, describe, experts_choice, infer
 from ._routers import (
     RouterSite,
     RouterSpec,
@@ -63,6 +68,7 @@ class Forward:
     input_ids: torch.Tensor | None = None  # (B, T)
     attention_mask: torch.Tensor | None = None  # (B, T) for this forward's tokens
     logits: torch.Tensor | None = None  # (B, T, V)
+    hidden: torch.Tensor | None = None  # (B, T, H) the base model's output, which the output head projects
     layers: list[LayerCall] = field(default_factory=list)
     groups: torch.Tensor | None = None  # (B*T,) sequence of each token row, -1 = padding; None = one sequence
 
@@ -112,6 +118,7 @@ class _Active:
     deadline: float | None = None  # time.monotonic() value
     budget_s: float | None = None
     keep_logits: bool = False  # keep each forward's output logits (``record`` builds traces from them)
+    keep_hidden: bool = False  # keep each forward's final hidden states (a run projects the rows it reads)
     token_mask: torch.Tensor | None = None  # (B, T) 1 = real token, for forwards given no attention mask
     probe: RouterProbe | None = None  # called at every router with its input (fragility measurements)
 
@@ -126,6 +133,7 @@ def active_call(
     keep_logits: bool = False,
     token_mask: torch.Tensor | None = None,
     probe: RouterProbe | None = None,
+    keep_hidden: bool = False,
 ) -> Iterator[Recorder]:
     """Run the model calls inside the block under ``policy``; yields their recorder.
 
@@ -133,6 +141,9 @@ def active_call(
     policy decides, with the router's own input: it may run ``router.forward`` again on a changed
     input (that call fires no hook) to measure what the router would do, but it must not change
     the forward (``fragility.noise_sensitivity`` uses it).
+
+    ``keep_hidden`` keeps each forward's final hidden states (``Forward.hidden``), where the
+    model's output head was proven plain at load (``Instrumentation.head``).
 
     ``token_mask`` (B, T) marks the real tokens of right-padded input that is run without an
     attention mask (causal attention never lets a real token see the padding after it).
@@ -142,7 +153,7 @@ def active_call(
     """
     recorder = Recorder()
     deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
-    token = _ACTIVE.set(_Active(policy, recorder, deadline, time_budget_s, keep_logits, token_mask, probe))
+    token = _ACTIVE.set(_Active(policy, recorder, deadline, time_budget_s, keep_logits, keep_hidden, token_mask, probe))
     try:
         yield recorder
     finally:
@@ -183,6 +194,12 @@ def _model_post_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str,
     if active is not None and active.keep_logits and active.recorder.forwards:
         logits = getattr(output, "logits", None)
         active.recorder.current.logits = logits.detach() if isinstance(logits, torch.Tensor) else None
+
+
+def _base_model_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    active = _ACTIVE.get()
+    if active is not None and active.keep_hidden and active.recorder.forwards:
+        active.recorder.current.hidden = last_hidden_state(output)
 
 
 class _RouterHook:
@@ -255,6 +272,8 @@ class Instrumentation:
 
     sites: tuple[RouterSite, ...]
     handles: tuple[Any, ...]
+    head: OutputHead | None = None  # the output head, where proven plain (``_output_head``)
+    head_reason: str = ""  # why not, otherwise
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -372,7 +391,8 @@ class _ExpertsSeam:
 
 def instrument(model: nn.Module, tokenizer: Any = None) -> Instrumentation:
     """Find and verify every router (``discover_and_verify``), then install the model's pre/post
-    hooks and one forward hook per router (once, at load)."""
+    hooks and one forward hook per router (once, at load); where the output head is proven plain
+    (``find_output_head``), a hook on the base model keeps the final hidden states a call asks for."""
     found = discover_and_verify(model, tokenizer)
     handles = [
         module.register_forward_hook(_RouterHook(site, _parent(model, site.path)), with_kwargs=True)
@@ -383,7 +403,11 @@ def instrument(model: nn.Module, tokenizer: Any = None) -> Instrumentation:
         for _, site in found
         if site.spec.layout == "logits_experts"
     ]
+    head, why = None, "the model has no MoE layers"
     if found:
         handles.append(model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True))
         handles.append(model.register_forward_hook(_model_post_hook, with_kwargs=True))
-    return Instrumentation(sites=tuple(site for _, site in found), handles=tuple(handles))
+        head, why = find_output_head(model, calibration_ids(model, tokenizer))
+        if head is not None:
+            handles.append(head.base.register_forward_hook(_base_model_hook))
+    return Instrumentation(sites=tuple(site for _, site in found), handles=tuple(handles), head=head, head_reason=why)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ._hooks import Forward, Recorder, active_call, check_deadline
+from ._output_head import ProjectedLogits
 from ._trace_build import Part, build_layers, make_trace
 from .models import MoEModel
 from .policies import Policy
@@ -120,8 +121,17 @@ def run_prompt(
     t0 = time.perf_counter()
     input_ids = encode(model, prompt, max_tokens)  # (1, T)
     t1 = time.perf_counter()
-    with torch.inference_mode(), active_call(policy, time_budget_s=time_budget_s) as recorder:
-        logits = model.model(input_ids=input_ids, use_cache=False).logits[0]  # (T, V)
+    head = model.instrumentation.head  # proven plain: the vocabulary is projected for the rows read
+    with (
+        torch.inference_mode(),
+        active_call(policy, time_budget_s=time_budget_s, keep_hidden=head is not None) as recorder,
+    ):
+        if head is None:
+            logits = model.model(input_ids=input_ids, use_cache=False).logits[0]  # (T, V)
+        else:
+            last = model.model(input_ids=input_ids, use_cache=False, logits_to_keep=1).logits[0, -1]  # (V,)
+            hidden = recorder.current.hidden[0].detach().cpu()  # (T, H)
+            logits = ProjectedLogits(head, hidden, last.detach().cpu())
     t2 = time.perf_counter()
     layers = build_layers(model, [Part(recorder.forwards[0], slice(None))])
     timings = {

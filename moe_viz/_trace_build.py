@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ._hooks import Forward, LayerCall
+from ._output_head import KeptLogits, Logits, ProjectedLogits
 from ._router_math import router_scores
 from ._routers import RouterSite
 from .models import MoEModel
@@ -151,7 +152,8 @@ SUMMARY_FIELDS = ("top_ids", "top_logprobs", "top_tokens", "target_logprob", "en
 
 class LazyOutputTrace(OutputTrace):
     """An ``OutputTrace`` that keeps the model's (T, V) logits, in the model's dtype, as its one
-    copy of the full next-token distribution.
+    copy of the full next-token distribution: as they are, or as the (T, H) hidden states that the
+    model's proven-plain output head projects (``_output_head``) when rows are read.
 
     * The summaries (top-K, entropy, log-prob of the actual next token) are computed from them when
       one is first read, all positions at once, exactly as ``output_trace`` computes them; ``at``
@@ -160,13 +162,15 @@ class LazyOutputTrace(OutputTrace):
       comparison needs (KL between modes) is computed once from it and cached with the statistics.
 
     So a run nobody reads predictions from costs the forward alone, and a kept distribution costs
-    the model's dtype per entry (bf16: half the float32 log-probabilities it replaces)."""
+    the model's dtype per entry (bf16: half the float32 log-probabilities it replaces), or H
+    entries a row where the head projects them."""
 
     def __init__(  # noqa: D107
-        self, tokenizer: Any, logits: torch.Tensor, ids: list[int], next_after: int | None = None
+        self, tokenizer: Any, logits: torch.Tensor | Logits, ids: list[int], next_after: int | None = None
     ) -> None:
         # next_after: the token that followed the last row (a window of a longer run), None at the end
-        object.__setattr__(self, "_source", (tokenizer, logits.detach().cpu(), list(ids)))
+        kept = KeptLogits(logits) if isinstance(logits, torch.Tensor) else logits
+        object.__setattr__(self, "_source", (tokenizer, kept, list(ids)))
         object.__setattr__(self, "_next_after", next_after)
         object.__setattr__(self, "_ready", False)
 
@@ -178,14 +182,14 @@ class LazyOutputTrace(OutputTrace):
 
     @property
     def vocab_logprobs(self) -> torch.Tensor:  # OutputTrace gives it a class default: no __getattr__
-        logits = self.__dict__["_source"][1]
+        logits = self.__dict__["_source"][1].full()  # (T, V)
         return logits.log_softmax(dim=-1, dtype=torch.float32)  # (T, V), the same numbers at every read
 
     def _materialise(self) -> None:
         if self.__dict__["_ready"]:
             return
         tokenizer, logits, ids = self.__dict__["_source"]
-        full = predict(tokenizer, logits, [*ids[1:], self.__dict__["_next_after"]], keep_vocab=False)
+        full = predict(tokenizer, logits.full(), [*ids[1:], self.__dict__["_next_after"]], keep_vocab=False)
         self.__dict__.update({name: getattr(full, name) for name in SUMMARY_FIELDS})
         self.__dict__["_ready"] = True
 
@@ -197,7 +201,7 @@ class LazyOutputTrace(OutputTrace):
         rows = self.__dict__.setdefault("_rows", {})
         if position not in rows:  # one row of logits, through the same maths as every row
             next_id = ids[position + 1] if position + 1 < len(ids) else self.__dict__["_next_after"]
-            rows[position] = predict(tokenizer, logits[position : position + 1], [next_id], keep_vocab=False)
+            rows[position] = predict(tokenizer, logits.rows(position, position + 1), [next_id], keep_vocab=False)
         return rows[position]
 
     def window(self, start: int, stop: int) -> OutputTrace:
@@ -205,7 +209,7 @@ class LazyOutputTrace(OutputTrace):
         predictions of the rows it shows, not of every row (nor the full log-softmax)."""
         tokenizer, logits, ids = self.__dict__["_source"]
         after = ids[stop] if stop < len(ids) else self.__dict__["_next_after"]
-        return LazyOutputTrace(tokenizer, logits[start:stop], ids[start:stop], next_after=after)
+        return LazyOutputTrace(tokenizer, logits.window(start, stop), ids[start:stop], next_after=after)
 
     @property
     def has_predictions(self) -> bool:
@@ -216,10 +220,10 @@ class LazyOutputTrace(OutputTrace):
         return True
 
     def held_tensors(self) -> list[torch.Tensor]:
-        logits = self.__dict__["_source"][1]
+        logits = self.__dict__["_source"][1].held_tensors()
         if not self.__dict__["_ready"]:
-            return [logits]
-        return [logits, self.top_ids, self.top_logprobs, self.target_logprob, self.entropy]
+            return logits
+        return [*logits, self.top_ids, self.top_logprobs, self.target_logprob, self.entropy]
 
     def held_text_chars(self) -> int:
         return super().held_text_chars() if self.__dict__["_ready"] else 0
@@ -267,17 +271,21 @@ def make_trace(
     ids: list[int],
     step: list[int],
     layers: list[LayerTrace],
-    logits: torch.Tensor,
+    logits: torch.Tensor | ProjectedLogits,
     timings: dict[str, float],
     generated_text: str | None = None,
 ) -> Trace:
-    """The finished trace; ``logits`` (T, V) are the model's next-token logits at every position."""
+    """The finished trace; ``logits`` (T, V) are the model's next-token logits at every position
+    (or the hidden states its output head projects to them, ``ProjectedLogits``)."""
     t0 = time.perf_counter()
     T, V = logits.shape
     # Predictions are built when first read; beyond the size kept for the full distribution they
     # are built now, so a long run does not hold its (T, V) logits until someone reads them.
     lazy = T * V <= VOCAB_KEEP_LIMIT
-    output = LazyOutputTrace(model.tokenizer, logits, ids) if lazy else output_trace(model.tokenizer, logits, ids)
+    if lazy:
+        output = LazyOutputTrace(model.tokenizer, logits, ids)
+    else:
+        output = output_trace(model.tokenizer, logits if isinstance(logits, torch.Tensor) else logits.full(), ids)
     trace = Trace(
         model_id=model.model_id,
         architecture=model.architecture,

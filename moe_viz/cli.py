@@ -157,7 +157,19 @@ def _inspect_command(args: argparse.Namespace) -> int:
     model = _load(args)
     print(f"model {model.model_id} ({model.architecture}): {model.routing_summary}")
     print("\n".join(router_lines(model)))
+    print(head_line(model))
     return 0
+
+
+def head_line(model: object) -> str:
+    """How a run gets its next-token logits: projected for the rows read, or all in the forward."""
+    instrumentation = model.instrumentation
+    if instrumentation.head is not None:
+        return (
+            "output head: returns lm_head's output unchanged (checked at load, bit for bit): a run projects the "
+            "vocabulary only for the positions whose predictions are read"
+        )
+    return f"output head: every position's logits computed in the forward ({instrumentation.head_reason})"
 
 
 def _trace_command(args: argparse.Namespace) -> int:

@@ -333,25 +333,46 @@ def test_next_token_predictions_are_built_when_first_read_and_equal_the_eager_on
     assert trace.nbytes() - held_before < T * 256 < T * V * 4  # small summaries, no float32 (T, V) copy
 
 
-def test_the_full_distribution_is_kept_once_in_the_models_dtype(mixtral):
+def test_the_full_distribution_is_kept_once_as_the_hidden_states_the_head_projects(mixtral):
     import copy
 
     from moe_viz._trace_build import LazyOutputTrace
 
     model16 = moe_viz.wrap_model(copy.deepcopy(mixtral.model).to(torch.bfloat16), mixtral.tokenizer, "bf16 copy")
+    assert model16.instrumentation.head is not None  # Mixtral returns lm_head's output unchanged: proven at load
     trace = run_prompt(model16, "A bf16 model keeps its distribution in bf16.")
     out = trace.output
     assert isinstance(out, LazyOutputTrace)
     T, V = len(trace.token_ids), model16.model.config.vocab_size
-    logits = out.held_tensors()[0]
-    assert logits.dtype == torch.bfloat16 and logits.shape == (T, V)
+    H = model16.model.config.hidden_size
+    hidden, last = out.held_tensors()  # the (T, H) hidden states and the last row the forward returned
+    assert hidden.dtype == last.dtype == torch.bfloat16 and hidden.shape == (T, H) and last.shape == (V,)
     first, second = out.vocab_logprobs, out.vocab_logprobs
     assert first.dtype == torch.float32 and first.equal(second)  # computed at each read, the same numbers
-    assert torch.allclose(first.exp().sum(dim=-1), torch.ones(T), atol=1e-4)
-    assert out.top_ids.shape == (T, 10)  # the summaries, then the bytes held: bf16 logits plus the small summaries
+    with torch.inference_mode():
+        plain = model16.model(input_ids=torch.tensor([trace.token_ids]), use_cache=False).logits[0]  # (T, V)
+    assert first.equal(plain.log_softmax(dim=-1, dtype=torch.float32))  # bit for bit the full forward's
+    assert out.top_ids.shape == (T, 10)  # the summaries, then the bytes held: bf16 hidden states plus the summaries
     held = sum(t.numel() * t.element_size() for t in out.held_tensors())
-    assert T * V * 2 <= held <= T * V * 2 + T * 128
-    assert held < T * V * 4  # less than the float32 log-probabilities alone
+    assert (T * H + V) * 2 <= held <= (T * H + V) * 2 + T * 128
+    assert held < T * V * 2  # less than the bf16 logits alone
+
+
+def test_a_model_whose_forward_rescales_its_logits_keeps_every_row_of_them():
+    from tiny_models import build_family
+
+    from moe_viz._trace_build import LazyOutputTrace
+
+    net = build_family("granitemoe")  # its forward divides lm_head's output by logits_scaling
+    net.config.logits_scaling = 4.0
+    model = moe_viz.wrap_model(net, ByteTokenizer(), "tiny granitemoe")
+    assert model.instrumentation.head is None and "scale" in model.instrumentation.head_reason
+    trace = run_prompt(model, "scaled logits")
+    T, V = len(trace.token_ids), net.config.vocab_size
+    assert isinstance(trace.output, LazyOutputTrace) and trace.output.held_tensors()[0].shape == (T, V)
+    with torch.inference_mode():
+        plain = net(input_ids=torch.tensor([trace.token_ids]), use_cache=False).logits[0]
+    assert trace.output.vocab_logprobs.equal(plain.log_softmax(dim=-1, dtype=torch.float32))
 
 
 def test_one_tokens_predictions_are_computed_alone_and_equal_the_full_ones(mixtral):
@@ -387,3 +408,23 @@ def test_a_window_of_a_run_predicts_its_rows_lazily_and_like_the_whole_run(mixtr
         assert torch.allclose(part.target_logprob, trace.output.target_logprob[start:stop], atol=1e-6, equal_nan=True)
         assert part.vocab_logprobs.equal(trace.output.vocab_logprobs[start:stop])
         assert part.at(-1).top_ids.equal(trace.output.at(stop - 1).top_ids)
+
+
+def test_an_output_head_that_is_not_what_the_forward_projects_with_is_not_trusted():
+    from transformers import MixtralForCausalLM
+
+    class Decoy(MixtralForCausalLM):  # reports a head its forward never uses
+        def get_output_embeddings(self):  # noqa: ANN202
+            return self.decoy
+
+    reference = build_model("mixtral")
+    net = Decoy(reference.config).eval()
+    net.load_state_dict(reference.state_dict())
+    net.decoy = torch.nn.Linear(net.config.hidden_size, net.config.vocab_size, bias=False)
+    model = moe_viz.wrap_model(net, ByteTokenizer(), "decoy head")
+    assert model.instrumentation.head is None
+    assert "does not give the model's logits" in model.instrumentation.head_reason
+    trace = run_prompt(model, "the forward's own logits")
+    with torch.inference_mode():
+        plain = net(input_ids=torch.tensor([trace.token_ids]), use_cache=False).logits[0]
+    assert trace.output.vocab_logprobs.equal(plain.log_softmax(dim=-1, dtype=torch.float32))

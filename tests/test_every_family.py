@@ -161,10 +161,11 @@ def test_inspect_prints_one_line_per_router_with_its_spec_and_check(capsys):
     assert main(["inspect", "default"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].endswith("routing maths verified on load for 4 routers")
-    assert len(out) == 5
-    for line in out[1:]:
+    assert len(out) == 6
+    for line in out[1:5]:
         assert "MixtralTopKRouter" in line and "E=8 k=2" in line and "spec: softmax, renormalised" in line
         assert "verified (known class) on" in line and "experts 100% equal" in line and "every policy" in line
+    assert out[5].startswith("output head: returns lm_head's output unchanged (checked at load, bit for bit)")
 
 
 def test_inspect_names_why_a_partial_router_refuses_other_k():

@@ -160,23 +160,34 @@ def test_a_sessions_byte_budget_drops_its_oldest_trace_and_the_page_says_so(host
 
     assert _config().session_mb == 64  # the hosted default
     assert ("memory per session", "64 MiB of traces (oldest dropped first)") in _config().limit_rows()
-    # the default model's traces hold their bf16 logits: ~0.42 MiB at 26 tokens, ~0.88 MiB at 55
+    # the default model's traces hold their bf16 hidden states and router scores: ~0.04 MiB at 26
+    # tokens, ~0.6 MiB at 600
     hosted.setenv("MOE_VIZ_SESSION_MB", "1")
+    hosted.setenv("MOE_VIZ_MAX_PROMPT_TOKENS", "2048")
+    hosted.setenv("MOE_VIZ_MAX_PROMPT_CHARS", "20000")
     at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
     at = at.switch_page("app_pages/load_balance.py").run()  # a page that holds one trace per run
-    [old_key] = list(at.session_state["traces"])
+    [first_key] = list(at.session_state["traces"])
+    long_prompt = (
+        "A long prompt: the router sends every token of it to two of the eight experts, layer after layer, and "
+        "the session can hold only one prompt this long within its budget. "
+    ) * 12
+
+    def run(prompt: str) -> AppTest:
+        at.text_area(key="prompt_input_balance").set_value(prompt)
+        done = next(b for b in at.button if b.label == "Run").click().run()
+        assert not done.exception
+        return done
+
+    at = run(long_prompt)
+    assert len(at.session_state["traces"]) == 2  # the short and the long trace fit in 1 MiB together
     assert not [i for i in at.info if "older trace" in i.value]
-    second = (
-        "A second prompt, long enough that the session cannot hold it beside the first one: the router sends "
-        "every token of it to two of the eight experts, layer after layer, and the page must drop the older trace."
-    )
-    at.text_area(key="prompt_input_balance").set_value(second)
-    at = next(b for b in at.button if b.label == "Run").click().run()
-    assert not at.exception
+    [_, second_key] = list(at.session_state["traces"])
+    at = run("Another " + long_prompt)
     traces = at.session_state["traces"]
-    assert old_key not in traces and len(traces) == 1  # the newest stays, the oldest went
+    assert first_key not in traces and second_key not in traces and len(traces) == 1  # the oldest went first
     assert sum(t.nbytes() for t in traces.values()) <= 1 * 2**20
-    assert any("To keep this session within 1 MiB, 1 older trace was dropped" in i.value for i in at.info)
+    assert any("To keep this session within 1 MiB, 2 older traces were dropped" in i.value for i in at.info)
 
 
 def test_a_session_that_leaves_frees_its_traces_and_their_statistics(hosted):
