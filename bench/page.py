@@ -8,7 +8,12 @@
 
 For each prompt length (32, 256, 2,048 tokens) and repeat, interleaved, it times
 
-* ``forward``: the bare ``model.model(input_ids)`` under ``torch.inference_mode`` (no policy);
+* ``forward``: the bare ``model.model(input_ids)`` under ``torch.inference_mode`` (no policy), which
+  projects every position onto the vocabulary;
+* ``body``: the same with ``logits_to_keep=1`` (the last position's logits only). Where the model's
+  output head is proven plain (``moe_viz/_output_head.py``) ``run_prompt`` runs this and projects
+  the rows a page reads, so ``page / body`` is what a page adds to the model's own work beside
+  ``page / forward``, the issue's measure;
 * each page built from scratch, as the app builds it for one layer: ``run_prompt`` (tokenize +
   routed forward + trace), ``views`` (every view of the page from ``moe_viz.views``: statistics,
   figure and explanation together) and ``json`` (each figure turned into the JSON the browser
@@ -82,11 +87,13 @@ def make_prompt(model: moe_viz.MoEModel, n_tokens: int) -> tuple[str, torch.Tens
     return prompt, input_ids
 
 
-def bare_forward(model: moe_viz.MoEModel, input_ids: torch.Tensor) -> float:
-    """Seconds for one bare forward of the wrapped transformers model."""
+def bare_forward(model: moe_viz.MoEModel, input_ids: torch.Tensor, last_only: bool = False) -> float:
+    """Seconds for one bare forward of the wrapped transformers model (``last_only``: the last
+    position's logits only)."""
+    keep = {"logits_to_keep": 1} if last_only else {}
     t0 = time.perf_counter()
     with torch.inference_mode():
-        model.model(input_ids=input_ids, use_cache=False)
+        model.model(input_ids=input_ids, use_cache=False, **keep)
     return time.perf_counter() - t0
 
 
@@ -239,11 +246,13 @@ def main() -> None:
     for m, n in cases:  # warm-up
         prompt, ids = prompts[m, n]
         bare_forward(models[m], ids)
+        bare_forward(models[m], ids, last_only=True)
         for name in PAGES:
             page(models[m], prompt, policy, name)
     frozen = freeze_loaded_objects()  # as the app's launcher does once its models are loaded and warm
     print(f"{frozen} objects set aside from garbage collection, as in the app's server", flush=True)
     fwd: dict[tuple[str, int], list[float]] = {case: [] for case in cases}
+    body: dict[tuple[str, int], list[float]] = {case: [] for case in cases}
     stage = {(m, n, p): {s: [] for s in STAGES} for m, n in cases for p in PAGES}
     total: dict[tuple[str, int, str], list[float]] = {key: [] for key in stage}
     size: dict[tuple[str, int, str], int] = {}
@@ -252,6 +261,7 @@ def main() -> None:
         for m, n in cases:  # interleaved: forward then each page, case by case, every repeat
             prompt, ids = prompts[m, n]
             fwd[m, n].append(bare_forward(models[m], ids))
+            body[m, n].append(bare_forward(models[m], ids, last_only=True))
             for name in PAGES:
                 times, size[m, n, name] = page(models[m], prompt, policy, name)
                 for s in STAGES:
@@ -263,25 +273,29 @@ def main() -> None:
 
     med = statistics.median
     header = (
-        f"{'page':<13} {'tokens':>6} {'forward ms':>11} {'page ms':>8} {'ratio':>6}  "
+        f"{'page':<13} {'tokens':>6} {'forward ms':>11} {'body ms':>8} {'page ms':>8} {'ratio':>6} {'/ body':>6}  "
         + " ".join(f"{s:>8}" for s in STAGES)
         + f" {'JSON KB':>8}"
     )
-    print("\nmedians; stage columns are shares of the page time ('run' includes its own routed forward)")
+    print(
+        "\nmedians; ratio = page / forward, / body = page / body (the forward without the vocabulary);"
+        " stage columns are shares of the page time ('run' includes its own routed forward)"
+    )
     print(header)
     print("-" * len(header))
     for name in PAGES:
         for n in args.lengths:
             T = prompts["model", n][1].shape[1]
-            f, p = med(fwd["model", n]), med(total["model", n, name])
+            f, b, p = med(fwd["model", n]), med(body["model", n]), med(total["model", n, name])
             shares = " ".join(f"{med(stage['model', n, name][s]) / p:>8.0%}" for s in STAGES)
             print(
-                f"{name:<13} {T:>6} {f * 1e3:>11.1f} {p * 1e3:>8.1f} {p / f:>6.2f}  {shares} {size['model', n, name] / 1024:>8.0f}"
+                f"{name:<13} {T:>6} {f * 1e3:>11.1f} {b * 1e3:>8.1f} {p * 1e3:>8.1f} {p / f:>6.2f} {p / b:>6.2f}  "
+                f"{shares} {size['model', n, name] / 1024:>8.0f}"
             )
     if extra:
         print(f"\n{WIDE_TOKENS} tokens, side by side (same interleaved repeats); medians")
         header = (
-            f"{'page':<13} {'model':<44} {'forward ms':>11} {'page ms':>8} {'ratio':>6}  "
+            f"{'page':<13} {'model':<44} {'forward ms':>11} {'body ms':>8} {'page ms':>8} {'ratio':>6} {'/ body':>6}  "
             + " ".join(f"{s:>8}" for s in STAGES)
             + f" {'JSON KiB':>9}"
         )
@@ -290,9 +304,11 @@ def main() -> None:
         for name in PAGES:
             for m in ("model", *extra):
                 f, p = med(fwd[m, WIDE_TOKENS]), med(total[m, WIDE_TOKENS, name])
+                b = med(body[m, WIDE_TOKENS])
                 shares = " ".join(f"{med(stage[m, WIDE_TOKENS, name][s]) / p:>8.0%}" for s in STAGES)
                 print(
-                    f"{name:<13} {labels[m]:<44} {f * 1e3:>11.1f} {p * 1e3:>8.1f} {p / f:>6.2f}  {shares}"
+                    f"{name:<13} {labels[m]:<44} {f * 1e3:>11.1f} {b * 1e3:>8.1f} {p * 1e3:>8.1f} {p / f:>6.2f} "
+                    f"{p / b:>6.2f}  {shares}"
                     f" {size[m, WIDE_TOKENS, name] / 1024:>9.1f}"
                 )
     if 256 in args.lengths:
