@@ -38,12 +38,13 @@ class OutputHead:
     module: nn.Module
     base: nn.Module  # the base model, whose output the head projects
     vocab_size: int
+    device: torch.device  # where the base model's output is, and so the head's input in the forward
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(1, n, H) hidden states -> (1, n, V) logits, exactly as the model's forward projects them."""
-        device = next(self.module.parameters()).device
+        """(1, n, H) hidden states -> (1, n, V) logits, exactly as the model's forward projects them
+        (on a model dispatched by accelerate the head's own hook places its weights)."""
         with torch.inference_mode():
-            return self.module(hidden.to(device))
+            return self.module(hidden.to(self.device))
 
 
 def last_hidden_state(output: Any) -> torch.Tensor | None:
@@ -73,16 +74,18 @@ def find_output_head(model: nn.Module, ids: torch.Tensor) -> tuple[OutputHead | 
         with torch.inference_mode():
             full = model(input_ids=ids.to(device), use_cache=False).logits  # (1, T, V)
             last = model(input_ids=ids.to(device), use_cache=False, logits_to_keep=1).logits  # (1, 1, V)
+        if len(captured) != 2 or captured[0] is None or captured[1] is None:
+            return None, "the base model's output holds no last_hidden_state"
+        proven = OutputHead(head, base, vocab_size=int(full.shape[-1]), device=captured[0].device)
+        same_rows = torch.equal(proven.project(captured[0]), full)
+        same_last = torch.equal(proven.project(captured[1][:, -1:]), last)
     except Exception as err:  # noqa: BLE001 - any failure means: not proven, compute every row
-        return None, f"a forward with logits_to_keep=1 failed ({type(err).__name__})"
+        return None, f"projecting with the output head alone failed ({type(err).__name__}: {err})"[:300]
     finally:
         hook.remove()
-    if len(captured) != 2 or captured[0] is None or captured[1] is None:
-        return None, "the base model's output holds no last_hidden_state"
-    proven = OutputHead(module=head, base=base, vocab_size=int(full.shape[-1]))
-    if not torch.equal(proven.project(captured[0]), full):
+    if not same_rows:
         return None, "the output head applied to the base model's output does not give the model's logits"
-    if not torch.equal(proven.project(captured[1][:, -1:]), last):
+    if not same_last:
         return None, "logits_to_keep=1 does not give the head's projection of the last row"
     return proven, ""
 
