@@ -15,8 +15,12 @@ soft-cap it (Granite's ``logits_scaling``, Cohere's ``logit_scale``, Gemma's sof
 row in its own forward:
 
 * the forward's source assigns ``logits`` once, from ``self.lm_head(...)``, and never changes it;
-* on the calibration tokens the head applied to the base model's output gives bit for bit the
-  logits of the full forward, and ``logits_to_keep=1`` gives bit for bit its last row.
+* on the calibration tokens, the forward asked for its last row (``logits_to_keep=1``) returns
+  bit for bit the head applied to the last row of the base model's output: nothing changes the
+  head's input or output on the way (a norm, a scale, a soft cap would).
+
+The whole distribution, projected from the hidden states at once, is the full forward's bit for
+bit: the tests check it for every family transformers ships that can be built tiny.
 """
 
 from __future__ import annotations
@@ -72,21 +76,17 @@ def find_output_head(model: nn.Module, ids: torch.Tensor) -> tuple[OutputHead | 
     try:
         device = next(model.parameters()).device
         with torch.inference_mode():
-            full = model(input_ids=ids.to(device), use_cache=False).logits  # (1, T, V)
             last = model(input_ids=ids.to(device), use_cache=False, logits_to_keep=1).logits  # (1, 1, V)
-        if len(captured) != 2 or captured[0] is None or captured[1] is None:
+        if len(captured) != 1 or captured[0] is None:
             return None, "the base model's output holds no last_hidden_state"
-        proven = OutputHead(head, base, vocab_size=int(full.shape[-1]), device=captured[0].device)
-        same_rows = torch.equal(proven.project(captured[0]), full)
-        same_last = torch.equal(proven.project(captured[1][:, -1:]), last)
+        proven = OutputHead(head, base, vocab_size=int(last.shape[-1]), device=captured[0].device)
+        same = torch.equal(proven.project(captured[0][:, -1:]), last)
     except Exception as err:  # noqa: BLE001 - any failure means: not proven, compute every row
         return None, f"projecting with the output head alone failed ({type(err).__name__}: {err})"[:300]
     finally:
         hook.remove()
-    if not same_rows:
+    if not same:
         return None, "the output head applied to the base model's output does not give the model's logits"
-    if not same_last:
-        return None, "logits_to_keep=1 does not give the head's projection of the last row"
     return proven, ""
 
 
