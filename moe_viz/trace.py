@@ -7,7 +7,8 @@ predictions at a position, a fingerprint). File formats (JSON, Parquet, pandas f
 Per layer: ``router_probs`` are the router's per-expert scores (softmax for softmax routers,
 sigmoid for sigmoid routers); ``weights`` are the weights the experts' outputs were multiplied by
 (0 where dropped). ``vocab_logprobs`` (the full next-token log-distribution) is kept in memory
-when small enough.
+when small enough: as the model's logits, or as the final hidden states its output head projects
+when read (``_output_head``).
 
 A trace imported from a serving engine (``moe_viz.engines``) holds expert ids only: its layers have
 ``scores_recorded=False`` (router scores and gate weights are NaN, and slot 0 is each token's

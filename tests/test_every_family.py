@@ -23,6 +23,8 @@ from moe_viz._router_math import gate_weights, select_topk
 FAMILIES = sorted(router_families())
 PROMPT = "every family, routed the way it routes"
 HUGE = Capacity(1e6)  # a capacity nothing reaches: the re-implementation at the model's own k
+PLAIN_HEADS = {"mixtral", "olmoe", "qwen3_moe", "deepseek_v3", "gpt_oss"}  # return lm_head's output as is
+CHANGED_LOGITS = {"granitemoe", "cohere2_moe"}  # scale lm_head's output: every row stays in the forward
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,7 +57,12 @@ def test_every_buildable_family_is_traced_exactly_and_runs_every_mode_it_can_pro
     with torch.inference_mode():
         plain = net(input_ids=ids, use_cache=False).logits[0]
     native = run_prompt(model, PROMPT)
+    # bit for bit, whether the run kept the logits or the hidden states its output head projects
     assert torch.equal(native.output.vocab_logprobs, plain.log_softmax(-1).float()), "capture changed the logits"
+    if model_type in PLAIN_HEADS:
+        assert model.instrumentation.head is not None, model.instrumentation.head_reason
+    if model_type in CHANGED_LOGITS:
+        assert model.instrumentation.head is None and "after lm_head" in model.instrumentation.head_reason
     for site in model.sites:
         assert site.verification is not None and site.verification.status in ("verified", "partial", "capture")
         if site.verification.status != "verified":
