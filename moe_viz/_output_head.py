@@ -63,8 +63,11 @@ def find_output_head(model: nn.Module, ids: torch.Tensor) -> tuple[OutputHead | 
     """``model``'s output head when it is proven plain on the (1, T) calibration ``ids``, else None
     and the reason (the model then computes every row of logits in its own forward)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    base = getattr(model, "base_model", None)
-    if not isinstance(head, nn.Module) or not isinstance(base, nn.Module) or base is model:
+    # the base model: by its declared prefix, else the usual ``model`` attribute (Llama 4 declares
+    # "language_model" and keeps it as ``model``); the proof below checks that it is the right one
+    bases = [getattr(model, "base_model", None), getattr(model, "model", None)]
+    base = next((b for b in bases if isinstance(b, nn.Module) and b is not model), None)
+    if not isinstance(head, nn.Module) or base is None:
         return None, "the model has no separate base model and output head"
     if "logits_to_keep" not in inspect.signature(model.forward).parameters:
         return None, "its forward has no logits_to_keep argument"
@@ -104,7 +107,9 @@ def _changes_logits_after_head(cls: type) -> str:
             assigned += [node.value] * len(names)
         elif isinstance(node, ast.AugAssign | ast.AnnAssign) and getattr(node.target, "id", None) == "logits":
             assigned.append(node.value)
-    if len(assigned) != 1:
+    if not assigned:
+        return "its forward assigns no logits of its own"
+    if len(assigned) > 1:
         return "its forward changes the logits after lm_head (a scale or a soft cap)"
     call = assigned[0]
     if not (
