@@ -23,7 +23,14 @@ from moe_viz._router_math import gate_weights, select_topk
 FAMILIES = sorted(router_families())
 PROMPT = "every family, routed the way it routes"
 HUGE = Capacity(1e6)  # a capacity nothing reaches: the re-implementation at the model's own k
-PLAIN_HEADS = {"mixtral", "olmoe", "qwen3_moe", "deepseek_v3", "gpt_oss", "llama4_text"}  # return lm_head's output as is
+PLAIN_HEADS = {
+    "mixtral",
+    "olmoe",
+    "qwen3_moe",
+    "deepseek_v3",
+    "gpt_oss",
+    "llama4_text",
+}  # return lm_head's output as is
 CHANGED_LOGITS = {"granitemoe", "cohere2_moe"}  # scale lm_head's output: every row stays in the forward
 
 
