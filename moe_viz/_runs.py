@@ -327,14 +327,18 @@ def generate(
     all_logits: list[torch.Tensor] = []
     new_ids: list[int] = []
     cache = None
+    # a step that recomputes the whole sequence needs its last row's logits only: with a proven
+    # output head the model projects just the rows the step consumed
+    proven_head = model.instrumentation.head is not None
     t0 = time.perf_counter()
     with torch.inference_mode(), active_call(policy, time_budget_s=time_budget_s) as recorder:
         for step in range(max_new_tokens):
             check_deadline()
             feed = ids if (step == 0 or recompute) else ids[:, -1:]
-            out = model.model(input_ids=feed, past_key_values=cache, use_cache=not recompute)
-            cache = None if recompute else out.past_key_values
             rows = feed.shape[1] if step == 0 else 1
+            keep = {"logits_to_keep": rows} if proven_head else {}
+            out = model.model(input_ids=feed, past_key_values=cache, use_cache=not recompute, **keep)
+            cache = None if recompute else out.past_key_values
             parts.append(Part(recorder.forwards[-1], slice(-rows, None)))  # the tokens this step consumed
             step_rows.extend([step] * rows)
             all_logits.append(out.logits[0, -rows:].float().cpu())  # (rows, V)

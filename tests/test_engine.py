@@ -164,6 +164,11 @@ def test_capacity_generation_recomputes_capacity_over_the_sequence_so_far(mixtra
         assert torch.equal(got.dropped[-1], want.dropped[-1])
         assert torch.equal(got.index[-1], want.index[-1])
     assert sum(lt.dropped_count for lt in trace.layers) > 0
+    # each recomputing step asks the model for its last row only; that row is the full forward's
+    full = rec.trace().output.at(-1)
+    assert torch.equal(trace.output.at(-1).top_ids, full.top_ids)
+    torch.testing.assert_close(trace.output.at(-1).top_logprobs, full.top_logprobs, rtol=0, atol=1e-6)
+    assert result.new_token_ids[-1] == int(full.top_ids[0, 0])
 
 
 def test_trace_round_trips_through_json_and_parquet_losslessly(mixtral, tmp_path):
