@@ -130,8 +130,10 @@ def run_prompt(
             logits = model.model(input_ids=input_ids, use_cache=False).logits[0]  # (T, V)
         else:
             last = model.model(input_ids=input_ids, use_cache=False, logits_to_keep=1).logits[0, -1]  # (V,)
-            hidden = recorder.current.hidden[0].detach().cpu()  # (T, H)
-            logits = ProjectedLogits(head, hidden, last.detach().cpu())
+            hidden = recorder.current.hidden  # (1, T, H), kept by the base model's hook
+            if hidden is None:
+                raise RuntimeError("the base model's hook kept no hidden states: was the instrumentation removed?")
+            logits = ProjectedLogits(head, hidden[0].detach().cpu(), last.detach().cpu())
     t2 = time.perf_counter()
     layers = build_layers(model, [Part(recorder.forwards[0], slice(None))])
     timings = {
