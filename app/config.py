@@ -27,6 +27,7 @@ request is bounded. Any single setting below can still be overridden by its own 
 | corpus upload size, MiB (hosted: uploads are the only source besides the demo) | ``MOE_VIZ_MAX_CORPUS_UPLOAD_MB`` | 200 | 2 |
 | engine-routing import upload size, MiB (0 = Import off; hosted: uploads only, no paths) | ``MOE_VIZ_MAX_IMPORT_UPLOAD_MB`` | 200 | 2 |
 | torch threads (set once, process-wide) | ``MOE_VIZ_TORCH_THREADS`` | cores − 2 (at least 1) | cores / slots |
+| Explore's first chart before the rest of the page on a first visit (``app/first_paint.py``): ``auto`` (browsers only), ``always``, ``never`` | ``MOE_VIZ_FIRST_PAINT`` | ``auto`` | ``auto`` |
 """
 
 from __future__ import annotations
@@ -77,6 +78,18 @@ def _env_float(name: str, default: float | None, low: float = 0.0) -> float | No
     return value
 
 
+def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {raw!r}")
+    return raw
+
+
+FIRST_PAINT_MODES = ("auto", "always", "never")
+
+
 @dataclass(frozen=True)
 class AppConfig:
     """The app's settings and limits. Built from the environment by ``load_config``."""
@@ -103,6 +116,7 @@ class AppConfig:
     max_corpus_tokens: int | None = None
     max_corpus_upload_mb: int = 200
     max_import_upload_mb: int = 200
+    first_paint: str = "auto"  # when Explore sends its first chart before the rest: FIRST_PAINT_MODES
 
     @property
     def limits(self) -> Limits:
@@ -223,4 +237,5 @@ def load_config() -> AppConfig:
         max_corpus_tokens=_env_int("MOE_VIZ_MAX_CORPUS_TOKENS", 60_000 if hosted else 0, low=0) or None,
         max_corpus_upload_mb=_env_int("MOE_VIZ_MAX_CORPUS_UPLOAD_MB", 2 if hosted else 200),
         max_import_upload_mb=_env_int("MOE_VIZ_MAX_IMPORT_UPLOAD_MB", 2 if hosted else 200, low=0),
+        first_paint=_env_choice("MOE_VIZ_FIRST_PAINT", "auto", FIRST_PAINT_MODES),
     )

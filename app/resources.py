@@ -96,7 +96,14 @@ def _cached_model(name: str, trust_remote_code: bool = False) -> MoEModel:
             torch.set_num_threads(threads)  # process-wide: set once, here
             _threads_set = True
     print(f"moe-viz: loading model {name}", file=sys.stderr, flush=True)  # once per process: launch tests read it
-    return load_model(name, trust_remote_code=trust_remote_code)
+    model = load_model(name, trust_remote_code=trust_remote_code)
+    _loaded_in_process.add((name, trust_remote_code))
+    return model
+
+
+# Models this process has loaded. The cache keeps the last four: a model it dropped reloads, so
+# this can only err towards a reload, never towards a wrong model.
+_loaded_in_process: set[tuple[str, bool]] = set()
 
 
 @st.cache_resource(show_spinner=False)
@@ -150,6 +157,18 @@ def get_model(name: str, trust_remote_code: bool = False) -> MoEModel:
         )
     loaded.add(name)
     return model
+
+
+def loaded_model(name: str, trust_remote_code: bool = False) -> MoEModel | None:
+    """The shared model ``name`` if this process has loaded it already, without the status box;
+    None when it has not (or this server does not allow it): then ``get_model`` shows the load."""
+    if (name, trust_remote_code) not in _loaded_in_process:
+        return None
+    try:
+        config().check_model_request(name, trust_remote_code)
+    except ValueError:
+        return None
+    return _cached_model(name, trust_remote_code)
 
 
 def display_name(model_id: str) -> str:

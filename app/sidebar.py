@@ -20,6 +20,7 @@ from app.resources import (
     config,
     display_name,
     get_model,
+    loaded_model,
     policy_from_state,
 )
 from moe_viz import MoEModel, Policy
@@ -132,26 +133,34 @@ def _reset_on_model_change(model: MoEModel) -> None:
     st.session_state.pop(Keys.POSITION, None)
 
 
-def _mode_section(model: MoEModel) -> None:
-    st.subheader("Routing mode")
-    E = model.num_experts
-    mode = st.radio("Mode", MODES, key=Keys.MODE, horizontal=True, help="How tokens are sent to experts.")
-    st.caption(MODE_HELP[mode])
+def _settle_mode_state(model: MoEModel, mode: str) -> int | None:
+    """Keep the stored k and capacity factor inside their ranges for ``model`` (the widgets draw
+    what this leaves; ``quiet_context`` reads it without them). Returns the largest k, or None
+    when the mode has no k."""
     cfg = config()
+    k_max = None
     if mode in ("top-k", "capacity"):
-        k_max = min(E, cfg.max_k) if cfg.max_k else E
+        k_max = min(model.num_experts, cfg.max_k) if cfg.max_k else model.num_experts
         _clamp(Keys.K, 1, k_max, min(model.top_k, k_max))
-        if k_max > 1:
-            st.slider(f"k (experts per token; the model uses {model.top_k})", 1, k_max, step=1, key=Keys.K)
-        else:
-            st.session_state[Keys.K] = 1
     if mode == "capacity":
         low, high = cfg.min_capacity_factor, cfg.max_capacity_factor
         _clamp(Keys.FACTOR, low, high, min(max(1.0, low), high))
+    return k_max
+
+
+def _mode_section(model: MoEModel) -> None:
+    st.subheader("Routing mode")
+    mode = st.radio("Mode", MODES, key=Keys.MODE, horizontal=True, help="How tokens are sent to experts.")
+    st.caption(MODE_HELP[mode])
+    cfg = config()
+    k_max = _settle_mode_state(model, mode)
+    if k_max is not None and k_max > 1:
+        st.slider(f"k (experts per token; the model uses {model.top_k})", 1, k_max, step=1, key=Keys.K)
+    if mode == "capacity":
         st.slider(
             "Capacity factor",
-            low,
-            high,
+            cfg.min_capacity_factor,
+            cfg.max_capacity_factor,
             step=0.05,
             key=Keys.FACTOR,
             help="C = ceil(factor × T × k / E) assignments per expert over the T tokens of the prompt.",
@@ -173,11 +182,16 @@ def _mode_section(model: MoEModel) -> None:
         )
 
 
+def _settle_layer(model: MoEModel) -> int:
+    """The stored layer, moved to the first MoE layer when ``model`` has no such layer."""
+    if st.session_state.get(Keys.LAYER) not in model.moe_layers:
+        st.session_state[Keys.LAYER] = model.moe_layers[0]
+    return int(st.session_state[Keys.LAYER])
+
+
 def _layer_section(model: MoEModel) -> int:
-    layers = model.moe_layers
-    if st.session_state.get(Keys.LAYER) not in layers:
-        st.session_state[Keys.LAYER] = layers[0]
-    return int(st.selectbox("Layer", layers, key=Keys.LAYER, format_func=lambda i: f"layer {i}"))
+    _settle_layer(model)
+    return int(st.selectbox("Layer", model.moe_layers, key=Keys.LAYER, format_func=lambda i: f"layer {i}"))
 
 
 def _limits_section() -> None:
@@ -221,6 +235,30 @@ def render_sidebar() -> PageContext:
                 st.error(error)
             ctx = PageContext(model=model, policy=policy, layer=layer, policy_error=error)
         _limits_section()
+    st.session_state[CONTEXT_KEY] = ctx
+    return ctx
+
+
+def quiet_context() -> PageContext | None:
+    """What the sidebar decides for this run, by its own rules, without drawing it: for the run
+    that sends Explore's first chart before the widgets (``app/first_paint.py``). None when the
+    sidebar has something to show first: a model not loaded yet (its progress), a model error,
+    settings the policy refuses."""
+    if st.session_state.get(Keys.MODEL_ERROR):
+        return None
+    model = loaded_model(active_model_id(), bool(st.session_state.get(Keys.ACTIVE_TRUST, False)))
+    if model is None:
+        return None
+    _reset_on_model_change(model)
+    layer = _settle_layer(model)
+    policy = None
+    if not model.capture_only:
+        _settle_mode_state(model, st.session_state.get(Keys.MODE, MODES[0]))
+        try:
+            policy = policy_from_state(model)
+        except ValueError:
+            return None
+    ctx = PageContext(model=model, policy=policy, layer=layer)
     st.session_state[CONTEXT_KEY] = ctx
     return ctx
 

@@ -19,6 +19,7 @@ st.set_page_config(
     page_title="moe-viz: Mixture-of-Experts routing", page_icon=":material/compare_arrows:", layout="wide"
 )
 
+from app.first_paint import first_chart_first  # noqa: E402
 from app.sidebar import render_sidebar  # noqa: E402
 
 PAGES = Path(__file__).resolve().parent / "app_pages"
@@ -35,5 +36,6 @@ navigation = st.navigation(
         st.Page(PAGES / "learn.py", title="Learn", icon=":material/school:"),
     ]
 )
-render_sidebar()
+if not first_chart_first(navigation.url_path):  # a browser's first visit to Explore: the sidebar next run
+    render_sidebar()
 navigation.run()

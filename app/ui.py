@@ -19,6 +19,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from app import first_paint
 from app.resources import Keys, config, current_prompt, evicted_note, get_trace
 from app.sidebar import PageContext, page_context
 from moe_viz import MoEModel, Trace, trace_io
@@ -61,6 +62,8 @@ def shows_errors() -> Iterator[None]:
     try:
         yield
     except ValueError as err:
+        if first_paint.staged():  # the first chart cannot come first: the whole page says why
+            first_paint.whole_page_now()
         st.error(str(err))
         st.stop()
 
@@ -89,17 +92,20 @@ def traced_page(title: str, page: str) -> tuple[MoEModel, int, Trace]:
     prompt form, and this session's trace of the prompt under the sidebar's policy (errors stop
     the page with a message)."""
     st.title(title)
-    ctx = require_model()
-    model, layer = ctx.model, ctx.layer
-    assert model is not None and layer is not None
-    prompt = prompt_form(page)
-    require_policy(ctx)
-    start_figures()
-    with shows_errors():
-        trace = get_trace(model, prompt, ctx.policy)
-    note = evicted_note()
-    if note:
-        st.info(note)
+    # The form and the run's notices share one block, which the run that sends Explore's first
+    # chart alone leaves empty (app/first_paint.py): the charts below then keep their places.
+    with st.container():
+        ctx = require_model()
+        model, layer = ctx.model, ctx.layer
+        assert model is not None and layer is not None
+        prompt = current_prompt() if first_paint.staged() else prompt_form(page)
+        require_policy(ctx)
+        start_figures()
+        with shows_errors():
+            trace = get_trace(model, prompt, ctx.policy)
+        note = evicted_note()
+        if note:
+            st.info(note)
     return model, layer, trace
 
 

@@ -187,6 +187,50 @@ def test_type_a_prompt_switch_each_mode_and_download_a_trace(server, browser):
     context.close()
 
 
+# Watches the page from its first byte: when the first plotly chart has drawn its SVG, mark that
+# element and note what else the page held at that moment.
+FIRST_CHART_WATCH = """
+window.__atFirstChart = null;
+new MutationObserver(() => {
+  if (window.__atFirstChart) return;
+  const plot = [...document.querySelectorAll('.js-plotly-plot')].find(el => el._fullLayout && el.querySelector('.main-svg'));
+  if (!plot) return;
+  plot.dataset.firstDrawn = 'yes';
+  window.__atFirstChart = {
+    sidebarWidgets: document.querySelectorAll('section[data-testid=stSidebar] .stRadio, section[data-testid=stSidebar] .stSelectbox').length,
+    promptBoxes: document.querySelectorAll('textarea').length,
+    charts: document.querySelectorAll('.js-plotly-plot').length,
+  };
+}).observe(document, {subtree: true, childList: true});
+"""
+
+
+def test_explore_draws_its_heatmap_before_the_rest_and_keeps_it_when_the_rest_arrives(server, browser):
+    # The model loaded, as the launcher does before the first visitor (a session that has to load it
+    # gets the whole page at once, with the load's progress in the sidebar).
+    open_page(server, browser, "Explore")[0].close()
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context.add_init_script(FIRST_CHART_WATCH)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    page.goto(server)
+    at_first_chart = page.wait_for_function("() => window.__atFirstChart", timeout=90_000).json_value()
+    assert at_first_chart == {"sidebarWidgets": 0, "promptBoxes": 0, "charts": 1}
+
+    # The beacon saw the chart drawn and asked for the rest: the whole page, the heatmap untouched.
+    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 5", timeout=90_000)
+    wait_ready(page)
+    assert page.get_by_label("Prompt", exact=True).is_visible()
+    assert page.get_by_test_id("stSidebar").get_by_role("radiogroup", name="Mode", exact=True).is_visible()
+    first = page.evaluate("() => document.querySelector('.js-plotly-plot').dataset.firstDrawn")
+    assert first == "yes", "the heatmap drawn first must stay in place, not be drawn again"
+    assert routing_shown(page).startswith("top-k:")
+    assert not page.locator("[data-testid='stException']").count()
+    assert not errors, errors
+    context.close()
+
+
 def open_page(server, browser, name: str, timeout_ms: int | None = None):
     """A fresh browser context on page ``name`` of the app, and the list its JavaScript errors go to."""
     context = browser.new_context(viewport={"width": 1400, "height": 1000})

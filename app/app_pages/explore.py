@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from app import first_paint
 from app.resources import Keys, current_prompt, display_name, get_noise, get_trace, has_analysis, noise_if_measured
 from app.sidebar import page_context
 from app.ui import downloads, show, traced_page
@@ -12,48 +13,63 @@ from moe_viz.views import BIN_THRESHOLD, MANY_EXPERTS, SHOWN_EXPERTS
 
 model, layer, trace = traced_page("Explore routing", "explore")
 lt = trace.layer(layer)
+all_tokens = (0, trace.num_tokens - 1)  # the token range slider's default
 
-st.markdown(f"Routing: `{trace.policy}` on **{display_name(model.model_id)}** ({trace.device}, {trace.dtype})")
-c = st.columns(5)
-c[0].metric("Tokens", trace.num_tokens)
-c[1].metric(
-    f"Capacity C (layer {layer})",
-    "—" if not lt.capacity else max(lt.capacity),
-    help="Slots per expert in capacity mode: C = ceil(factor × T × k / E). '—' when no capacity applies.",
-)
-c[2].metric(f"Dropped (layer {layer})", lt.dropped_count, help="Assignments over an expert's capacity in this layer.")
-c[3].metric("Dropped (all layers)", sum(item.dropped_count for item in trace.layers))
-c[4].metric("Forward", f"{trace.timings_ms.get('forward_ms', float('nan')):.0f} ms")
-st.caption(views.run_summary(trace))
-if trace.held_native_layers:
-    st.warning(
-        f"Layers {', '.join(map(str, trace.held_native_layers))} keep their native routing: their routers cannot run "
-        f"`{trace.policy}` (hash-routed, or maths moe-viz could not verify; `moe-viz inspect` says why per router)."
-    )
 
-tokens = None
-if trace.num_tokens > BIN_THRESHOLD:  # a long prompt: zoom the heatmap and the text into a range of tokens
-    first, last = st.slider(
-        "Tokens shown in the heatmap and the text",
-        0,
-        trace.num_tokens - 1,
-        (0, trace.num_tokens - 1),
-        key="explore_token_range",
-        help=f"Above {BIN_THRESHOLD} tokens the heatmap groups tokens into bins; a narrower range shows each token.",
+def run_summary() -> tuple[tuple[int, int], list[int]]:
+    """The run's numbers, and the heatmap's zoom: its token range and the experts picked."""
+    st.markdown(f"Routing: `{trace.policy}` on **{display_name(model.model_id)}** ({trace.device}, {trace.dtype})")
+    c = st.columns(5)
+    c[0].metric("Tokens", trace.num_tokens)
+    c[1].metric(
+        f"Capacity C (layer {layer})",
+        "—" if not lt.capacity else max(lt.capacity),
+        help="Slots per expert in capacity mode: C = ceil(factor × T × k / E). '—' when no capacity applies.",
     )
-    tokens = (first, last + 1)
-experts = None
-if lt.num_experts > MANY_EXPERTS:  # many experts: the heatmap shows the busiest unless the user picks some
-    picked = st.multiselect(
-        f"Experts on the heatmap (default: the {SHOWN_EXPERTS} busiest of layer {layer}, the rest in one row)",
-        list(range(lt.num_experts)),
-        key="explore_experts",
-        format_func=lambda e: f"e{e}",
+    c[2].metric(
+        f"Dropped (layer {layer})", lt.dropped_count, help="Assignments over an expert's capacity in this layer."
     )
-    experts = picked or None
+    c[3].metric("Dropped (all layers)", sum(item.dropped_count for item in trace.layers))
+    c[4].metric("Forward", f"{trace.timings_ms.get('forward_ms', float('nan')):.0f} ms")
+    st.caption(views.run_summary(trace))
+    if trace.held_native_layers:
+        st.warning(
+            f"Layers {', '.join(map(str, trace.held_native_layers))} keep their native routing: their routers cannot "
+            f"run `{trace.policy}` (hash-routed, or maths moe-viz could not verify; `moe-viz inspect` says why per "
+            "router)."
+        )
+    token_range = all_tokens
+    if trace.num_tokens > BIN_THRESHOLD:  # a long prompt: zoom the heatmap and the text into a range of tokens
+        token_range = st.slider(
+            "Tokens shown in the heatmap and the text",
+            0,
+            trace.num_tokens - 1,
+            all_tokens,
+            key="explore_token_range",
+            help=f"Above {BIN_THRESHOLD} tokens the heatmap groups tokens into bins; a narrower range shows each "
+            "token.",
+        )
+    picked: list[int] = []
+    if lt.num_experts > MANY_EXPERTS:  # many experts: the heatmap shows the busiest unless the user picks some
+        picked = st.multiselect(
+            f"Experts on the heatmap (default: the {SHOWN_EXPERTS} busiest of layer {layer}, the rest in one row)",
+            list(range(lt.num_experts)),
+            key="explore_experts",
+            format_func=lambda e: f"e{e}",
+        )
+    return token_range, picked
+
+
+# One block, left empty by the run that sends the first chart alone (its widgets' defaults then).
+with st.container():
+    token_range, picked = (all_tokens, []) if first_paint.staged() else run_summary()
+tokens = (token_range[0], token_range[1] + 1) if trace.num_tokens > BIN_THRESHOLD else None
+experts = picked or None
 # One view at a time: the heatmap reaches the browser before the rest are computed (first paint).
 page_views = views.iter_explore_views(trace, layer, experts, tokens)
 show(next(page_views))  # the token x expert heatmap
+if first_paint.staged():
+    first_paint.finish_first_chart()  # the rest once the browser has drawn it
 show(next(page_views))  # the coloured text
 
 
