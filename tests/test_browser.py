@@ -231,6 +231,30 @@ def test_explore_draws_its_heatmap_before_the_rest_and_keeps_it_when_the_rest_ar
     context.close()
 
 
+def test_explore_still_sends_the_whole_page_when_the_beacon_script_cannot_run(server, browser):
+    """The beacon runs as a script Streamlit imports from a blob URL; where such scripts fail (a
+    strict content policy, say), the page's own timer asks for the rest a few seconds later."""
+    from app.first_paint import FALLBACK_S
+
+    open_page(server, browser, "Explore")[0].close()  # the model loaded (see the test above)
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context.add_init_script(
+        "const make = URL.createObjectURL; URL.createObjectURL = (blob) => blob && blob.type === 'text/javascript'"
+        " ? 'data:text/javascript,throw new Error(\"scripts from blobs are blocked\")' : make(blob);"
+    )
+    page = context.new_page()
+    page.goto(server)
+    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 1", timeout=90_000)
+    assert not page.get_by_label("Prompt", exact=True).count()  # the first chart alone, the beacon broken
+    page.wait_for_function(
+        "() => document.querySelectorAll('.js-plotly-plot').length >= 5", timeout=int(FALLBACK_S * 1000) + 30_000
+    )
+    wait_ready(page)
+    assert page.get_by_label("Prompt", exact=True).is_visible()
+    assert not page.locator("[data-testid='stException']").count()
+    context.close()
+
+
 def open_page(server, browser, name: str, timeout_ms: int | None = None):
     """A fresh browser context on page ``name`` of the app, and the list its JavaScript errors go to."""
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
