@@ -21,6 +21,7 @@ any page other than Explore always get the whole page at once.
 from __future__ import annotations
 
 import streamlit as st
+from streamlit.delta_generator import DeltaGenerator
 
 from app.resources import config
 
@@ -81,6 +82,15 @@ def first_chart_first(page_path: str) -> bool:
     if not wanted:
         _mark_painted()
     return wanted
+
+
+def block(reserve_px: int) -> DeltaGenerator:
+    """A container for what the first chart's run leaves out: on that run an empty block
+    ``reserve_px`` high (about what it will hold), so that the chart below moves little when the
+    rest arrives; otherwise a plain container."""
+    if staged():
+        return st.container(height=reserve_px, border=False)
+    return st.container()
 
 
 def staged() -> bool:

@@ -61,7 +61,7 @@ def run_summary() -> tuple[tuple[int, int], list[int]]:
 
 
 # One block, left empty by the run that sends the first chart alone (its widgets' defaults then).
-with st.container():
+with first_paint.block(reserve_px=160):  # the run summary's height on a wide screen
     token_range, picked = (all_tokens, []) if first_paint.staged() else run_summary()
 tokens = (token_range[0], token_range[1] + 1) if trace.num_tokens > BIN_THRESHOLD else None
 experts = picked or None
