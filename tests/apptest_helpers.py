@@ -1,6 +1,23 @@
-"""Small helpers shared by the AppTest suites: read a page run's outcome, press a button."""
+"""Small helpers shared by the AppTest suites: the app and the model they run, a page run's
+outcome, a button press."""
 
 from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = ROOT / "app" / "streamlit_app.py"  # what AppTest runs
+if str(ROOT) not in sys.path:  # the suites import the app's modules too
+    sys.path.insert(0, str(ROOT))
+
+from moe_viz import DEFAULT_MODEL  # noqa: E402
+
+MODEL = os.environ.get("MOE_VIZ_MODEL") or DEFAULT_MODEL
+needs_model = pytest.mark.skipif(not (Path(MODEL) / "config.json").is_file(), reason=f"no model at {MODEL}")
 
 
 def clean(at) -> None:

@@ -5,23 +5,10 @@ exception."""
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
 import pytest
+from apptest_helpers import APP, MODEL, clean, click, errors, headings, needs_model
 
-ROOT = Path(__file__).resolve().parent.parent
-APP = ROOT / "app" / "streamlit_app.py"
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from apptest_helpers import clean, click, errors, headings  # noqa: E402
-
-from moe_viz import DEFAULT_MODEL  # noqa: E402
-
-MODEL = os.environ.get("MOE_VIZ_MODEL") or DEFAULT_MODEL
-pytestmark = pytest.mark.skipif(not (Path(MODEL) / "config.json").is_file(), reason=f"no model at {MODEL}")
+pytestmark = needs_model
 
 DOCS = {
     "code": [

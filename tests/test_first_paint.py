@@ -8,24 +8,13 @@ AppTest runs no JavaScript: these tests play the beacon's part by setting what i
 from __future__ import annotations
 
 import json
-import os
-import sys
-from pathlib import Path
 
 import pytest
+from apptest_helpers import APP, MODEL, clean, errors, needs_model
 
-ROOT = Path(__file__).resolve().parent.parent
-APP = ROOT / "app" / "streamlit_app.py"
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from app.first_paint import PAINTED
 
-from apptest_helpers import clean, errors  # noqa: E402
-
-from app.first_paint import PAINTED  # noqa: E402
-from moe_viz import DEFAULT_MODEL  # noqa: E402
-
-MODEL = os.environ.get("MOE_VIZ_MODEL") or DEFAULT_MODEL
-pytestmark = pytest.mark.skipif(not (Path(MODEL) / "config.json").is_file(), reason=f"no model at {MODEL}")
+pytestmark = needs_model
 
 
 def first_visit(monkeypatch, mode: str = "always", **env: str):
