@@ -6,16 +6,17 @@ arrived before it draws the heatmap: the sidebar's widgets, the prompt form, the
 (``bench/first_paint.py``), whatever the order of the elements in the script.
 
 So a session's first run of Explore, in a browser, sends the title and the heatmap only, in the
-places the full page gives them (empty containers stand where the prompt form and the run summary
-go), and a beacon: a few lines of JavaScript that tell the server once the browser has drawn a
+places the full page gives them (empty blocks of about their height stand where the prompt form and
+the run summary go), and a beacon: a few lines of JavaScript that tell the server once the browser has drawn a
 chart. That triggers the next run, which sends the whole page; the heatmap keeps its place and is
 not drawn again. The sidebar's decisions on that first run come from ``sidebar.quiet_context``,
 the same rules the sidebar applies, without its widgets.
 
 ``MOE_VIZ_FIRST_PAINT`` sets when this applies: ``auto`` (default) for browsers only (a client
 that sends a ``Mozilla/`` user agent runs the beacon; scripts, tests and AppTest get the whole page
-at once), ``always``, or ``never``. A link with settings in its URL, a model not loaded yet and
-any page other than Explore always get the whole page at once.
+at once), ``always``, or ``never``. A link with settings in its URL, a model not loaded yet, a
+first run that fails (its message comes with the whole page) and any page other than Explore
+always get the whole page at once.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ export default function ({ setTriggerValue }) {
   const fire = () => {
     if (!done) {
       done = true;
+      clearInterval(poll);
       setTriggerValue("drawn", true);
     }
   };
