@@ -3,9 +3,9 @@
 Each of ``--runs`` fresh Python processes imports moe_viz, then times ``load_model()`` (tokenizer,
 weights, router discovery and verification, hooks) and, inside it, ``discover_and_verify`` (the
 calibration forward, the random router inputs, the spec search) and ``find_output_head`` (the
-proof that the forward returns its output head's projection unchanged: two more calibration
-forwards). Prints the medians and the share of the load the verification takes, both proofs
-together (target: under 2%). Run: ``python bench/verify_cost.py``.
+proof that the forward returns its output head's projection unchanged: one more calibration
+forward, asked for its last position). Prints the medians and the share of the load the
+verification takes, both proofs together (target: under 2%). Run: ``python bench/verify_cost.py``.
 """
 
 from __future__ import annotations
