@@ -102,8 +102,7 @@ def staged() -> bool:
 
 def whole_page_now() -> None:
     """Give up the staged run (an error to show, say) and run the whole page instead."""
-    _mark_painted()
-    st.session_state[STAGED_RUN] = False
+    _mark_painted()  # the rerun's first_chart_first then decides on the whole page
     st.rerun()
 
 
