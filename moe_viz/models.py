@@ -85,11 +85,30 @@ class MoEModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """The device of the model's first parameter (where input ids go)."""
+        return self._first_parameter().device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return self._first_parameter().dtype
+
+    def _first_parameter(self) -> torch.Tensor:
+        """``next(model.parameters())``, read through the slot (module, name) that holds it.
+
+        Every run asks for the device and dtype; walking the module tree for them costs more than
+        reading one slot. The slot, not the tensor, is remembered: moving a model (``.to``,
+        accelerate's dispatch) may put a new tensor in it, and the slot then holds that one."""
+        slot = self.__dict__.get("_first_parameter_slot")
+        if slot is not None:
+            param = slot[0]._parameters.get(slot[1])
+            if param is not None:
+                return param
+        for module in self.model.modules():  # the order parameters() walks
+            for name, param in module._parameters.items():
+                if param is not None:
+                    self.__dict__["_first_parameter_slot"] = (module, name)  # frozen: as cached_property does
+                    return param
+        raise ValueError(f"model {self.model_id!r} has no parameters")
 
     @property
     def num_layers(self) -> int:
