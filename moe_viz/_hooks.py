@@ -202,6 +202,11 @@ def _base_model_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> N
         active.recorder.current.hidden = last_hidden_state(output)
 
 
+def _not_rows(shape: torch.Size, rows: int) -> bool:
+    """Whether a tensor of ``shape`` is not already (rows, k)."""
+    return len(shape) != 2 or shape[0] != rows
+
+
 class _RouterHook:
     """The forward hook of one router. Reads the call's policy; never writes to the model."""
 
@@ -224,12 +229,23 @@ class _RouterHook:
         active = _ACTIVE.get()
         if active is None:
             return None
-        _check_deadline(active)
+        if active.deadline is not None:
+            _check_deadline(active)
         spec = self.site.spec
         logits, native_w, native_idx = read_router_output(spec.layout, output, spec.top_k)
-        logits = logits.detach().reshape(-1, spec.num_experts)  # (N, E)
+        # Views only where needed: every new view costs time in each router of each forward, and
+        # most routers already return (N, E) / (N, k) tensors outside autograd.
+        if logits.requires_grad:
+            logits = logits.detach()
+        shape = logits.shape
+        if len(shape) != 2 or shape[1] != spec.num_experts:
+            logits = logits.reshape(-1, spec.num_experts)  # (N, E)
         if native_idx is not None and native_w is not None:
-            native_idx, native_w = native_idx.reshape(len(logits), -1), native_w.reshape(len(logits), -1)
+            N = len(logits)
+            if _not_rows(native_idx.shape, N):
+                native_idx = native_idx.reshape(N, -1)  # (N, k)
+            if _not_rows(native_w.shape, N):
+                native_w = native_w.reshape(N, -1)  # (N, k)
         call = LayerCall(self.site.layer, logits, native_idx, native_w)
         forward = active.recorder.current
         forward.layers.append(call)
@@ -285,6 +301,8 @@ class Instrumentation:
         A policy that some routers can run and others cannot (a model mixing verified routers with
         hash-routed or unproven ones, such as DeepSeek-V4) runs where it can; the other layers keep
         their native routing and their traces say so (``LayerTrace.held_native``)."""
+        if policy is None:  # native routing: every router runs it
+            return
         errors = []
         for site in self.sites:
             try:
