@@ -24,6 +24,12 @@ def router_scores(spec: RouterSpec, logits: torch.Tensor) -> torch.Tensor:
     return logits.softmax(dim=-1)
 
 
+def trace_scores(spec: RouterSpec, logits: torch.Tensor) -> torch.Tensor:
+    """The per-expert scores (T, E) float32 a trace shows: the router family's own score function
+    where moe-viz re-implements the router, a plain softmax for capture-only routers."""
+    return router_scores(spec, logits) if spec.substitutable else logits.float().softmax(dim=-1)
+
+
 def _group_mask(spec: RouterSpec, choice: torch.Tensor) -> torch.Tensor:
     """(T, E) bool: experts inside each token's best ``topk_group`` groups."""
     assert spec.n_group is not None and spec.topk_group is not None

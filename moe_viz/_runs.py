@@ -133,7 +133,7 @@ def run_prompt(
             hidden = recorder.current.hidden  # (1, T, H), kept by the base model's hook
             if hidden is None:
                 raise RuntimeError("the base model's hook kept no hidden states: was the instrumentation removed?")
-            logits = ProjectedLogits(head, hidden[0].detach().cpu(), last.detach().cpu())
+            logits = ProjectedLogits(head, hidden[0].cpu(), last.cpu())  # inference mode: nothing to detach
     t2 = time.perf_counter()
     layers = build_layers(model, [Part(recorder.forwards[0], slice(None))])
     timings = {

@@ -17,7 +17,7 @@ import torch
 
 from ._hooks import Forward, LayerCall
 from ._output_head import KeptLogits, Logits, ProjectedLogits
-from ._router_math import router_scores
+from ._router_math import trace_scores
 from ._routers import RouterSite
 from .models import MoEModel
 from .policies import Policy, policy_spec
@@ -29,6 +29,7 @@ VOCAB_KEEP_LIMIT = 34_000_000
 TOP_PREDICTIONS = 10
 
 Rows = slice | torch.Tensor  # token rows of a forward: a slice, or a (n,) long tensor of row indices
+ALL_ROWS = slice(None)  # every row of a forward (a prompt's run)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,10 @@ def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
         known = _TOKEN_TEXTS.setdefault(tokenizer, {})
     except TypeError:  # a tokenizer that cannot be weakly referenced: decode every time
         known = {}
+    try:
+        return [known[i] for i in ids]  # every id seen before: the common case once a page has run
+    except KeyError:
+        pass
     new = sorted(set(ids) - known.keys())
     if new:
         known.update(zip(new, _decode_each(tokenizer, new), strict=True))
@@ -66,16 +71,21 @@ def _decode_each(tokenizer: Any, ids: list[int]) -> list[str]:
     return [tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False) for i in ids]
 
 
-def _rows(parts: list[tuple[LayerCall, Rows, int]], name: str) -> torch.Tensor:
-    """The sequence's rows of one recorded field, concatenated over the forwards that hold them.
+def _rows(parts: list[tuple[LayerCall, Rows, int]], name: str, dtype: torch.dtype) -> torch.Tensor:
+    """The sequence's rows of one recorded field, concatenated over the forwards that hold them,
+    as a CPU tensor of ``dtype``.
 
     When the sequence is all of one forward's rows (a prompt) the recorded tensor itself is
     returned, not a copy: the router's outputs are fresh tensors that nothing writes after the
     router hook has read them. Part of a forward (one sequence of a batch) is copied, so that a
     trace kept on its own does not keep the whole batch's tensors alive."""
-    if len(parts) == 1 and isinstance(parts[0][1], slice) and parts[0][1] == slice(None):
-        return getattr(parts[0][0], name)
-    return torch.cat([getattr(c, name)[rows] for c, rows, _ in parts])
+    first_rows = parts[0][1]
+    if len(parts) == 1 and isinstance(first_rows, slice) and first_rows == ALL_ROWS:
+        rows = getattr(parts[0][0], name)
+    else:
+        rows = torch.cat([getattr(c, name)[r] for c, r, _ in parts])
+    # A no-op conversion still costs a dispatch per field, per layer, per run: skip it.
+    return rows if rows.dtype is dtype and rows.is_cpu else rows.to("cpu", dtype)
 
 
 def _layer_trace(
@@ -84,15 +94,15 @@ def _layer_trace(
     spec = site.spec
     first = parts[0][0]
     if first.native_index is not None:
-        native_index = _rows(parts, "native_index").cpu().long()  # (T, k)
-        native_weights = _rows(parts, "native_weights").float().cpu()  # (T, k)
+        native_index = _rows(parts, "native_index", torch.long)  # (T, k)
+        native_weights = _rows(parts, "native_weights", torch.float32)  # (T, k)
     else:  # layouts that expose only logits: the native choice is the top-k of the logits
         native_index = logits.topk(spec.top_k, dim=-1).indices
         native_weights = probs.gather(1, native_index)
     if first.index is not None:
-        index = _rows(parts, "index").cpu().long()  # (T, k')
-        weights = _rows(parts, "weights").float().cpu()  # (T, k')
-        dropped = _rows(parts, "dropped").cpu()  # (T, k')
+        index = _rows(parts, "index", torch.long)  # (T, k')
+        weights = _rows(parts, "weights", torch.float32)  # (T, k')
+        dropped = _rows(parts, "dropped", torch.bool)  # (T, k')
     else:
         index, weights = native_index, native_weights
         dropped = torch.zeros_like(index, dtype=torch.bool)
@@ -118,23 +128,6 @@ def _layer_trace(
     )
 
 
-def _scores(sites: dict[int, RouterSite], logits: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-    """Each layer's router scores (T, E), one stacked call per kind of score function: the same
-    numbers as layer by layer, at a fraction of the per-call cost of a short prompt."""
-    groups: dict[tuple[str | None, tuple[int, ...]], list[int]] = {}
-    for layer, x in logits.items():
-        spec = sites[layer].spec
-        family = spec.family if spec.substitutable else None  # capture-only routers: a plain softmax
-        groups.setdefault((family, tuple(x.shape)), []).append(layer)
-    probs: dict[int, torch.Tensor] = {}
-    for layers in groups.values():
-        spec = sites[layers[0]].spec
-        stacked = torch.stack([logits[layer] for layer in layers])  # (L', T, E)
-        scores = router_scores(spec, stacked) if spec.substitutable else stacked.softmax(dim=-1)  # (L', T, E)
-        probs.update(zip(layers, scores.unbind(0), strict=True))
-    return probs
-
-
 def build_layers(model: MoEModel, parts: Sequence[Part]) -> list[LayerTrace]:
     """Per-layer traces of one sequence from the given rows of the recorded forwards."""
     by_layer: dict[int, list[tuple[LayerCall, Rows, int]]] = {}
@@ -142,9 +135,14 @@ def build_layers(model: MoEModel, parts: Sequence[Part]) -> list[LayerTrace]:
         for call in part.forward.layers:
             by_layer.setdefault(call.layer, []).append((call, part.rows, part.sequence))
     sites = {s.layer: s for s in model.sites}
-    logits = {layer: _rows(calls, "logits").float().cpu() for layer, calls in by_layer.items()}  # (T, E) each
-    probs = _scores(sites, logits)
-    return [_layer_trace(sites[layer], calls, logits[layer], probs[layer]) for layer, calls in sorted(by_layer.items())]
+    layers = []
+    for layer, calls in sorted(by_layer.items()):
+        logits = _rows(calls, "logits", torch.float32)  # (T, E)
+        # One score call per layer: stacking the layers into one call saves calls but costs more
+        # in the copies, measured inside a run, where the caches are cold after the forward.
+        probs = trace_scores(sites[layer].spec, logits)  # (T, E)
+        layers.append(_layer_trace(sites[layer], calls, logits, probs))
+    return layers
 
 
 SUMMARY_FIELDS = ("top_ids", "top_logprobs", "top_tokens", "target_logprob", "entropy")
