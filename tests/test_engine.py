@@ -132,6 +132,22 @@ def test_hooks_do_nothing_outside_a_routing_block(mixtral):
         torch.testing.assert_close(mixtral.model(ids).logits, plain(ids).logits, atol=0, rtol=0)
 
 
+def test_a_models_device_and_dtype_follow_it_when_it_is_converted_or_its_weights_are_replaced():
+    model = build("mixtral")
+    assert (model.device, model.dtype) == (torch.device("cpu"), torch.float32)
+    model.model.to(torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    assert run_prompt(model, TEXT).dtype == "bfloat16"
+    # accelerate's dispatch puts a new tensor in a parameter's slot: the model reads the new one
+    embed = model.model.get_input_embeddings()
+    embed.weight = torch.nn.Parameter(embed.weight.detach().to(torch.float16), requires_grad=False)
+    assert model.dtype == torch.float16
+    # a removed first parameter: the next one in parameters() order is read
+    del embed.weight
+    embed.register_parameter("weight", None)
+    assert model.dtype == next(model.model.parameters()).dtype == torch.bfloat16
+
+
 def test_seeded_sampling_is_reproducible_and_seed_dependent(mixtral):
     sampling = Sampling(temperature=1.0, top_p=0.9, seed=7)
     first = generate(mixtral, "abc", TopK(2), max_new_tokens=12, sampling=sampling).new_token_ids
