@@ -3,9 +3,11 @@
 For each model and prompt length (64, 256, 1024 tokens), every variant once per round, in a fresh
 random order each round, so machine noise and warm caches favour no variant (median ms over rounds):
 
-* ``plain``: the model's forward on a never-instrumented copy with the same weights;
-* ``twin``: the same on a second never-instrumented copy: ``twin / plain`` is how much two
-  identical copies differ on this machine (the noise floor of any ratio against ``plain``);
+* ``plain``: the model's forward, never instrumented. The instrumented model is a copy of its
+  modules that shares its weight tensors (the same memory), so every ratio against ``plain``
+  measures work, not where two copies' weights happen to sit;
+* ``twin``: the forward of a full copy (weights copied too): ``twin / plain`` is how much the
+  placement of identical weights alone moves a ratio on this machine (up to a few per cent);
 * ``idle``: the instrumented model's own forward outside any call (its hooks installed, idle);
 * ``traced``: moe-viz's native-routing forward with every router recorded, plus building the
   per-layer routing trace (``active_call(None)`` + ``build_layers``) — what the app needs.
@@ -60,6 +62,15 @@ def _model(model_type: str) -> torch.nn.Module:
     return model
 
 
+def _same_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model``'s modules (so hooks installed on it leave ``model`` plain) that uses the
+    very same parameter and buffer tensors: a ratio between the two then measures the work done,
+    not where two copies' weights happen to sit in memory (``twin / plain`` shows how much that
+    alone moves a ratio)."""
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo=shared)
+
+
 def _nnsight_runner(plain: torch.nn.Module, ids: torch.Tensor) -> Callable[[], object] | None:
     try:
         import nnsight
@@ -85,7 +96,7 @@ def _module(root: object, path: str) -> object:
 def bench(model_type: str, tokens: int, rounds: int) -> dict[str, float]:
     plain = _model(model_type)
     twin = copy.deepcopy(plain)
-    traced_model = wrap_model(copy.deepcopy(plain), ByteTokenizer(), model_type)
+    traced_model = wrap_model(_same_weights(plain), ByteTokenizer(), model_type)
     ids = torch.randint(32, 127, (1, tokens))
     prompt = bytes(ids[0].tolist()).decode()
 
