@@ -6,8 +6,9 @@ random order each round, so machine noise and warm caches favour no variant (med
 * ``plain``: the model's forward, never instrumented. The instrumented model is a copy of its
   modules that shares its weight tensors (the same memory), so every ratio against ``plain``
   measures work, not where two copies' weights happen to sit;
-* ``twin``: the forward of a full copy (weights copied too): ``twin / plain`` is how much the
-  placement of identical weights alone moves a ratio on this machine (up to a few per cent);
+* ``twin``: the forward of a full copy (weights copied too), whose weights sit elsewhere and are
+  not warmed in the CPU caches by the other variants: ``twin / plain`` shows how much that alone
+  moves a ratio on this machine (several per cent on these tiny models);
 * ``idle``: the instrumented model's own forward outside any call (its hooks installed, idle);
 * ``traced``: moe-viz's native-routing forward with every router recorded, plus building the
   per-layer routing trace (``active_call(None)`` + ``build_layers``) — what the app needs.
@@ -65,8 +66,7 @@ def _model(model_type: str) -> torch.nn.Module:
 def _same_weights(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``model``'s modules (so hooks installed on it leave ``model`` plain) that uses the
     very same parameter and buffer tensors: a ratio between the two then measures the work done,
-    not where two copies' weights happen to sit in memory (``twin / plain`` shows how much that
-    alone moves a ratio)."""
+    not where two copies' weights happen to sit in memory or which copy the caches hold."""
     shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     return copy.deepcopy(model, memo=shared)
 
