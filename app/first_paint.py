@@ -86,13 +86,26 @@ def first_chart_first(page_path: str) -> bool:
     return wanted
 
 
-def block(reserve_px: int) -> DeltaGenerator:
-    """A container for what the first chart's run leaves out: on that run an empty block
-    ``reserve_px`` high (about what it will hold), so that the chart below moves little when the
-    rest arrives; otherwise a plain container."""
-    if staged():
-        return st.container(height=reserve_px, border=False)
-    return st.container()
+def block(name: str, reserve_px: int) -> DeltaGenerator:
+    """A container for what the first chart's run leaves out, at least ``reserve_px`` high (about
+    what it holds): empty on that run, it keeps the chart below in place, and on the next run it
+    keeps it there while the browser is still loading the scripts of the widgets it holds (drawn
+    before they load, they take less room: the chart would rise by about 100 px for half a second
+    and come back down).
+
+    Streamlit has no minimum height for a container, so the container is keyed and its first
+    element, a markdown ``<style>``, gives its class one and hides itself. Markdown, not a
+    style-only ``st.html``: the browser draws markdown at once, while ``st.html`` waits for a
+    script of its own that arrives after the chart. ``name`` keys the block; ``reserve_px`` is a
+    measured height, not a user's value."""
+    key = f"first_paint_{name}"
+    container = st.container(key=key)
+    style = (
+        f".st-key-{key} {{ min-height: {int(reserve_px)}px; }} "
+        f".st-key-{key} > :first-child {{ display: none; }}"  # this style's own element: no room, no gap
+    )
+    container.markdown(f"<style>{style}</style>", unsafe_allow_html=True)
+    return container
 
 
 def staged() -> bool:

@@ -94,7 +94,7 @@ def traced_page(title: str, page: str) -> tuple[MoEModel, int, Trace]:
     st.title(title)
     # The form and the run's notices share one block, which the run that sends Explore's first
     # chart alone leaves empty (app/first_paint.py): the charts below then keep their places.
-    with first_paint.block(reserve_px=188):  # the prompt form's height in the default theme
+    with first_paint.block("prompt", reserve_px=188):  # the prompt form's height in the default theme
         ctx = require_model()
         model, layer = ctx.model, ctx.layer
         assert model is not None and layer is not None

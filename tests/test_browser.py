@@ -201,11 +201,15 @@ new MutationObserver(() => {
     promptBoxes: document.querySelectorAll('textarea').length,
     charts: document.querySelectorAll('.js-plotly-plot').length,
   };
+  // where the heatmap sits, every frame from then on
+  window.__heatmapTops = [];
+  const track = () => { window.__heatmapTops.push(Math.round(plot.getBoundingClientRect().top)); requestAnimationFrame(track); };
+  track();
 }).observe(document, {subtree: true, childList: true});
 """
 
 
-def test_explore_draws_its_heatmap_before_the_rest_and_keeps_it_when_the_rest_arrives(server, browser):
+def test_explore_draws_its_heatmap_before_the_rest_and_keeps_it_in_place_when_the_rest_arrives(server, browser):
     # The model loaded, as the launcher does before the first visitor (a session that has to load it
     # gets the whole page at once, with the load's progress in the sidebar).
     open_page(server, browser, "Explore")[0].close()
@@ -225,6 +229,9 @@ def test_explore_draws_its_heatmap_before_the_rest_and_keeps_it_when_the_rest_ar
     assert page.get_by_test_id("stSidebar").get_by_role("radiogroup", name="Mode", exact=True).is_visible()
     first = page.evaluate("() => document.querySelector('.js-plotly-plot').dataset.firstDrawn")
     assert first == "yes", "the heatmap drawn first must stay in place, not be drawn again"
+    # ... and in the same place in every frame, while the rest arrives and its widgets load
+    tops = page.evaluate("() => window.__heatmapTops")
+    assert len(tops) > 10 and max(tops) - min(tops) <= 2, sorted(set(tops))
     assert routing_shown(page).startswith("top-k:")
     assert not page.locator("[data-testid='stException']").count()
     assert not errors, errors

@@ -60,8 +60,10 @@ def run_summary() -> tuple[tuple[int, int], list[int]]:
     return token_range, picked
 
 
-# One block, left empty by the run that sends the first chart alone (its widgets' defaults then).
-with first_paint.block(reserve_px=160):  # the run summary's height on a wide screen
+# One block, left empty by the run that sends the first chart alone (its widgets' defaults then),
+# as high as the run summary on a wide screen: 160 px, and 80 more for the experts picker.
+reserve_px = 160 + (80 if lt.num_experts > MANY_EXPERTS else 0)
+with first_paint.block("run_summary", reserve_px=reserve_px):
     token_range, picked = (all_tokens, []) if first_paint.staged() else run_summary()
 tokens = (token_range[0], token_range[1] + 1) if trace.num_tokens > BIN_THRESHOLD else None
 experts = picked or None
