@@ -145,18 +145,23 @@ def get_model(name: str, trust_remote_code: bool = False) -> MoEModel:
     loaded: set[str] = st.session_state.setdefault(Keys.LOADED, set())
     if name in loaded:
         return _cached_model(name, trust_remote_code)
-    with st.status(f"Loading model `{name}` …", expanded=False) as status:
-        try:
-            model = _cached_model(name, trust_remote_code)
-        except ValueError:
-            status.update(label=f"Could not load `{name}`", state="error")
-            raise
-        status.update(
-            label=f"Model ready: {model.architecture}, {model.num_experts} experts, top-{model.top_k}",
-            state="complete",
-        )
+    model = loaded_model(name, trust_remote_code)
+    if model is not None:  # loaded by the launcher or another session: ready, no "Loading" flash
+        st.status(_ready_label(model), state="complete", expanded=False)
+    else:
+        with st.status(f"Loading model `{name}` …", expanded=False) as status:
+            try:
+                model = _cached_model(name, trust_remote_code)
+            except ValueError:
+                status.update(label=f"Could not load `{name}`", state="error")
+                raise
+            status.update(label=_ready_label(model), state="complete")
     loaded.add(name)
     return model
+
+
+def _ready_label(model: MoEModel) -> str:
+    return f"Model ready: {model.architecture}, {model.num_experts} experts, top-{model.top_k}"
 
 
 def loaded_model(name: str, trust_remote_code: bool = False) -> MoEModel | None:
