@@ -45,17 +45,22 @@ def _group_mask(spec: RouterSpec, choice: torch.Tensor) -> torch.Tensor:
 
 
 def select_topk(
-    spec: RouterSpec, logits: torch.Tensor, k: int, selection_bias: torch.Tensor | None = None
+    spec: RouterSpec,
+    logits: torch.Tensor,
+    k: int,
+    selection_bias: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(T, k) expert ids, best first, chosen exactly as the architecture chooses them.
 
     The group limit applies while ``k`` fits inside it; a larger k ignores groups (the native
-    code would otherwise have to pick masked experts arbitrarily).
+    code would otherwise have to pick masked experts arbitrarily). ``scores``: the
+    ``router_scores`` of ``logits``, where the caller has them already.
     """
-    if spec.family in ("topk_softmax", "sparsemixer"):
+    if not _chooses_by_scores(spec):
         choice = logits.float()  # (T, E)
     else:
-        choice = router_scores(spec, logits)  # (T, E)
+        choice = scores if scores is not None else router_scores(spec, logits)  # (T, E), never written to
     if selection_bias is not None and spec.bias_on == "logits":
         choice = logits.float() + selection_bias.float()  # (T, E) a bias on the logits (monotone scores after)
     elif selection_bias is not None:
@@ -87,13 +92,17 @@ def sparsemixer_weights(logits: torch.Tensor, index: torch.Tensor, jitter_eps: f
     return torch.empty_like(out).scatter_(1, order, out)  # back to ``index``'s order
 
 
-def gate_weights(spec: RouterSpec, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """(T, k') float32 weights the architecture gives to the experts in ``index``."""
+def gate_weights(
+    spec: RouterSpec, logits: torch.Tensor, index: torch.Tensor, scores: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(T, k') float32 weights the architecture gives to the experts in ``index`` (``scores``: the
+    ``router_scores`` of ``logits``, where the caller has them already)."""
     if spec.family == "sparsemixer":
         return sparsemixer_weights(logits, index, spec.jitter_eps or 0.0) * spec.scale
     if spec.family == "topk_softmax":
         return logits.float().gather(1, index).softmax(dim=-1)  # (T, k')
-    weights = router_scores(spec, logits).gather(1, index)  # (T, k')
+    scores = scores if scores is not None else router_scores(spec, logits)  # (T, E)
+    weights = scores.gather(1, index)  # (T, k')
     if spec.renorm:
         total = weights.sum(dim=-1, keepdim=True)
         if spec.norm_min is not None:
@@ -130,3 +139,18 @@ def apply_capacity(index: torch.Tensor, gates: torch.Tensor, capacity: int, prio
     dropped = torch.empty_like(dropped_sorted)
     dropped[order] = dropped_sorted
     return dropped.view(k, T).t().contiguous()  # (T, k)
+
+
+def _chooses_by_scores(spec: RouterSpec) -> bool:
+    """Whether the router picks its experts by its scores (not by the raw logits)."""
+    return spec.family not in ("topk_softmax", "sparsemixer")
+
+
+def topk_routing(
+    spec: RouterSpec, logits: torch.Tensor, k: int, selection_bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index, weights), each (T, k): ``select_topk`` and ``gate_weights``, the router's scores
+    computed once for both (a softmax over few experts costs about as much as the rest together)."""
+    scores = router_scores(spec, logits) if _chooses_by_scores(spec) else None  # (T, E)
+    index = select_topk(spec, logits, k, selection_bias, scores)  # (T, k)
+    return index, gate_weights(spec, logits, index, scores)  # (T, k)
