@@ -6,6 +6,7 @@ compose them; the router hooks (``_hooks.py``) call the policies.
 
 from __future__ import annotations
 
+import functools
 import math
 from fractions import Fraction
 
@@ -113,6 +114,7 @@ def gate_weights(
     return weights * spec.scale
 
 
+@functools.lru_cache(maxsize=4096)  # every router of every forward asks, mostly the same few questions
 def capacity_for(factor: float, num_tokens: int, k: int, num_experts: int) -> int:
     """C = ceil(factor * T * k / E), computed exactly (no float rounding at integer boundaries)."""
     exact = Fraction(factor).limit_denominator(10**9) * num_tokens * k / num_experts

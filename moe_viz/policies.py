@@ -160,6 +160,10 @@ def capacity_decision(
     """Drop the assignments of ``index`` / ``weights`` (N, k) over each expert's capacity, counted
     per sequence of the forward (padding excluded); sequence i uses ``factors[i % len(factors)]``."""
     k, E = index.shape[1], call.router.num_experts
+    if call.groups is None:  # one sequence, every row: no gathering and scattering of rows
+        capacity = capacity_for(factors[0], call.num_tokens, k, E)
+        dropped = apply_capacity(index, weights, capacity, priority)  # (N, k)
+        return RoutingDecision(index, weights.masked_fill(dropped, 0.0), dropped, (capacity,))
     dropped = torch.zeros_like(index, dtype=torch.bool)  # (N, k)
     capacities = []
     for i, rows in enumerate(call.sequences()):
