@@ -148,7 +148,7 @@ def _chooses_by_scores(spec: RouterSpec) -> bool:
     return spec.family not in ("topk_softmax", "sparsemixer")
 
 
-def topk_routing(
+def route_top_k(
     spec: RouterSpec, logits: torch.Tensor, k: int, selection_bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(index, weights), each (T, k): ``select_topk`` and ``gate_weights``, the router's scores

@@ -42,7 +42,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from ._router_math import apply_capacity, capacity_for, gate_weights, topk_routing
+from ._router_math import apply_capacity, capacity_for, gate_weights, route_top_k
 from ._routers import RouterSpec
 
 PRIORITIES = ("position", "probs")
@@ -151,7 +151,7 @@ def _check_k(k: int | None, router: RouterSpec) -> None:
 
 def top_k_routing(call: RouterCall, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(index, weights), each (N, k): the architecture's own choice and weights at ``k``."""
-    return topk_routing(call.router, call.logits, k, call.selection_bias)  # (N, k) each
+    return route_top_k(call.router, call.logits, k, call.selection_bias)  # (N, k) each
 
 
 def capacity_decision(
