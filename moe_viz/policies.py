@@ -160,14 +160,12 @@ def capacity_decision(
     """Drop the assignments of ``index`` / ``weights`` (N, k) over each expert's capacity, counted
     per sequence of the forward (padding excluded); sequence i uses ``factors[i % len(factors)]``."""
     k, E = index.shape[1], call.router.num_experts
-    if call.groups is None:  # one sequence, every row: no gathering and scattering of rows
-        capacity = capacity_for(factors[0], call.num_tokens, k, E)
-        dropped = apply_capacity(index, weights, capacity, priority)  # (N, k)
-        return RoutingDecision(index, weights.masked_fill(dropped, 0.0), dropped, (capacity,))
     dropped = torch.zeros_like(index, dtype=torch.bool)  # (N, k)
     capacities = []
-    for i, rows in enumerate(call.sequences()):
-        capacity = capacity_for(factors[i % len(factors)], len(rows), k, E)
+    # one sequence: every row, as a slice (views, not gathered copies)
+    sequences: list[slice | torch.Tensor] = [slice(None)] if call.groups is None else call.sequences()
+    for i, rows in enumerate(sequences):
+        capacity = capacity_for(factors[i % len(factors)], index[rows].shape[0], k, E)
         capacities.append(capacity)
         dropped[rows] = apply_capacity(index[rows], weights[rows], capacity, priority)
     return RoutingDecision(index, weights.masked_fill(dropped, 0.0), dropped, tuple(capacities))
