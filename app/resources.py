@@ -145,9 +145,9 @@ def get_model(name: str, trust_remote_code: bool = False) -> MoEModel:
     loaded: set[str] = st.session_state.setdefault(Keys.LOADED, set())
     if name in loaded:
         return _cached_model(name, trust_remote_code)
-    model = loaded_model(name, trust_remote_code)
-    if model is not None:  # loaded by the launcher or another session: ready, no "Loading" flash
-        st.status(_ready_label(model), state="complete", expanded=False)
+    if (name, trust_remote_code) in _loaded_in_process:  # loaded by the launcher or another session
+        model = _cached_model(name, trust_remote_code)
+        st.status(_ready_label(model), state="complete", expanded=False)  # ready: no "Loading" flash
     else:
         with st.status(f"Loading model `{name}` …", expanded=False) as status:
             try:
